@@ -1,0 +1,36 @@
+# Two commands for users and CI: `make demo` and `make test`. Both create .venv if it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch by default (it lies on disk on these machines); on a machine with an
+# NVIDIA GPU, `make TORCH=torch` lets pip pick the CUDA build.
+TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install system weights clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	bash scripts/setup_system.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch in the same pip command as everything that depends on it, so no other build sneaks in.
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt "$(TORCH)" -e ".[testing]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+system:
+	bash scripts/setup_system.sh
+
+demo: $(STAMP)
+	$(BIN)/python -m napari_zfdiffusion.demo
+
+test: $(STAMP)
+	bash scripts/setup_system.sh
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+weights: $(STAMP)
+	scripts/train_demo_cascade.sh runs/zf-cascade-demo && scripts/export_demo.sh runs/zf-cascade-demo
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

