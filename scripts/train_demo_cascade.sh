@@ -20,8 +20,8 @@ rm -rf "$RUN/training/base" "$RUN/base"
 ( $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage base --steps "${BASE_STEPS:-3000}" \
       --batch-size 8 --lr 3e-4 > "$RUN/base.log" 2>&1 ) &
 ( $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr128 --steps "${SR128_STEPS:-1000}" --batch-size 8 &&
-  $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr256 --steps "${SR256_STEPS:-800}" --batch-size 6 &&
-  $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr512 --steps "${SR512_STEPS:-600}" --batch-size 4 \
+  $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr256 --steps "${SR256_STEPS:-600}" --batch-size 6 &&
+  $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr512 --steps "${SR512_STEPS:-450}" --batch-size 4 \
   ) > "$RUN/sr.log" 2>&1 &
 wait
 echo "trained into $RUN; copy the inference files with scripts/export_demo.sh $RUN"
