@@ -1,0 +1,287 @@
+"""Dock widget: generate zebrafish slices with a depth cascade, or upsample an image layer.
+
+The widget gathers parameters, starts a worker (:mod:`._worker`) and puts results into layers;
+all computing is :meth:`Cascade.generate` / :meth:`Cascade.upsample` from the GUI-free core.
+
+Upsample takes the selected Image layer. A 2D layer is upsampled as is. A 3D layer (N, Y, X),
+such as a generated stack or a z-stack, gives the plane shown now, or every plane with
+"all planes" ticked. A layer made by this plugin (provenance in ``metadata["zfdiffusion"]``) is
+taken as already in [0, 1] (no normalisation) at its own depth class; any other layer is
+normalised like the training data and upsampled at the widget's depth.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton,
+                              Slider, SpinBox)
+from napari.layers import Image
+from napari.utils.notifications import show_error, show_info
+
+from ..core.device import available_devices
+from ..core.errors import UserInputError
+from ..core.sampling import DEFAULT_SAMPLER, SAMPLERS
+from ..core.store import list_models
+from ._worker import Job, get_cascade, start_job
+
+if TYPE_CHECKING:
+    import napari
+
+    from ..core.cascade import Cascade
+
+DEMO_MODEL = "zf-cascade-demo"
+PROVENANCE_KEY = "zfdiffusion"
+MAX_SEED = 2**31 - 1
+log = logging.getLogger(__name__)
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """(label, folder) for each cascade model, bundled first; the demo model first of all."""
+    entries = [m for m in list_models() if m.kind == "cascade"]
+    entries.sort(key=lambda m: (m.name != DEMO_MODEL, m.source != "bundled"))
+    return [(f"{m.name} ({m.source})", str(m.path)) for m in entries]
+
+
+def error_message(exc: BaseException) -> str:
+    if isinstance(exc, UserInputError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class GenerateSlicesWidget(Container):
+    """Generate slices at a chosen depth class, and upsample existing images through the cascade."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._cascade: Cascade | None = None
+        self._job: Job | None = None
+        self.last_progress = None
+
+        self._models = model_choices()
+        # Choices are callables: napari calls reset_choices() on dock widgets whenever layers change.
+        self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True,
+                              tooltip="bundled and user models (`zfdiffusion models`)")
+        self.model_folder = FileEdit(label="or folder", mode="d", nullable=True,
+                                     tooltip="a cascade model folder made by `zfdiffusion train cascade`")
+        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.depth = Slider(label="depth class", min=0, max=0, tooltip="the plane to generate")
+        self.depth_meaning = Label(label="plane", value="")
+        self.guidance = FloatSpinBox(label="guidance", value=3.0, min=0.0, max=50.0, step=0.5,
+                                     tooltip="0 = unconditional, 1 = conditional, >1 = stronger depth")
+        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER)
+        self.steps = SpinBox(label="steps", value=25, min=1, max=1000, tooltip="steps per stage")
+        self.resolution = ComboBox(label="resolution", choices=self._resolutions)
+        self.n_samples = SpinBox(label="samples", value=1, min=1, max=64)
+        self.seed = SpinBox(label="seed", value=0, min=0, max=MAX_SEED)
+        self.new_seed_button = PushButton(text="New seed")
+        self.all_planes = CheckBox(text="all planes", value=False,
+                                   tooltip="for a (N, Y, X) layer: every plane instead of the one shown")
+        self.generate_button = PushButton(text="Generate")
+        self.upsample_button = PushButton(text="Upsample selected layer")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(label="status", value="")
+        seed_row = Container(layout="horizontal", labels=False, label="seed",
+                             widgets=[self.seed, self.new_seed_button])
+        seed_row.margins = (0, 0, 0, 0)
+        buttons = Container(layout="horizontal", labels=False, label="",
+                            widgets=[self.generate_button, self.cancel_button])
+        buttons.margins = (0, 0, 0, 0)
+        up_row = Container(layout="horizontal", labels=False, label="",
+                           widgets=[self.upsample_button, self.all_planes])
+        up_row.margins = (0, 0, 0, 0)
+        self.extend([self.model, self.model_folder, self.device, self.depth, self.depth_meaning,
+                     self.guidance, self.sampler, self.steps, self.resolution, self.n_samples, seed_row,
+                     buttons, up_row, self.status])
+
+        self.model.changed.connect(self._load_model_info)
+        self.device.changed.connect(self._load_model_info)
+        self.model_folder.changed.connect(self._on_folder)
+        self.depth.changed.connect(self._show_depth_meaning)
+        self.new_seed_button.changed.connect(self.new_seed)
+        self.generate_button.changed.connect(lambda *_: self.generate())
+        self.upsample_button.changed.connect(lambda *_: self.upsample_selected())
+        self.cancel_button.changed.connect(lambda *_: self.cancel())
+        self._load_model_info()
+
+    # ------------------------------------------------------------ model
+    def _on_folder(self, *_) -> None:
+        folder = self.model_folder.value
+        if folder is None or str(folder) in ("", "."):
+            return
+        value = str(folder)
+        if value not in [v for _, v in self._models]:
+            self._models.append((f"{folder.name} (folder)", value))
+            self.model.reset_choices()
+        if self.model.value == value:
+            self._load_model_info()
+        else:
+            self.model.value = value
+
+    def _load_model_info(self, *_) -> None:
+        """Read the chosen model's card (small JSON) to fill depth and resolution; weights load later."""
+        self._cascade = None
+        self.generate_button.enabled = False
+        if self.model.value is None:
+            self.status.value = "no model: choose a folder"
+            return
+        try:
+            cascade = get_cascade(self.model.value, self.device.value)
+            if not cascade.depth_classes:
+                raise UserInputError(f"model '{cascade.name}' lists no depth classes in its cascade.json.")
+        except Exception as e:  # noqa: BLE001 - any bad folder becomes a message
+            self.resolution.reset_choices()
+            self.status.value = "model not usable"
+            show_error(error_message(e))
+            return
+        self._cascade = cascade
+        self.depth.max = cascade.n_classes - 1
+        self.resolution.reset_choices()
+        self.resolution.value = cascade.resolutions[-1]
+        self._show_depth_meaning()
+        self.status.value = f"{cascade.name}: {cascade.n_classes} depth classes, up to {cascade.resolutions[-1]}"
+        self._set_running(self._job is not None)
+
+    def _resolutions(self, *_) -> list[int]:
+        return [] if self._cascade is None else self._cascade.resolutions
+
+    def _show_depth_meaning(self, *_) -> None:
+        if self._cascade is not None and self.depth.value < self._cascade.n_classes:
+            self.depth_meaning.value = self._cascade.depth_label(self.depth.value)
+
+    # ------------------------------------------------------------ parameters
+    def new_seed(self, *_) -> int:
+        self.seed.value = secrets.randbelow(MAX_SEED + 1)
+        return self.seed.value
+
+    def params(self) -> dict:
+        """The generation parameters as :meth:`Cascade.generate` takes them."""
+        return {"depth": int(self.depth.value), "guidance": float(self.guidance.value),
+                "resolution": self.resolution.value, "n": int(self.n_samples.value),
+                "seed": int(self.seed.value), "sampler": self.sampler.value, "steps": int(self.steps.value)}
+
+    # ------------------------------------------------------------ jobs
+    @property
+    def _worker(self):
+        """The running napari worker, or None when idle."""
+        return None if self._job is None else self._job.worker
+
+    @property
+    def running(self) -> bool:
+        return self._job is not None
+
+    def _set_running(self, running: bool) -> None:
+        self.generate_button.enabled = not running and self._cascade is not None
+        self.upsample_button.enabled = not running
+        self.cancel_button.enabled = running
+
+    def _start(self, fn, what: str, on_result) -> None:
+        if self._job is not None:
+            show_info("a job is running: wait for it or press Cancel.")
+            return
+        if self.model.value is None:
+            show_error("choose a model first (or a model folder).")
+            return
+        self.last_progress = None
+        self.status.value = f"{what}: loading the model"
+        self._set_running(True)
+        self._job = start_job(fn, what=what, on_progress=self._on_progress, on_result=on_result,
+                              on_error=self._on_error, on_cancel=self._on_cancel, on_finish=self._on_finish)
+
+    def _on_progress(self, p) -> None:
+        self.last_progress = p
+        self.status.value = str(p)
+
+    def _on_error(self, exc: BaseException) -> None:
+        if not isinstance(exc, UserInputError):
+            log.error("zfdiffusion job failed", exc_info=exc)
+        self.status.value = "failed"
+        show_error(error_message(exc))
+
+    def _on_cancel(self) -> None:
+        self.status.value = "cancelled"
+        show_info("zfdiffusion: cancelled; nothing was added.")
+
+    def _on_finish(self) -> None:
+        self._job = None
+        self._set_running(False)
+
+    def cancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.cancel_button.enabled = False
+            self.status.value = "cancelling (stops after this step)"
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Process Qt events until the running job has finished and its layer is added (for tests)."""
+        from qtpy.QtCore import QCoreApplication, QEventLoop
+
+        deadline = time.monotonic() + timeout
+        while self._job is not None and time.monotonic() < deadline:
+            QCoreApplication.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
+            time.sleep(0.005)
+        return self._job is None
+
+    def generate(self, **overrides) -> None:
+        """Start generating with the widget's parameters (``overrides`` replace some of them)."""
+        params = {**self.params(), **overrides}
+        model, device = self.model.value, self.device.value
+
+        def job(callback, token):
+            return get_cascade(model, device).generate(**params, callback=callback)
+
+        name = f"depth {params['depth']} seed {params['seed']}"
+        self._start(job, "generating", lambda result: self._add_layer(result, name))
+
+    def upsample_selected(self) -> None:
+        """Start upsampling the selected Image layer (see the module docstring for which planes)."""
+        layer = self._viewer.layers.selection.active
+        if not isinstance(layer, Image):
+            show_error("select an Image layer to upsample (click it in the layer list).")
+            return
+        if layer.rgb:
+            show_error(f"'{layer.name}' is an RGB image: upsampling takes one grayscale channel. "
+                       "Split its channels (right-click > Split RGB) and select one.")
+            return
+        data = layer.data[0] if layer.multiscale else layer.data
+        if data.ndim not in (2, 3):
+            show_error(f"'{layer.name}' has shape {tuple(data.shape)}: upsampling takes a 2D image "
+                       "(Y, X) or a stack (N, Y, X).")
+            return
+        if data.ndim == 3 and not self.all_planes.value:
+            plane = int(np.clip(round(layer.world_to_data(self._viewer.dims.point)[0]), 0, data.shape[0] - 1))
+            data = data[plane]
+            name = f"{layer.name} [plane {plane}] x{self.resolution.value}"
+        else:
+            name = f"{layer.name} x{self.resolution.value}"
+        image = np.asarray(data)
+        prov = layer.metadata.get(PROVENANCE_KEY)
+        ours = isinstance(prov, dict) and str(prov.get("kind", "")).startswith("zfdiffusion") and "depth" in prov
+        depth = int(prov["depth"]) if ours else int(self.depth.value)
+        model, device = self.model.value, self.device.value
+        kw = {"resolution": self.resolution.value, "seed": int(self.seed.value), "sampler": self.sampler.value,
+              "steps": int(self.steps.value), "normalise": not ours}
+
+        def job(callback, token):
+            return get_cascade(model, device).upsample(image, depth, callback=callback, **kw)
+
+        def done(result):
+            result.provenance["source_layer"] = layer.name
+            if ours:
+                result.provenance["source"] = prov
+            self._add_layer(result, name)
+
+        self._start(job, "upsampling", done)
+
+    def _add_layer(self, result, name: str) -> None:
+        self._viewer.add_image(result.images.astype(np.float32, copy=False), name=name, contrast_limits=(0, 1),
+                               colormap="gray", metadata={PROVENANCE_KEY: result.provenance})
+        self.status.value = f"added '{name}'"
+
+
+__all__ = ["GenerateSlicesWidget", "model_choices"]
