@@ -1,0 +1,24 @@
+"""npe2 writer: one image layer to a TIFF whose description holds the zfdiffusion provenance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .core.io import write_tiff
+
+PROVENANCE_KEY = "zfdiffusion"
+
+
+def write_image_tiff(path: str, data: Any, meta: dict) -> list[str]:
+    """Write ``data`` to ``path`` (written to a temporary name, then renamed); return ``[path]``.
+
+    The layer's ``metadata["zfdiffusion"]`` provenance (model, seed, depth, ...) goes into the
+    TIFF's ImageDescription as JSON, so ``zfdiffusion`` and :func:`core.io.read_provenance` read it back.
+    """
+    prov = dict((meta or {}).get("metadata", {}).get(PROVENANCE_KEY) or {})
+    if meta and meta.get("name"):
+        prov.setdefault("layer_name", meta["name"])
+    write_tiff(path, np.asarray(data), prov)
+    return [path]
