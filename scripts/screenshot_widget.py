@@ -1,0 +1,94 @@
+"""Screenshot of napari with the "Generate slices" widget docked, after one generation.
+
+Needs a display with OpenGL; on a headless machine run it under Xvfb::
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshot_widget.py \
+        [--model zf-cascade-demo|FOLDER] [--depth 2] [--seed 0] [--steps 25] [--resolution 512]
+
+Writes docs/images/widget_generate.png (the whole window) unless --out says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_model() -> str | None:
+    from napari_zfdiffusion.widgets.generate import DEMO_MODEL, model_choices
+
+    choices = model_choices()
+    for _, path in choices:
+        if Path(path).name == DEMO_MODEL:
+            return path
+    return choices[0][1] if choices else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model name or folder (default: the bundled zf-cascade-demo)")
+    ap.add_argument("--depth", type=int, default=None, help="depth class (default: the middle one)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--n", type=int, default=1, help="number of samples")
+    ap.add_argument("--resolution", type=int, default=None, help="default: the model's largest")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--size", default="1500x900", help="window size WxH")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "widget_generate.png")
+    args = ap.parse_args(argv)
+
+    import napari
+    from napari.utils.notifications import notification_manager
+    from qtpy.QtWidgets import QApplication
+
+    from napari_zfdiffusion.core.store import resolve_model
+    from napari_zfdiffusion.widgets.generate import GenerateSlicesWidget
+
+    model = args.model or default_model()
+    if model is None:
+        print("no bundled model found: give --model FOLDER", file=sys.stderr)
+        return 2
+    errors = []
+    notification_manager.notification_ready.connect(
+        lambda n: errors.append(n.message) if str(n.severity) == "error" else None)
+
+    viewer = napari.Viewer(show=True, title="napari-zfdiffusion")
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    viewer.window._qt_window.resize(w, h)  # no public API for the window size
+    widget = GenerateSlicesWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Generate slices", area="right")
+    path = resolve_model(model)  # a name of a bundled/user model, or a folder
+    if str(path) in widget.model.choices:
+        widget.model.value = str(path)
+    else:
+        widget.model_folder.value = path.expanduser().resolve()
+    if widget._cascade is None:
+        print(f"model '{model}' could not be loaded: {errors}", file=sys.stderr)
+        return 1
+    widget.device.value = args.device
+    n_classes = widget._cascade.n_classes
+    widget.depth.value = args.depth if args.depth is not None else n_classes // 2
+    widget.seed.value = args.seed
+    widget.steps.value = args.steps
+    widget.n_samples.value = args.n
+    if args.resolution is not None:
+        widget.resolution.value = args.resolution
+    widget.generate()
+    if not widget.wait(3600) or errors or not len(viewer.layers):
+        print(f"generation failed: {errors}", file=sys.stderr)
+        return 1
+    viewer.reset_view()
+    for _ in range(20):
+        QApplication.processEvents()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(args.out), canvas_only=False)
+    print(f"wrote {args.out} ({viewer.layers[-1].name}, {widget.status.value})")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
