@@ -56,7 +56,11 @@ def make_scheduler(name: str, schedule: dict | None = None):
     if name == "ddim":
         return DDIMScheduler(**sched, clip_sample=True, timestep_spacing="trailing", set_alpha_to_one=False)
     if name in ("dpmsolver++", "dpm-solver++", "dpmsolver"):
-        return DPMSolverMultistepScheduler(**sched, algorithm_type="dpmsolver++", solver_order=2)
+        # The cosine schedule ends at alpha_bar ~ 2e-9: x0 = (x - sigma eps) / alpha blows any error in
+        # eps up by ~1e4 at the first steps. Clip lambda (diffusers: "critical for the cosine schedule")
+        # and clip x0 to [-1, 1] (thresholding with max 1), as clip_sample does for DDIM and DDPM.
+        return DPMSolverMultistepScheduler(**sched, algorithm_type="dpmsolver++", solver_order=2,
+                                           lambda_min_clipped=-5.1, thresholding=True, sample_max_value=1.0)
     raise UserInputError(f"unknown sampler '{name}': choose one of {', '.join(SAMPLERS)}.")
 
 
