@@ -59,6 +59,8 @@ def cmd_generate(a) -> int:
     from .core.io import check_writable, write_png_preview, write_tiff
 
     out = check_writable(a.out)
+    if a.preview:
+        check_writable(a.preview)
     cas = Cascade.load(a.model, a.device)
     res = cas.generate(a.depth, guidance=a.guidance, resolution=a.resolution, n=a.n, seed=a.seed,
                        sampler=a.sampler, steps=a.steps, sr_steps=a.sr_steps, sr_guidance=a.sr_guidance,

@@ -24,6 +24,8 @@ def check_writable(path: str | Path) -> Path:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserInputError(f"cannot create the folder '{parent}' for the output: {e.strerror}.") from None
+    if not parent.is_dir():
+        raise UserInputError(f"cannot write '{path}': '{parent}' is a file, not a folder. Choose another --out.")
     if not os.access(parent, os.W_OK):
         raise UserInputError(f"cannot write into '{parent}': no permission. Choose another --out.")
     return path
@@ -35,7 +37,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     A crash, a full disk or a cancel leaves no half-written file under the final name.
     """
     path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as e:
+        raise UserInputError(f"could not write '{path}': {e.strerror or e}. Choose another --out.") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
