@@ -241,8 +241,11 @@ def _train(data, out: Path, cfg: TrainConfig, dev: torch.device, di: DistInfo, r
     state_path = state_dir / "state.pt"
     log_path = state_dir / "log.jsonl"
     if di.main:
-        out.mkdir(parents=True, exist_ok=True)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserInputError(
+                f"cannot create the model folder '{out}': {e.strerror}. Choose another --out.") from None
         _update_cascade_card(out, ds, cfg)
         if state_path.exists() and not resume:
             raise UserInputError(
@@ -268,13 +271,10 @@ def _train(data, out: Path, cfg: TrainConfig, dev: torch.device, di: DistInfo, r
         start = int(saved["step"])
         losses = [float(v) for v in saved["losses"].tolist()]
         elapsed = float(saved["elapsed"])
-    elif resume:
-        if di.main:
-            print(f"no state to resume in {state_dir}: starting from scratch")
-        model = build_model("base" if cfg.stage == "base" else "sr", cfg.size, resolution=res,
-                            num_classes=ds.n_classes)
     else:
-        torch.manual_seed(cfg.seed)
+        if resume and di.main:
+            print(f"no state to resume in {state_dir}: starting from scratch")
+        torch.manual_seed(cfg.seed)  # the same initial weights with or without --resume
         model = build_model("base" if cfg.stage == "base" else "sr", cfg.size, resolution=res,
                             num_classes=ds.n_classes)
     if model.config.num_classes != ds.n_classes:
