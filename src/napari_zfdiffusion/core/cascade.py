@@ -36,6 +36,14 @@ def noise_augment(lowres: torch.Tensor, level: float, schedule_alphas: torch.Ten
     return a.sqrt() * lowres + (1 - a).sqrt() * noise
 
 
+def check_noise_aug(level: float) -> float:
+    lv = float(level)
+    if not 0.0 <= lv <= 1.0:  # also refuses NaN
+        raise UserInputError(
+            f"noise augmentation must be between 0 and 1 (default {DEFAULT_NOISE_AUG}), got {level!r}.")
+    return lv
+
+
 def schedule_alphas(schedule: dict) -> torch.Tensor:
     from .sampling import make_scheduler
 
@@ -214,6 +222,7 @@ class Cascade:
         sr_guidance = check_guidance(sr_guidance, "super-resolution guidance")
         steps = check_steps(steps)
         sr_steps = check_steps(sr_steps if sr_steps is not None else steps)
+        noise_aug = check_noise_aug(noise_aug)
         resolution = self.check_resolution(resolution)
         if not isinstance(n, int) or n < 1:
             raise UserInputError(f"the number of samples must be at least 1, got {n!r}.")
@@ -242,6 +251,7 @@ class Cascade:
         depth = self.check_depth(depth)
         sr_guidance = check_guidance(sr_guidance, "super-resolution guidance")
         check_steps(steps)
+        noise_aug = check_noise_aug(noise_aug)
         resolution = self.check_resolution(resolution)
         arr = np.asarray(image)
         if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:

@@ -74,15 +74,19 @@ def read_image(path: str | Path) -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            return tifffile.imread(path)
-        from PIL import Image
+            arr = tifffile.imread(path)
+        else:
+            from PIL import Image
 
-        with Image.open(path) as im:
-            return np.asarray(im)
+            with Image.open(path) as im:
+                arr = np.asarray(im)
     except FileNotFoundError:
         raise UserInputError(f"'{path}' does not exist.") from None
     except Exception as e:  # corrupt or not an image
         raise UserInputError(f"could not read '{path}' as an image ({type(e).__name__}: {e}).") from None
+    if arr.size == 0:
+        raise UserInputError(f"could not read '{path}' as an image: it holds no pixels (empty or corrupted file).")
+    return arr
 
 
 def looks_rgb(arr: np.ndarray) -> bool:
