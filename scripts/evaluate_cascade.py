@@ -331,7 +331,8 @@ def fig_grid(path: Path, gen: np.ndarray, guidances, real_row: np.ndarray, label
             if d == 0:
                 ax.set_ylabel(f"guidance {guidances[r]:g}" if r < ng else "real\n(held out)", fontsize=9)
     fig.suptitle("Generated 64x64 planes: depth (columns) x classifier-free guidance (rows); the same seeds "
-                 "down each column; bottom row: held-out real planes (time points 16-18)", fontsize=10)
+                 f"down each column; bottom row: held-out real planes (time points {TEST_TPS[0]}-"
+                 f"{TEST_TPS[0] + min(k, len(real_row[0])) - 1})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
