@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch in the same pip command as everything that depends on it, so no other build sneaks in.
-	$(BIN)/python -m pip install -q -c requirements/constraints.txt "$(TORCH)" -e ".[testing]"
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt "$(TORCH)" -e ".[testing,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,7 +17,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # The cascade card must exist before two processes write stages into the same folder.
 $PY -m napari_zfdiffusion.cli -q train cascade "${common[@]}" --stage base --steps 1 --batch-size 2 >/dev/null 2>&1 || true
 rm -rf "$RUN/training/base" "$RUN/base"
-( $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage base --steps "${BASE_STEPS:-3000}" \
+( $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage base --steps "${BASE_STEPS:-4000}" \
       --batch-size 8 --lr 3e-4 > "$RUN/base.log" 2>&1 ) &
 ( $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr128 --steps "${SR128_STEPS:-1000}" --batch-size 8 &&
   $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr256 --steps "${SR256_STEPS:-600}" --batch-size 6 &&
