@@ -48,6 +48,7 @@ def main() -> None:
             f"{tr.get('batch_size')} | {tr.get('loss')} | {tr.get('final_loss_ema', 0):.4f} | "
             f"{(tr.get('train_seconds') or 0) / 60:.0f} min |"
         )
+    norm = card.get("normalisation", {})
     classes = "\n".join(f"| {d['index']} | {d['label']} |" for d in card.get("depth_classes", []))
     data = card.get("training_data", {})
     quality = "Not measured yet: run `scripts/evaluate_cascade.py`."
@@ -71,8 +72,8 @@ def main() -> None:
 
 **This is a demo model.** It was trained on a CPU (2 cores) in about two hours with the project's own
 command, `scripts/train_demo_cascade.sh` (`zfdiffusion train cascade`), on a small public data set.
-It shows that the pipeline works and that the depth condition is learned; it is not a zebrafish
-model. Train your own on your stacks (docs/training.md); on a GPU use `--size base` and more steps.
+It shows that the pipeline works end to end; how well the depth condition is learned is measured
+below. It is not a zebrafish model. Train your own on your stacks (docs/training.md); on a GPU use `--size base` and more steps.
 
 ## Data
 
@@ -81,7 +82,8 @@ model. Train your own on your stacks (docs/training.md); on a GPU use `--size ba
 - Files: {', '.join(data.get('files', []))}
 - Each time point is treated as one specimen: 16 specimens x {card.get('n_planes')} planes, 443x512 px,
   uint8. The planes are 1 um apart; deeper planes are dimmer and more blurred.
-- Intensity: per-stack percentile normalisation, {card.get('normalisation')}; outputs are
+- Intensity: per-stack percentile normalisation ({norm.get('low')}th percentile -> 0,
+  {norm.get('high')}th -> 1); outputs are
   normalised intensities in [0, 1]. Planes are cut to a 443x443 square (random offset in training)
   and resized to each stage's resolution, so the 512 stage has learnt from slightly upsampled data.
 
@@ -110,7 +112,11 @@ crops (64/96/128 px), conditioned on the bilinearly upsampled low-res image with
 
 - Trained on 80 real planes of one cell line: generated images are nuclei-like blobs with the
   intensity and blur of each depth, not new biology.
-- Super-resolution stages saw few steps; fine texture at 256 and 512 is limited.
+- The base model is undertrained (a few thousand CPU steps): a share of seeds give a bright, noisy
+  background instead of nuclei, more often with the deterministic samplers (DPM-Solver++, DDIM) than
+  with DDPM at 100+ steps. docs/evaluation.md gives the mean intensity of generated vs real planes.
+- The super-resolution stages saw only 450-1000 steps: they keep the nuclei's shapes and add texture,
+  but lift the background to grey (about 0.2 instead of 0) and leave faint noise.
 - Loading uses safetensors only; the folder holds no pickles.
 """
     (a.model / "MODEL_CARD.md").write_text(text)
