@@ -61,7 +61,7 @@ def test_train_base_and_sr_stage_gives_a_loadable_cascade(stacks, tmp_path):
         info = json.loads((folder / "stage.json").read_text())
         assert (info["stage"], info["resolution"], info["input_resolution"]) == (stage, res, lres)
         assert info["training"]["steps_done"] == steps
-        assert info["schedule"]["prediction_type"] == "epsilon"
+        assert info["schedule"]["prediction_type"] == "v_prediction"  # the default loss is v
         log = read_log(out / "training" / stage / "log.jsonl")
         assert [r["step"] for r in log] == list(range(1, steps + 1))
         assert all(np.isfinite(r["loss"]) for r in log)

@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=20000)
     c.add_argument("--batch-size", type=int, default=16, help="per process")
     c.add_argument("--lr", type=float, default=2e-4)
-    c.add_argument("--loss", default="l1", choices=("l1", "l2", "v"))
+    c.add_argument("--loss", default="v", choices=("l1", "l2", "v"),
+                   help="v: v-prediction (default; stable with the cosine schedule); l1 on the noise as in the original work; l2")
     c.add_argument("--p-uncond", type=float, default=0.15, help="probability of dropping the depth condition")
     c.add_argument("--ema-decay", type=float, default=0.999)
     c.add_argument("--checkpoint-every", type=int, default=500)

@@ -42,7 +42,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 2e-4
     warmup: int = 200
-    loss: str = "l1"
+    loss: str = "v"
     p_uncond: float = 0.15
     ema_decay: float = 0.999
     checkpoint_every: int = 500
