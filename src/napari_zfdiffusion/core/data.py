@@ -148,9 +148,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     out = []
     for item in x:
         k = int(torch.randint(0, 4, (1,), generator=gen))
-        if torch.rand(1, generator=gen) < 0.5:
-            item = item.flip(-1)
-        out.append(torch.rot90(item, k, dims=(-2, -1)))
+        out.append(dihedral(item, k, bool(torch.rand(1, generator=gen) < 0.5)))
     return torch.stack(out)
 
 
@@ -165,13 +163,12 @@ def depth_bins(n_planes: int, n_classes: int | None) -> list[int]:
 
 @dataclass
 class DepthDataset:
-    """All training planes in memory, as float tensors in [-1, 1] at the source resolution.
+    """All training stacks in memory, as float tensors in [-1, 1] at the source resolution.
 
-    ``planes``: (N, S, S) with S the square side; ``classes``: (N,) depth class per plane;
+    ``raw``: one (Z, Y, X) tensor per specimen; ``classes``: (N,) depth class of each plane;
     ``specimen``: (N,) index of the specimen each plane came from.
     """
 
-    planes: torch.Tensor
     classes: torch.Tensor
     specimen: torch.Tensor
     n_classes: int
@@ -199,8 +196,7 @@ class DepthDataset:
             raw.append(t)  # (Z, Y, X), kept whole so training can choose a crop offset
             classes.extend(bins)
             spec.extend([i] * n_planes)
-        planes = torch.cat([square(r) for r in raw])
-        return cls(planes, torch.tensor(classes), torch.tensor(spec), max(bins) + 1, n_planes,
+        return cls(torch.tensor(classes), torch.tensor(spec), max(bins) + 1, n_planes,
                    [str(f) for f in files], raw)
 
     def __len__(self) -> int:
@@ -213,16 +209,6 @@ class DepthDataset:
         if world <= 1 or n_spec < world:
             return idx
         return idx[(self.specimen % world) == rank]
-
-    def batch(self, idx: torch.Tensor, size: int, gen: torch.Generator, *, random_offset: bool = True) -> torch.Tensor:
-        """Planes ``idx`` cut square (random offset along the long side) and resized to ``size``."""
-        out = []
-        for i in idx.tolist():
-            spec, z = int(self.specimen[i]), i % self.n_planes
-            plane = self.raw[spec][z]
-            off = float(torch.rand(1, generator=gen)) if random_offset else None
-            out.append(resize(square(plane, off)[None, None], size)[0])
-        return torch.stack(out)
 
 
 def random_crop_pair(hr: torch.Tensor, lr: torch.Tensor, crop: int, gen: torch.Generator):
@@ -253,6 +239,3 @@ def dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
         x = x.flip(-1)
     return torch.rot90(x, k, dims=(-2, -1))
 
-
-def as_sequence(x) -> Sequence:
-    return x if isinstance(x, (list, tuple)) else [x]

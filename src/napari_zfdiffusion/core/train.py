@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import __version__
-from .data import DepthDataset, Normalisation, augment, random_crop_pair, resize
+from .data import DepthDataset, Normalisation, augment, depth_bins, random_crop_pair, resize, square
 from .device import resolve_device
 from .errors import UserInputError
 from .models import SIZES, build_model
@@ -77,7 +77,6 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     initialised_here: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def main(self) -> bool:
@@ -103,8 +102,6 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 def depth_class_cards(n_planes: int, n_classes: int, z_step_um: float | None) -> list[dict]:
-    from .data import depth_bins
-
     bins = depth_bins(n_planes, n_classes if n_classes != n_planes else None)
     out = []
     for c in range(n_classes):
@@ -157,8 +154,6 @@ def _batch(ds: DepthDataset, idx: torch.Tensor, cfg: TrainConfig, g: torch.Gener
     hr, lr = [], []
     for j, i in enumerate(idx.tolist()):
         spec, z = int(ds.specimen[i]), i % ds.n_planes
-        from .data import square
-
         sq = square(ds.raw[spec][z], float(offsets[j]) if cfg.augment else None)[None, None]
         hr.append(resize(sq, res)[0])
         if lres:
