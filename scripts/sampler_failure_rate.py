@@ -13,7 +13,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from napari_zfdiffusion.core.cascade import Cascade

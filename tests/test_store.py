@@ -12,7 +12,6 @@ import tifffile
 import torch
 from safetensors.torch import load_file
 
-from napari_zfdiffusion.core import store
 from napari_zfdiffusion.core.errors import UserInputError
 from napari_zfdiffusion.core.io import atomic_write, check_writable, read_provenance, write_json, write_tiff
 from napari_zfdiffusion.core.models import build_model

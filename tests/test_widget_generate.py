@@ -37,16 +37,21 @@ def errors(notes):
 @pytest.fixture
 def widget(make_napari_viewer, tiny_cascade):
     """A viewer with the widget docked and the tiny cascade chosen: 128 px, 2 steps."""
+    viewer = make_napari_viewer()
+    return viewer, _dock(viewer, tiny_cascade, resolution=128)
+
+
+def _dock(viewer, model, *, resolution: int, steps: int = 2):
+    """Dock the widget in ``viewer`` with ``model`` chosen, on the CPU."""
     from napari_zfdiffusion.widgets.generate import GenerateSlicesWidget
 
-    viewer = make_napari_viewer()
     w = GenerateSlicesWidget(viewer)
     viewer.window.add_dock_widget(w, name="Generate slices")
-    w.model_folder.value = tiny_cascade
+    w.model_folder.value = model
     w.device.value = "cpu"
-    w.resolution.value = 128
-    w.steps.value = 2
-    return viewer, w
+    w.resolution.value = resolution
+    w.steps.value = steps
+    return w
 
 
 def test_widget_defaults_follow_the_model(widget, tiny_cascade):
@@ -107,15 +112,8 @@ def test_cancel_stops_within_a_step_and_adds_nothing(widget, notes, qtbot):
 
 
 def test_screenshot_after_generating_is_not_blank(make_napari_viewer, tiny_cascade):
-    from napari_zfdiffusion.widgets.generate import GenerateSlicesWidget
-
     viewer = make_napari_viewer(show=True)
-    w = GenerateSlicesWidget(viewer)
-    viewer.window.add_dock_widget(w, name="Generate slices")
-    w.model_folder.value = tiny_cascade
-    w.device.value = "cpu"
-    w.resolution.value = 64
-    w.steps.value = 2
+    w = _dock(viewer, tiny_cascade, resolution=64)
     w.generate()
     assert w.wait(60)
     assert len(viewer.layers) == 1

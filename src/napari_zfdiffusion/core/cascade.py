@@ -18,7 +18,8 @@ from .. import __version__
 from .data import Normalisation, from_image, resize, to_unit
 from .device import autocast_dtype, resolve_device
 from .errors import UserInputError
-from .sampling import DEFAULT_SAMPLER, ProgressCallback, check_guidance, check_steps, denoise, generators, randn
+from .sampling import (DEFAULT_SAMPLER, ProgressCallback, check_guidance, check_steps, denoise, generators,
+                       make_scheduler, randn)
 from .store import CASCADE_FILE, STAGE_FILE, load_unet, read_json, resolve_model
 
 STAGE_ORDER = ("base", "sr128", "sr256", "sr512")
@@ -45,8 +46,6 @@ def check_noise_aug(level: float) -> float:
 
 
 def schedule_alphas(schedule: dict) -> torch.Tensor:
-    from .sampling import make_scheduler
-
     return make_scheduler("ddpm", schedule).alphas_cumprod
 
 

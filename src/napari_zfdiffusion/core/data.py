@@ -8,7 +8,7 @@ to [-1, 1] after percentile normalisation, and resized once per cascade resoluti
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
