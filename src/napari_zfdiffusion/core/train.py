@@ -1,19 +1,12 @@
 """Training the cascade stages: one loop for every stage, unchanged under ``torchrun``.
 
-* Every random draw of step ``k`` on rank ``r`` comes from a generator seeded with (seed, r, k):
-  a resumed run continues exactly as an uninterrupted one would.
-* Rank 0 writes: the training state (``state.pt``: tensors only, loaded with
-  ``weights_only=True``) and the exported EMA model folder, both atomically.
+The loop itself (EMA, checkpoints, exact resume, DDP) is :mod:`.trainloop`; this module supplies
+the cascade's batches, losses and model cards.
 * Losses: ``l1`` on epsilon (as in the original work), ``l2`` on epsilon, ``v`` (v-prediction, MSE).
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import math
-import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,11 +15,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import __version__
+from . import trainloop as loop
 from .data import DepthDataset, Normalisation, augment, depth_bins, random_crop_pair, resize, square
 from .device import resolve_device
 from .errors import UserInputError
 from .models import SIZES, build_model
-from .sampling import DEFAULT_SCHEDULE, Progress, ProgressCallback, make_scheduler
+from .sampling import DEFAULT_SCHEDULE, ProgressCallback, make_scheduler
 from .store import CASCADE_FILE, STAGE_FILE, read_json, save_unet
 
 STAGES = {"base": (64, None), "sr128": (128, 64), "sr256": (256, 128), "sr512": (512, 256)}
@@ -69,36 +63,6 @@ class TrainConfig:
             raise UserInputError("--steps and --batch-size must be at least 1.")
         if not 0 <= self.p_uncond < 1:
             raise UserInputError("--p-uncond must be in [0, 1).")
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    initialised_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1); else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    here = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        here = True
-    return DistInfo(rank, world, local, here)
-
-
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
 
 
 def depth_class_cards(n_planes: int, n_classes: int, z_step_um: float | None) -> list[dict]:
@@ -170,19 +134,6 @@ def _batch(ds: DepthDataset, idx: torch.Tensor, cfg: TrainConfig, g: torch.Gener
     return x, cond
 
 
-@torch.no_grad()
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    e = list(ema.parameters())
-    m = list(model.parameters())
-    torch._foreach_lerp_(e, m, 1.0 - decay)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _export(out: Path, ema, cfg: TrainConfig, step: int, losses: list[float], ds: DepthDataset,
             seconds: float, world: int) -> None:
     res, lres = STAGES[cfg.stage]
@@ -215,100 +166,42 @@ def train_stage(data, out: str | Path, cfg: TrainConfig, *, device: str = "auto"
     """
     cfg.validate()
     out = Path(out)
-    dev = resolve_device(device)
-    di = init_distributed(dev)
-    if dev.type == "cuda" and di.world > 1:
-        dev = torch.device("cuda", di.local_rank)
-        torch.cuda.set_device(dev)
+    dev, di = loop.setup(resolve_device(device))
     try:
         return _train(data, out, cfg, dev, di, resume, show_progress, callback)
     finally:
-        if di.initialised_here:
-            dist.destroy_process_group()
+        loop.teardown(di)
 
 
-def _train(data, out: Path, cfg: TrainConfig, dev: torch.device, di: DistInfo, resume: bool,
+def _train(data, out: Path, cfg: TrainConfig, dev: torch.device, di: loop.DistInfo, resume: bool,
            show_progress: bool, callback) -> dict:
     norm = Normalisation(cfg.norm_low, cfg.norm_high)
     ds = DepthDataset.from_paths(data, depth_classes=cfg.depth_classes, norm=norm)
-    res, lres = STAGES[cfg.stage]
-    state_dir = out / "training" / cfg.stage
-    state_path = state_dir / "state.pt"
-    log_path = state_dir / "log.jsonl"
+    res = STAGES[cfg.stage][0]
+    state_path = loop.prepare_state_dir(out / "training" / cfg.stage, out, resume, di)
     if di.main:
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserInputError(
-                f"cannot create the model folder '{out}': {e.strerror}. Choose another --out.") from None
         _update_cascade_card(out, ds, cfg)
-        if state_path.exists() and not resume:
-            raise UserInputError(
-                f"'{state_path}' exists: pass --resume to continue that run, or choose another --out."
-            )
     if di.world > 1:
         dist.barrier()
 
     schedule = dict(DEFAULT_SCHEDULE, prediction_type="v_prediction" if cfg.loss == "v" else "epsilon")
     noise_sched = make_scheduler("ddpm", schedule)
     alphas = noise_sched.alphas_cumprod
-    start = 0
-    losses: list[float] = []
-    elapsed = 0.0
-    saved = None
-    if resume and state_path.exists():
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
-        model_cfg = json.loads(saved["model_config"])
+    saved = loop.load_state(state_path, resume, di)
+    if saved is not None:
         from .models import ZfUNet
 
-        model = ZfUNet.from_config(model_cfg)
-        model.load_state_dict(saved["model"])
-        start = int(saved["step"])
-        losses = [float(v) for v in saved["losses"].tolist()]
-        elapsed = float(saved["elapsed"])
+        model = ZfUNet.from_config(loop.model_config(saved))
     else:
-        if resume and di.main:
-            print(f"no state to resume in {state_dir}: starting from scratch")
         torch.manual_seed(cfg.seed)  # the same initial weights with or without --resume
         model = build_model("base" if cfg.stage == "base" else "sr", cfg.size, resolution=res,
                             num_classes=ds.n_classes)
     if model.config.num_classes != ds.n_classes:
         raise UserInputError("the saved training state has a different number of depth classes than this data.")
-    model.to(dev).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    if saved is not None:
-        ema.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["optimizer"])
-    net = model
-    if di.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
     shard = ds.shard(di.rank, di.world)
     amp = dev.type == "cuda"
-    bar = None
-    if show_progress and di.main:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    run_losses: list[float] = []
-    ema_loss = losses[-1] if losses else None
-
-    def checkpoint(step: int) -> None:
-        if not di.main:
-            return
-        secs = elapsed + time.perf_counter() - t0
-        _atomic_torch_save({
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": torch.tensor(step), "losses": torch.tensor(losses, dtype=torch.float64),
-            "elapsed": torch.tensor(secs), "model_config": json.dumps(dict(model.config)),
-        }, state_path)
-        _export(out, ema, cfg, step, losses, ds, secs, di.world)
-
-    step = start
-    for step in range(start + 1, cfg.steps + 1):
-        g = step_generator(cfg.seed, di.rank, step)
+    def loss_fn(net, step: int, g: torch.Generator) -> torch.Tensor:
         idx = shard[torch.randint(0, len(shard), (cfg.batch_size,), generator=g)]
         x0, lowres = _batch(ds, idx, cfg, g)
         labels = ds.classes[idx].clone()
@@ -328,49 +221,17 @@ def _train(data, out: Path, cfg: TrainConfig, dev: torch.device, di: DistInfo, r
             pred = net(xt.to(dev), t.to(dev), **kwargs)
         pred = pred.float()
         target = target.to(dev)
-        loss = F.l1_loss(pred, target) if cfg.loss == "l1" else F.mse_loss(pred, target)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"the loss became {loss.item()} at step {step}: lower --lr and --resume.")
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, step / max(cfg.warmup, 1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        lv = float(loss.detach())
-        run_losses.append(lv)
-        ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            losses.append(ema_loss)
-            if di.main:
-                rec = {"step": step, "loss": sum(run_losses) / len(run_losses), "loss_smooth": ema_loss,
-                       "lr": opt.param_groups[0]["lr"], "seconds": round(elapsed + time.perf_counter() - t0, 2)}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            run_losses = []
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema_loss:.4f}")
-        if callback is not None:
-            callback(Progress(f"train {cfg.stage}", step, cfg.steps))
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint(step)
-    if start >= cfg.steps and di.main:
-        checkpoint(start)
-    if bar is not None:
-        bar.close()
-    if di.world > 1:
-        dist.barrier()
-    return {
-        "stage": cfg.stage,
-        "steps": max(step, start),
-        "loss": ema_loss if ema_loss is not None else math.nan,
-        "seconds": round(elapsed + time.perf_counter() - t0, 1),
-        "model": str(out / cfg.stage),
-        "rank": di.rank,
-        "world": di.world,
-    }
+        return F.l1_loss(pred, target) if cfg.loss == "l1" else F.mse_loss(pred, target)
+
+    def export(ema, step, losses, secs, world):
+        _export(out, ema, cfg, step, losses, ds, secs, world)
+
+    lc = loop.LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, ema_decay=cfg.ema_decay,
+                         checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, seed=cfg.seed,
+                         desc=f"train {cfg.stage}")
+    summary = loop.run(model, loss_fn=loss_fn, export=export, cfg=lc, dev=dev, di=di, state_path=state_path,
+                       saved=saved, show_progress=show_progress, callback=callback)
+    return {"stage": cfg.stage, **summary, "model": str(out / cfg.stage)}
 
 
-__all__ = ["TrainConfig", "train_stage", "STAGES", "STAGE_FILE"]
+__all__ = ["STAGES", "STAGE_FILE", "TrainConfig", "train_stage"]

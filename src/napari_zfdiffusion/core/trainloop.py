@@ -1,0 +1,237 @@
+"""The one training loop behind every ``zfdiffusion train ...`` command (cascade stages, autoencoder,
+latent diffusion): optimiser with warm-up, gradient clipping, EMA, logging, progress, atomic
+checkpoints, exact resume, and DistributedDataParallel under ``torchrun``.
+
+What differs between models is passed in: a ``loss_fn(net, step, generator)`` that draws its batch
+from the generator and returns the loss, and an ``export(ema, step, losses, seconds, world)`` that
+writes the model folder. Every random draw of step ``k`` on rank ``r`` comes from a generator seeded
+with (seed, r, k), so a resumed run continues exactly as an uninterrupted one would.
+
+The training state (``state.pt``) holds tensors and a JSON string only and is loaded with
+``weights_only=True``: it is never unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserInputError
+from .sampling import Progress, ProgressCallback
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1); else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    here = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        here = True
+    return DistInfo(rank, world, local, here)
+
+
+def setup(device: torch.device) -> tuple[torch.device, DistInfo]:
+    """The process group (under torchrun) and this rank's device."""
+    di = init_distributed(device)
+    if device.type == "cuda" and di.world > 1:
+        device = torch.device("cuda", di.local_rank)
+        torch.cuda.set_device(device)
+    return device, di
+
+
+def teardown(di: DistInfo) -> None:
+    if di.initialised_here:
+        dist.destroy_process_group()
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    lr: float
+    warmup: int
+    ema_decay: float
+    checkpoint_every: int
+    log_every: int
+    seed: int
+    desc: str = "train"
+
+
+def prepare_state_dir(state_dir: Path, out: Path, resume: bool, di: DistInfo) -> Path:
+    """Create the state folder (rank 0) and refuse to overwrite a run that was not asked to resume."""
+    state_path = state_dir / "state.pt"
+    if di.main:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserInputError(
+                f"cannot create the model folder '{out}': {e.strerror}. Choose another --out.") from None
+        if state_path.exists() and not resume:
+            raise UserInputError(
+                f"'{state_path}' exists: pass --resume to continue that run, or choose another --out.")
+    return state_path
+
+
+def load_state(state_path: Path, resume: bool, di: DistInfo) -> dict | None:
+    """The saved training state, or None (with a notice) when there is nothing to resume."""
+    if not (resume and state_path.exists()):
+        if resume and di.main:
+            print(f"no state to resume in {state_path.parent}: starting from scratch")
+        return None
+    try:
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read it means a corrupted file
+        raise UserInputError(
+            f"the training state '{state_path}' could not be read ({type(e).__name__}): it is corrupted. "
+            "Delete it to start again, or restore a copy."
+        ) from None
+
+
+def model_config(saved: dict) -> dict:
+    return json.loads(saved["model_config"])
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def run(
+    model: torch.nn.Module,
+    *,
+    loss_fn: Callable[[torch.nn.Module, int, torch.Generator], torch.Tensor],
+    export: Callable[[torch.nn.Module, int, list[float], float, int], None],
+    cfg: LoopConfig,
+    dev: torch.device,
+    di: DistInfo,
+    state_path: Path,
+    saved: dict | None,
+    show_progress: bool = True,
+    callback: ProgressCallback | None = None,
+    validate: Callable[[torch.nn.Module, int], dict] | None = None,
+) -> dict:
+    """Train ``model`` (already built, or rebuilt from ``saved``) for ``cfg.steps`` steps in total.
+
+    ``validate(ema, step)`` (optional) runs at every checkpoint on rank 0; its dict goes in the log.
+    Returns a summary: steps, last smoothed loss, seconds, rank and world size.
+    """
+    log_path = state_path.parent / "log.jsonl"
+    start, losses, elapsed = 0, [], 0.0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        start = int(saved["step"])
+        losses = [float(v) for v in saved["losses"].tolist()]
+        elapsed = float(saved["elapsed"])
+    model.to(dev).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    if saved is not None:
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["optimizer"])
+    net = model
+    if di.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    bar = None
+    if show_progress and di.main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=cfg.desc, unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    run_losses: list[float] = []
+    ema_loss = losses[-1] if losses else None
+
+    def checkpoint(step: int) -> None:
+        if not di.main:
+            return
+        secs = elapsed + time.perf_counter() - t0
+        atomic_torch_save({
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "step": torch.tensor(step), "losses": torch.tensor(losses, dtype=torch.float64),
+            "elapsed": torch.tensor(secs), "model_config": json.dumps(dict(model.config), default=list),
+        }, state_path)
+        export(ema, step, losses, secs, di.world)
+        if validate is not None:
+            rec = {"step": step, "validation": validate(ema, step)}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    step = start
+    for step in range(start + 1, cfg.steps + 1):
+        g = step_generator(cfg.seed, di.rank, step)
+        loss = loss_fn(net, step, g)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"the loss became {loss.item()} at step {step}: lower --lr and --resume.")
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, step / max(cfg.warmup, 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        lv = float(loss.detach())
+        run_losses.append(lv)
+        ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            losses.append(ema_loss)
+            if di.main:
+                rec = {"step": step, "loss": sum(run_losses) / len(run_losses), "loss_smooth": ema_loss,
+                       "lr": opt.param_groups[0]["lr"], "seconds": round(elapsed + time.perf_counter() - t0, 2)}
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            run_losses = []
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema_loss:.4f}")
+        if callback is not None:
+            callback(Progress(cfg.desc, step, cfg.steps))
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint(step)
+    if start >= cfg.steps and di.main:
+        checkpoint(start)
+    if bar is not None:
+        bar.close()
+    if di.world > 1:
+        dist.barrier()
+    return {
+        "steps": max(step, start),
+        "loss": ema_loss if ema_loss is not None else math.nan,
+        "seconds": round(elapsed + time.perf_counter() - t0, 1),
+        "rank": di.rank,
+        "world": di.world,
+    }
