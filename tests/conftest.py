@@ -47,6 +47,74 @@ def make_stacks(folder: Path, n: int = 3, z: int = 4, shape=(40, 48), dtype=np.u
     return folder
 
 
+def make_blobs(folder: Path, n: int = 2, shape=(80, 96), dtype=np.uint8, seed: int = 0, masks: bool = True,
+               name: str = "blobs") -> tuple[Path, Path | None]:
+    """2D images of bright discs on a noisy background (like nuclei or granules), and their label images."""
+    import tifffile
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for i in range(n):
+        lab = np.zeros(shape, np.uint16)
+        for k in range(1, 7):
+            cy, cx, r = rng.integers(8, shape[0] - 8), rng.integers(8, shape[1] - 8), rng.integers(4, 8)
+            lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
+        img = (lab > 0) * 0.6 + rng.random(shape) * 0.3
+        info = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1.0
+        tifffile.imwrite(folder / "images" / f"{name}_{i:02d}.tif", (img * info).astype(dtype))
+        if masks:
+            (folder / "masks").mkdir(exist_ok=True)
+            tifffile.imwrite(folder / "masks" / f"{name}_{i:02d}.tif", lab)
+    return folder / "images", (folder / "masks" if masks else None)
+
+
+def make_tiny_latent(path: Path, paired: bool = False, patch: int = 32) -> Path:
+    """A latent-diffusion folder (tiny autoencoder downsampling by 2 + tiny latent UNet), random weights."""
+    import torch
+
+    from napari_zfdiffusion.core.io import write_json
+    from napari_zfdiffusion.core.latent import build_autoencoder, weights_sha256
+    from napari_zfdiffusion.core.models import build_model
+    from napari_zfdiffusion.core.sampling import DEFAULT_SCHEDULE
+    from napari_zfdiffusion.core.store import save_unet
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    channels = ["image", "mask"] if paired else ["image"]
+    vae = build_autoencoder(len(channels), "tiny")
+    save_unet(vae, path / "vae", {"kind": "vae"})
+    shape = [4, patch // 2, patch // 2]
+    unet = build_model("latent", "tiny", resolution=shape[1], num_classes=0, channels=4)
+    save_unet(unet, path / "unet", {"kind": "latent-unet", "resolution": shape[1],
+                                     "schedule": dict(DEFAULT_SCHEDULE, prediction_type="v_prediction")})
+    write_json(path / "model.json", {
+        "kind": "latent", "name": path.name, "description": "tiny test model", "channels": channels,
+        "mask_encoding": "interior" if paired else None, "scaling_factor": 1.0, "downsampling": 2,
+        "latent_channels": 4, "patch_size": patch, "latent_shape": shape,
+        "normalisation": {"method": "percentile", "low": 1.0, "high": 99.8, "per": "image"},
+        "vae_sha256": weights_sha256(path / "vae"),
+    })
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_latent(tmp_path_factory) -> Path:
+    return make_tiny_latent(tmp_path_factory.mktemp("models") / "tiny-latent")
+
+
+@pytest.fixture(scope="session")
+def tiny_paired(tmp_path_factory) -> Path:
+    return make_tiny_latent(tmp_path_factory.mktemp("models") / "tiny-paired", paired=True)
+
+
+@pytest.fixture
+def blobs(tmp_path) -> tuple[Path, Path]:
+    return make_blobs(tmp_path / "blobs")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """User models and fetched data go to a temporary ZFDIFFUSION_HOME in every test."""

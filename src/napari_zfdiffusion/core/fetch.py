@@ -154,3 +154,26 @@ def prepare_cho(dest: Path | None = None, *, held_out: int = 4, quiet: bool = Fa
         if not target.exists():
             tifffile.imwrite(target, np.ascontiguousarray(arr[t]))
     return train, test
+
+
+RETIC_IMAGE_ROWS = 1024  # rows 1024-1093 of retic.tif are the microscope's info bar
+
+
+def prepare_em(dest: Path | None = None, *, quiet: bool = False) -> Path:
+    """The real EM images in one training folder: the islet image as is, retic without its info bar."""
+    import tifffile
+
+    (islet,) = fetch("em-islet", None if dest is None else Path(dest) / "em-islet", quiet=quiet)
+    (retic,) = fetch("em-retic", None if dest is None else Path(dest) / "em-retic", quiet=quiet)
+    out = (Path(dest) if dest else data_dir()) / "em" / "train"
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "retic_no_infobar.tif"
+    if not target.exists():
+        tifffile.imwrite(target, tifffile.imread(retic)[:RETIC_IMAGE_ROWS])
+    if not (out / islet.name).exists():
+        (out / islet.name).write_bytes(islet.read_bytes())
+    (out / "SOURCE.txt").write_text(
+        "islet_mito_5nm.png: " + SOURCES["em-islet"].credit + "\n"
+        "retic_no_infobar.tif (rows 0-1023 of retic.tif): " + SOURCES["em-retic"].credit + "\n"
+    )
+    return out

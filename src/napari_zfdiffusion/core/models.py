@@ -127,19 +127,21 @@ class ZfUNet(ModelMixin, ConfigMixin):
 
 
 def build_model(kind: str, size: str = "small", *, resolution: int, num_classes: int,
-                extra_cond_channels: int = 0) -> ZfUNet:
+                extra_cond_channels: int = 0, channels: int = 1) -> ZfUNet:
     """A fresh model for one cascade stage.
 
-    ``kind`` is ``base`` (depth-conditioned, attention at low resolutions) or ``sr`` (takes the
+    ``kind`` is ``base`` (depth-conditioned, attention at low resolutions), ``sr`` (takes the
     upsampled low-res image as a channel and its noise level; fully convolutional so it trains on
-    crops and runs on the full image).
+    crops and runs on the full image) or ``latent`` (``channels`` in and out: an autoencoder's
+    latent space, attention at low resolutions).
     """
     if size not in SIZES:
         raise ValueError(f"unknown model size '{size}': choose one of {', '.join(SIZES)}")
     s = dict(SIZES[size])
     attention = s.pop("attention")
-    if kind == "base":
-        return ZfUNet(sample_size=resolution, cond_channels=extra_cond_channels, num_classes=num_classes,
+    if kind in ("base", "latent"):
+        return ZfUNet(sample_size=resolution, in_channels=channels, out_channels=channels,
+                      cond_channels=extra_cond_channels, num_classes=num_classes,
                       attention=attention, mid_attention=True, **s)
     if kind == "sr":
         return ZfUNet(sample_size=resolution, cond_channels=1 + extra_cond_channels, num_classes=num_classes,

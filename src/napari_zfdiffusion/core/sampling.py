@@ -46,21 +46,25 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-def make_scheduler(name: str, schedule: dict | None = None):
-    """A diffusers scheduler for ``name`` over the noise schedule a model was trained with."""
+def make_scheduler(name: str, schedule: dict | None = None, *, clip: bool = True):
+    """A diffusers scheduler for ``name`` over the noise schedule a model was trained with.
+
+    ``clip``: clip the predicted x0 to [-1, 1] at every step (images); off for latents, which are
+    not bounded.
+    """
     sched = dict(DEFAULT_SCHEDULE)
     sched.update(schedule or {})
     name = name.lower()
     if name == "ddpm":
-        return DDPMScheduler(**sched, clip_sample=True)
+        return DDPMScheduler(**sched, clip_sample=clip)
     if name == "ddim":
-        return DDIMScheduler(**sched, clip_sample=True, timestep_spacing="trailing", set_alpha_to_one=False)
+        return DDIMScheduler(**sched, clip_sample=clip, timestep_spacing="trailing", set_alpha_to_one=False)
     if name in ("dpmsolver++", "dpm-solver++", "dpmsolver"):
         # The cosine schedule ends at alpha_bar ~ 2e-9: x0 = (x - sigma eps) / alpha blows any error in
         # eps up by ~1e4 at the first steps. Clip lambda (diffusers: "critical for the cosine schedule")
         # and clip x0 to [-1, 1] (thresholding with max 1), as clip_sample does for DDIM and DDPM.
         return DPMSolverMultistepScheduler(**sched, algorithm_type="dpmsolver++", solver_order=2,
-                                           lambda_min_clipped=-5.1, thresholding=True, sample_max_value=1.0)
+                                           lambda_min_clipped=-5.1, thresholding=clip, sample_max_value=1.0)
     raise UserInputError(f"unknown sampler '{name}': choose one of {', '.join(SAMPLERS)}.")
 
 
@@ -120,12 +124,14 @@ def denoise(
     stage: str = "sample",
     stage_index: int = 0,
     n_stages: int = 1,
+    clip: bool = True,
 ) -> torch.Tensor:
     """Run the reverse diffusion for a batch and return x0 (float32, on ``device``).
 
     ``conditions``: keyword arguments for ``model``, least to most conditioned; each tensor has the
     batch size of ``shape``. ``guidance``: one weight per condition after the first.
     ``callback`` is called after every step; it stops the loop by raising :class:`Cancelled`.
+    ``clip``: keep the predicted x0 in [-1, 1] (images; False for latents).
     """
     if len(guidance) != len(conditions) - 1:
         raise ValueError("guidance needs one weight per condition after the first")
@@ -134,7 +140,7 @@ def denoise(
         check_guidance(w)
     if len(gens) != shape[0]:
         raise ValueError("one generator per sample is needed")
-    scheduler = make_scheduler(sampler, schedule)
+    scheduler = make_scheduler(sampler, schedule, clip=clip)
     scheduler.set_timesteps(steps, device=device)
     coeffs = _coefficients(guidance)
     used = [i for i, a in enumerate(coeffs) if a != 0.0]

@@ -146,7 +146,8 @@ def run(
 ) -> dict:
     """Train ``model`` (already built, or rebuilt from ``saved``) for ``cfg.steps`` steps in total.
 
-    ``validate(ema, step)`` (optional) runs at every checkpoint on rank 0; its dict goes in the log.
+    ``validate(ema, step)`` (optional) runs at every checkpoint on rank 0, before ``export``; its dict
+    goes in the log.
     Returns a summary: steps, last smoothed loss, seconds, rank and world size.
     """
     log_path = state_path.parent / "log.jsonl"
@@ -185,11 +186,11 @@ def run(
             "step": torch.tensor(step), "losses": torch.tensor(losses, dtype=torch.float64),
             "elapsed": torch.tensor(secs), "model_config": json.dumps(dict(model.config), default=list),
         }, state_path)
-        export(ema, step, losses, secs, di.world)
-        if validate is not None:
+        if validate is not None:  # before export, so the exported card can carry the figures
             rec = {"step": step, "validation": validate(ema, step)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+        export(ema, step, losses, secs, di.world)
 
     step = start
     for step in range(start + 1, cfg.steps + 1):

@@ -1,0 +1,72 @@
+"""Image-quality figures shared by training logs, the pipelines and the evaluation scripts.
+
+All take float images in [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two 2D images (scikit-image, data range 1), or the mean over a (N, Y, X) batch."""
+    from skimage.metrics import structural_similarity
+
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if a.ndim == 3:
+        return float(np.mean([ssim(x, y) for x, y in zip(a, b)]))
+    return float(structural_similarity(a, b, data_range=1.0))
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks (1.0 when both are empty)."""
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    s = p.sum() + t.sum()
+    return 1.0 if s == 0 else float(2.0 * (p & t).sum() / s)
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    u = (p | t).sum()
+    return 1.0 if u == 0 else float((p & t).sum() / u)
+
+
+def radial_power_spectrum(img: np.ndarray, bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Radially averaged power spectrum of a 2D image (or the mean over a (N, Y, X) batch).
+
+    Returns (frequency in cycles per pixel, power), with the mean removed and a Hann window applied.
+    """
+    img = np.asarray(img, np.float64)
+    if img.ndim == 3:
+        specs = [radial_power_spectrum(i, bins) for i in img]
+        return specs[0][0], np.mean([s[1] for s in specs], axis=0)
+    h, w = img.shape
+    win = np.outer(np.hanning(h), np.hanning(w))
+    f = np.fft.fftshift(np.fft.fft2((img - img.mean()) * win))
+    p = np.abs(f) ** 2 / (h * w)
+    fy = np.fft.fftshift(np.fft.fftfreq(h))[:, None]
+    fx = np.fft.fftshift(np.fft.fftfreq(w))[None, :]
+    r = np.sqrt(fy**2 + fx**2)
+    edges = np.linspace(0, 0.5, bins + 1)
+    idx = np.digitize(r.ravel(), edges) - 1
+    ok = (idx >= 0) & (idx < bins)
+    power = np.bincount(idx[ok], weights=p.ravel()[ok], minlength=bins) / np.maximum(
+        np.bincount(idx[ok], minlength=bins), 1)
+    return 0.5 * (edges[1:] + edges[:-1]), power
+
+
+def nearest_neighbour_rms(queries: np.ndarray, reference: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """For each query image, the RMS distance to its nearest reference image (all (N, Y, X) in [0, 1])."""
+    q = np.asarray(queries, np.float32).reshape(len(queries), -1)
+    r = np.asarray(reference, np.float32).reshape(len(reference), -1)
+    rn = (r**2).sum(1)
+    best = np.full(len(q), np.inf)
+    for i in range(0, len(r), chunk):
+        d = (q**2).sum(1)[:, None] + rn[None, i:i + chunk] - 2.0 * q @ r[i:i + chunk].T
+        best = np.minimum(best, d.min(1))
+    return np.sqrt(np.maximum(best, 0) / q.shape[1])

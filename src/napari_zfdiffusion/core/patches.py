@@ -1,0 +1,221 @@
+"""2D training images (and masks) for the patch models: EM autoencoder, latent diffusion, and later
+the segmentation U-Net.
+
+Images of any size, TIFF or PNG, 8 or 16 bit (or float); a file may hold one image or a stack of
+2D images (N, Y, X). Each is percentile-normalised to [0, 1] and stored as [-1, 1] (the original
+work's mean 0.5 / std 0.5). Masks are matched to images by sorted order and must have the same
+shapes; they may be binary masks or label images:
+
+* **binary** (two values, or floats in [0, 1]): the foreground;
+* **labels** (more than two integer values): the *interior* of each object, i.e. the foreground
+  without the one-pixel rim where objects touch, so that connected components of a generated mask
+  give separate objects again (see :func:`labels_from_mask`).
+
+Validation: with 5 or more images the last fifth of them are held out; with fewer, the bottom
+``patch`` rows of each image tall enough (at least twice the patch) are held out, so training and
+validation crops never overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import numpy as np
+import torch
+
+from .data import Normalisation, check_finite, dihedral, list_images, looks_rgb, read_image
+from .errors import UserInputError
+
+MASK_ENCODINGS = ("binary", "interior")
+
+
+def to_gray(arr: np.ndarray, name: str, notices: list[str]) -> np.ndarray:
+    """RGB(A) to one channel (luminance; alpha dropped), with a notice saying so."""
+    if not looks_rgb(arr):
+        return arr
+    rgb = arr[..., :3].astype(np.float32)
+    gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    notices.append(f"{name}: RGB{'A' if arr.shape[-1] == 4 else ''} image {arr.shape} converted to grayscale "
+                   "(luminance" + (", alpha dropped)" if arr.shape[-1] == 4 else ")"))
+    return gray
+
+
+def planes_of(arr: np.ndarray, name: str) -> list[np.ndarray]:
+    """The 2D images a file holds: one (Y, X) image or a (N, Y, X) stack."""
+    if arr.ndim == 2:
+        return [arr]
+    if arr.ndim == 3:
+        return list(arr)
+    raise UserInputError(
+        f"{name} has {arr.ndim} dimensions {arr.shape}: give 2D images or (N, Y, X) stacks of them. "
+        "Split channels or time points into separate files first (e.g. with tifffile)."
+    )
+
+
+def read_images_2d(paths, *, min_size: int, notices: list[str]) -> tuple[list[np.ndarray], list[str]]:
+    """All 2D images in ``paths`` (files or folders), as float32 arrays, with a name for each."""
+    out, names = [], []
+    for f in list_images(paths):
+        arr = to_gray(read_image(f), f.name, notices)
+        check_finite(arr, f.name)
+        planes = planes_of(arr, f.name)
+        for i, p in enumerate(planes):
+            if min(p.shape) < min_size:
+                raise UserInputError(
+                    f"{f.name}{f' plane {i}' if len(planes) > 1 else ''} is {p.shape[0]}x{p.shape[1]} pixels: "
+                    f"smaller than the {min_size}x{min_size} patches. Use larger images, or a smaller --patch-size."
+                )
+            out.append(p.astype(np.float32))
+            names.append(f"{f.name}[{i}]" if len(planes) > 1 else f.name)
+    return out, names
+
+
+def mask_encoding(masks: list[np.ndarray]) -> str:
+    """``binary`` for two-valued (or [0, 1] float) masks, ``interior`` for label images."""
+    for m in masks:
+        if np.issubdtype(m.dtype, np.floating) and not np.all(m == np.round(m)):
+            return "binary"  # probabilities
+        if len(np.unique(m)) > 2:
+            return "interior"
+    return "binary"
+
+
+def encode_mask(mask: np.ndarray, encoding: str) -> np.ndarray:
+    """A mask (binary or labels) as a float foreground channel in [0, 1]."""
+    if encoding == "binary":
+        if np.issubdtype(mask.dtype, np.floating) and mask.max() <= 1.0 and mask.min() >= 0.0:
+            return (mask >= 0.5).astype(np.float32) if np.all(mask == np.round(mask)) else mask.astype(np.float32)
+        return (mask > mask.min()).astype(np.float32) if mask.min() != mask.max() else (mask > 0).astype(np.float32)
+    from skimage.segmentation import find_boundaries
+
+    labels = mask.astype(np.int64)
+    return ((labels > 0) & ~find_boundaries(labels, mode="inner")).astype(np.float32)
+
+
+def labels_from_mask(prob: np.ndarray, *, encoding: str = "binary", threshold: float = 0.5,
+                     min_size: int = 0) -> np.ndarray:
+    """Instance labels (int32) from a foreground probability map in [0, 1] (2D, or a (N, Y, X) batch).
+
+    Connected components of ``prob >= threshold``, objects smaller than ``min_size`` pixels removed;
+    for the ``interior`` encoding each object is grown back by the one-pixel rim it was trained without.
+    """
+    from skimage.measure import label
+    from skimage.segmentation import expand_labels
+
+    prob = np.asarray(prob)
+    if prob.ndim == 3:
+        return np.stack([labels_from_mask(p, encoding=encoding, threshold=threshold, min_size=min_size)
+                         for p in prob])
+    lab = label(prob >= threshold, connectivity=1)
+    if min_size > 1 and lab.max() > 0:
+        small = np.bincount(lab.ravel()) < min_size
+        small[0] = False
+        lab[small[lab]] = 0
+        lab = label(lab > 0, connectivity=1)
+    if encoding == "interior":
+        lab = expand_labels(lab, 1)
+    return lab.astype(np.int32)
+
+
+@dataclass
+class PatchData:
+    """Training and validation images as (C, H, W) tensors in [-1, 1]; channel 1 is the mask if any."""
+
+    train: list[torch.Tensor]
+    val: list[torch.Tensor]
+    names: list[str]
+    channels: list[str]
+    mask_encoding: str | None
+    normalisation: Normalisation
+    split: str
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channels)
+
+    @classmethod
+    def from_paths(cls, images, masks=None, *, patch: int = 256, norm: Normalisation | None = None,
+                   val_fraction: float = 0.2) -> PatchData:
+        norm = norm or Normalisation(per="image")
+        notices: list[str] = []
+        imgs, names = read_images_2d(images, min_size=patch, notices=notices)
+        chans = [torch.from_numpy(norm.apply(i) * 2.0 - 1.0)[None] for i in imgs]
+        encoding = None
+        if masks is not None:
+            mks, mnames = read_images_2d(masks, min_size=patch, notices=notices)
+            if len(mks) != len(imgs):
+                raise UserInputError(
+                    f"{len(imgs)} image(s) but {len(mks)} mask(s): give one mask per image (matched by sorted "
+                    "file name; a stack counts one per plane)."
+                )
+            for i, (a, b, na, nb) in enumerate(zip(imgs, mks, names, mnames)):
+                if a.shape != b.shape:
+                    raise UserInputError(
+                        f"mask {nb} is {b.shape[0]}x{b.shape[1]} but its image {na} is {a.shape[0]}x{a.shape[1]}: "
+                        "each mask must have its image's shape."
+                    )
+            encoding = mask_encoding(mks)
+            if encoding == "interior":
+                notices.append("masks are label images: the model learns each object's interior, so touching "
+                               "objects stay separate")
+            chans = [torch.cat([c, torch.from_numpy(encode_mask(m, encoding) * 2.0 - 1.0)[None]])
+                     for c, m in zip(chans, mks)]
+        n = len(chans)
+        if n >= 5:
+            k = max(1, round(n * val_fraction))
+            train, val = chans[: n - k], chans[n - k:]
+            split = f"last {k} of {n} images held out"
+        else:
+            train, val = [], []
+            for c in chans:
+                h = c.shape[1]
+                if h >= 2 * patch:
+                    cut = h - max(patch, round(h * val_fraction))
+                    train.append(c[:, :cut])
+                    val.append(c[:, cut:])
+                else:
+                    train.append(c)
+            split = f"bottom rows of {len(val)} of {n} images held out" if val else "no validation (images too small)"
+            if not val:
+                notices.append(f"no validation split: images need at least {2 * patch} rows, or give 5 or more images")
+        return cls(train, val, names, ["image", "mask"] if masks is not None else ["image"], encoding, norm, split,
+                   notices)
+
+    def random_crops(self, n: int, crop: int, gen: torch.Generator, *, augment: bool = True) -> torch.Tensor:
+        """``n`` random crops (n, C, crop, crop) from the training images, each picked in proportion to
+        its area, with a random flip and 90-degree rotation."""
+        areas = torch.tensor([max(1, (t.shape[1] - crop + 1) * (t.shape[2] - crop + 1)) for t in self.train],
+                             dtype=torch.float64)
+        which = torch.multinomial(areas, n, replacement=True, generator=gen)
+        out = []
+        for i in which.tolist():
+            t = self.train[i]
+            y = int(torch.randint(0, t.shape[1] - crop + 1, (1,), generator=gen))
+            x = int(torch.randint(0, t.shape[2] - crop + 1, (1,), generator=gen))
+            c = t[:, y:y + crop, x:x + crop]
+            if augment:
+                k = int(torch.randint(0, 4, (1,), generator=gen))
+                c = dihedral(c, k, bool(torch.rand(1, generator=gen) < 0.5))
+            out.append(c)
+        return torch.stack(out)
+
+    def val_crops(self, crop: int, limit: int = 64) -> torch.Tensor | None:
+        """Non-overlapping crops tiling the validation images (at most ``limit``), or None."""
+        out = []
+        for t in self.val:
+            for y in range(0, t.shape[1] - crop + 1, crop):
+                for x in range(0, t.shape[2] - crop + 1, crop):
+                    out.append(t[:, y:y + crop, x:x + crop])
+        if not out:
+            return None
+        idx = np.linspace(0, len(out) - 1, min(limit, len(out))).round().astype(int)
+        return torch.stack([out[i] for i in sorted(set(idx.tolist()))])
+
+    def describe(self) -> dict:
+        return {
+            "images": len(self.names),
+            "files": sorted({n.split("[")[0] for n in self.names}),
+            "channels": self.channels,
+            "mask_encoding": self.mask_encoding,
+            "validation": self.split,
+        }

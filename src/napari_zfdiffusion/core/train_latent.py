@@ -1,0 +1,319 @@
+"""Training the patch models: the KL autoencoder (``train vae``) and the latent UNet (``train ldm``).
+
+Both run in the one training loop (:mod:`.trainloop`: EMA, atomic checkpoints, exact resume,
+DistributedDataParallel under ``torchrun``). The data are random crops of 2D images, with flips and
+rotations (:class:`.patches.PatchData`); with ``masks`` the mask is a second channel, so the
+autoencoder and the diffusion model learn image and mask together and every generated patch comes
+with an aligned mask.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import __version__
+from . import trainloop as loop
+from .data import Normalisation, to_unit
+from .device import resolve_device
+from .errors import UserInputError
+from .io import write_json
+from .latent import CARD_FILE, VAE_SIZES, build_autoencoder, downsampling, load_vae, read_card, weights_sha256
+from .metrics import dice, psnr, ssim
+from .models import SIZES, build_model
+from .patches import PatchData
+from .sampling import DEFAULT_SCHEDULE, ProgressCallback, make_scheduler
+from .store import WEIGHTS_FILE, save_unet
+
+
+@dataclass
+class VaeConfig:
+    size: str = "small"
+    steps: int = 20000
+    batch_size: int = 8
+    lr: float = 2e-4
+    warmup: int = 200
+    beta: float = 1e-4
+    latent_channels: int = 4
+    patch_size: int = 256
+    crop: int | None = None
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    norm_low: float = 1.0
+    norm_high: float = 99.8
+    data_credit: str = ""
+    data_licence: str = ""
+
+    def validate(self) -> None:
+        if self.size not in VAE_SIZES:
+            raise UserInputError(f"unknown autoencoder size '{self.size}': choose one of {', '.join(VAE_SIZES)}.")
+        _common_checks(self)
+        if self.beta < 0:
+            raise UserInputError(f"--beta must be 0 or more, got {self.beta}.")
+
+
+@dataclass
+class LdmConfig:
+    size: str = "small"
+    steps: int = 20000
+    batch_size: int = 16
+    lr: float = 2e-4
+    warmup: int = 200
+    loss: str = "v"
+    bank: int = 4096
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    data_credit: str = ""
+    data_licence: str = ""
+
+    @property
+    def crop(self) -> None:
+        return None
+
+    def validate(self) -> None:
+        if self.size not in SIZES:
+            raise UserInputError(f"unknown model size '{self.size}': choose one of {', '.join(SIZES)}.")
+        if self.loss not in ("v", "l2"):
+            raise UserInputError(f"unknown loss '{self.loss}': choose v or l2.")
+        if self.bank < 1:
+            raise UserInputError("--bank must be at least 1.")
+        _common_checks(self)
+
+
+def _common_checks(cfg) -> None:
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise UserInputError("--steps and --batch-size must be at least 1.")
+    crop = getattr(cfg, "crop", None)
+    patch = getattr(cfg, "patch_size", None)
+    if patch is not None and patch < 16:
+        raise UserInputError(f"--patch-size must be at least 16, got {patch}.")
+    if crop is not None and (crop < 16 or (patch and crop > patch)):
+        raise UserInputError(f"--crop must be between 16 and the patch size, got {crop}.")
+
+
+def _loop_config(cfg, desc: str) -> loop.LoopConfig:
+    return loop.LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, ema_decay=cfg.ema_decay,
+                           checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, seed=cfg.seed, desc=desc)
+
+
+def _run(fn, device: str, *args):
+    dev, di = loop.setup(resolve_device(device))
+    try:
+        return fn(dev, di, *args)
+    finally:
+        loop.teardown(di)
+
+
+def _data_card(data: PatchData, cfg) -> dict:
+    return {**data.describe(), "credit": cfg.data_credit, "licence": cfg.data_licence}
+
+
+# ----------------------------------------------------------------------------- autoencoder
+@torch.no_grad()
+def measure_scaling(vae, data: PatchData, patch: int, n: int = 64, seed: int = 0) -> float:
+    """1 / std of the (sampled) latents of ``n`` training crops: the latent scale factor."""
+    g = torch.Generator().manual_seed(seed)
+    x = data.random_crops(n, min(patch, min(min(t.shape[1:]) for t in data.train)), g, augment=False)
+    dev = next(vae.parameters()).device
+    zs = [vae.encode(x[i:i + 8].to(dev)).latent_dist.sample(g) for i in range(0, len(x), 8)]
+    return float(1.0 / torch.cat(zs).float().std())
+
+
+@torch.no_grad()
+def validate_vae(vae, data: PatchData, patch: int) -> dict:
+    """Reconstruction MSE, PSNR and SSIM of the image channel on the held-out crops (and mask Dice)."""
+    x = data.val_crops(patch)
+    if x is None:
+        return {}
+    dev = next(vae.parameters()).device
+    rec = torch.cat([vae.decode(vae.encode(x[i:i + 8].to(dev)).latent_dist.mode()).sample.float().cpu()
+                     for i in range(0, len(x), 8)])
+    a, b = to_unit(x[:, 0]), to_unit(rec[:, 0])
+    out = {"crops": len(x), "mse": float(np.mean((a - b) ** 2)),
+           "psnr": float(np.mean([psnr(p, q) for p, q in zip(a, b)])), "ssim": ssim(a, b)}
+    if x.shape[1] > 1:
+        out["mask_dice"] = dice(to_unit(rec[:, 1]) >= 0.5, to_unit(x[:, 1]) >= 0.5)
+    return out
+
+
+def train_vae(images, out: str | Path, cfg: VaeConfig, *, masks=None, device: str = "auto", resume: bool = False,
+              show_progress: bool = True, callback: ProgressCallback | None = None) -> dict:
+    """Train (or resume) a KL autoencoder on crops of ``images`` (and ``masks``) into the folder ``out``."""
+    cfg.validate()
+    return _run(_train_vae, device, images, Path(out), cfg, masks, resume, show_progress, callback)
+
+
+def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_progress, callback) -> dict:
+    data = PatchData.from_paths(images, masks, patch=cfg.patch_size, norm=Normalisation(cfg.norm_low, cfg.norm_high,
+                                                                                         per="image"))
+    if di.main:
+        for note in data.notices:
+            print(f"note: {note}")
+    state_path = loop.prepare_state_dir(out / "training" / "vae", out, resume, di)
+    if di.world > 1:
+        dist.barrier()
+    saved = loop.load_state(state_path, resume, di)
+    if saved is not None:
+        from .latent import KLAutoencoder
+
+        vae = KLAutoencoder.from_config(loop.model_config(saved))
+        if vae.config.in_channels != data.n_channels:
+            raise UserInputError(
+                f"the saved training state is for {vae.config.in_channels} channel(s), but this data has "
+                f"{data.n_channels} ({', '.join(data.channels)}): resume with the same --masks, or use another --out.")
+    else:
+        torch.manual_seed(cfg.seed)
+        vae = build_autoencoder(data.n_channels, cfg.size, cfg.latent_channels)
+    crop = cfg.crop or cfg.patch_size
+    f = downsampling(vae)
+    if crop % f:
+        raise UserInputError(f"--crop must be a multiple of {f} (the autoencoder's downsampling), got {crop}.")
+    latent_numel = cfg.latent_channels * (crop // f) ** 2
+
+    def loss_fn(net, step, g):
+        x = data.random_crops(cfg.batch_size, crop, g).to(dev)
+        rec, kl = net(x, generator=g)
+        return F.mse_loss(rec.float(), x) + cfg.beta * kl.float().mean() / latent_numel
+
+    last_val: dict = {}
+
+    def validate(ema, step):
+        last_val.clear()
+        last_val.update(validate_vae(ema, data, cfg.patch_size))
+        return dict(last_val)
+
+    def export(ema, step, losses, secs, world):
+        scale = measure_scaling(ema, data, cfg.patch_size, seed=cfg.seed)
+        info = {"kind": "vae", "training": {**asdict(cfg), "steps_done": step, "train_seconds": round(secs, 1),
+                                            "final_loss_ema": losses[-1] if losses else None, "world_size": world,
+                                            "torch": torch.__version__},
+                "plugin_version": __version__}
+        save_unet(ema, out / "vae", info)
+        write_json(out / CARD_FILE, {
+            "kind": "vae", "format_version": 1, "name": out.name,
+            "description": f"KL autoencoder for {'image + mask' if data.n_channels > 1 else 'image'} patches",
+            "channels": data.channels, "mask_encoding": data.mask_encoding,
+            "normalisation": data.normalisation.to_dict(),
+            "intensity": "images in [0, 1] after percentile normalisation; the models see (x - 0.5) / 0.5",
+            "scaling_factor": scale, "downsampling": f, "latent_channels": cfg.latent_channels,
+            "patch_size": cfg.patch_size, "beta": cfg.beta, "loss": "MSE + beta * KL (KL per latent element)",
+            "steps": step, "validation": dict(last_val) or None,
+            "training_data": _data_card(data, cfg), "plugin_version": __version__,
+        })
+
+    summary = loop.run(vae, loss_fn=loss_fn, export=export, cfg=_loop_config(cfg, "train vae"), dev=dev, di=di,
+                       state_path=state_path, saved=saved, show_progress=show_progress, callback=callback,
+                       validate=validate)
+    return {"what": "vae", **summary, "model": str(out), "validation": dict(last_val)}
+
+
+# ----------------------------------------------------------------------------- latent diffusion
+@torch.no_grad()
+def encode_bank(vae, scale: float, data: PatchData, n: int, patch: int, g: torch.Generator, dev) -> torch.Tensor:
+    """``n`` scaled latents of random augmented training crops (the LDM trains on these)."""
+    out = []
+    for i in range(0, n, 16):
+        x = data.random_crops(min(16, n - i), patch, g).to(dev)
+        out.append((vae.encode(x).latent_dist.sample(g) * scale).float().cpu())
+    return torch.cat(out)
+
+
+def train_ldm(vae_dir, images, out: str | Path, cfg: LdmConfig, *, masks=None, device: str = "auto",
+              resume: bool = False, show_progress: bool = True, callback: ProgressCallback | None = None) -> dict:
+    """Train (or resume) a latent diffusion UNet in the space of the autoencoder ``vae_dir``."""
+    cfg.validate()
+    return _run(_train_ldm, device, Path(vae_dir), images, Path(out), cfg, masks, resume, show_progress, callback)
+
+
+def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks, resume, show_progress,
+               callback) -> dict:
+    from .store import resolve_model
+
+    vae_dir = resolve_model(vae_dir)
+    vcard = read_card(vae_dir, ("vae", "latent"))
+    paired = len(vcard.get("channels", ["image"])) > 1
+    if paired and masks is None:
+        raise UserInputError(f"the autoencoder '{vae_dir}' was trained on images with masks: pass --masks too.")
+    if not paired and masks is not None:
+        raise UserInputError(
+            f"the autoencoder '{vae_dir}' was trained on images only: train one on images with masks "
+            "(`zfdiffusion train vae --images ... --masks ...`) to generate masks.")
+    vae = load_vae(vae_dir / "vae").to(dev)
+    patch = int(vcard["patch_size"])
+    data = PatchData.from_paths(images, masks, patch=patch, norm=Normalisation.from_dict(vcard["normalisation"]))
+    if data.mask_encoding and vcard.get("mask_encoding") and data.mask_encoding != vcard["mask_encoding"]:
+        raise UserInputError(
+            f"these masks are {data.mask_encoding} but the autoencoder learned {vcard['mask_encoding']} masks: "
+            "use the same kind of masks (label images or binary) for both.")
+    state_path = loop.prepare_state_dir(out / "training" / "unet", out, resume, di)
+    if di.main:
+        for note in data.notices:
+            print(f"note: {note}")
+        vae_out = out / "vae"
+        if (vae_out / WEIGHTS_FILE).is_file():
+            if weights_sha256(vae_out) != weights_sha256(vae_dir / "vae"):
+                raise UserInputError(
+                    f"'{out}' already holds a different autoencoder: use the same --vae, or another --out.")
+        elif vae_out.resolve() != (vae_dir / "vae").resolve():
+            shutil.copytree(vae_dir / "vae", vae_out, dirs_exist_ok=True)
+    if di.world > 1:
+        dist.barrier()
+    scale = float(vcard["scaling_factor"])
+    f = downsampling(vae)
+    shape = [vae.config.latent_channels, patch // f, patch // f]
+    bank = encode_bank(vae, scale, data, cfg.bank, patch, loop.step_generator(cfg.seed, di.rank, 0), dev)
+    vae.cpu()
+    schedule = dict(DEFAULT_SCHEDULE, prediction_type="v_prediction" if cfg.loss == "v" else "epsilon")
+    noise_sched = make_scheduler("ddpm", schedule)
+    saved = loop.load_state(state_path, resume, di)
+    if saved is not None:
+        from .models import ZfUNet
+
+        model = ZfUNet.from_config(loop.model_config(saved))
+    else:
+        torch.manual_seed(cfg.seed)
+        model = build_model("latent", cfg.size, resolution=shape[1], num_classes=0, channels=shape[0])
+    if model.config.in_channels != shape[0] or model.config.sample_size != shape[1]:
+        raise UserInputError("the saved training state is for another latent shape: use the same --vae, or another --out.")
+    amp = dev.type == "cuda"
+    vsha = weights_sha256(vae_dir / "vae")
+
+    def loss_fn(net, step, g):
+        x0 = bank[torch.randint(0, len(bank), (cfg.batch_size,), generator=g)]
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(x0),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        xt = noise_sched.add_noise(x0, noise, t)
+        target = noise_sched.get_velocity(x0, noise, t) if cfg.loss == "v" else noise
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            pred = net(xt.to(dev), t.to(dev))
+        return F.mse_loss(pred.float(), target.to(dev))
+
+    def export(ema, step, losses, secs, world):
+        info = {"kind": "latent-unet", "resolution": shape[1], "schedule": schedule,
+                "training": {**asdict(cfg), "steps_done": step, "train_seconds": round(secs, 1),
+                             "final_loss_ema": losses[-1] if losses else None, "world_size": world,
+                             "torch": torch.__version__},
+                "plugin_version": __version__}
+        save_unet(ema, out / "unet", info)
+        write_json(out / CARD_FILE, {
+            **{k: v for k, v in vcard.items() if k not in ("name", "description", "steps", "training_data")},
+            "kind": "latent", "name": out.name,
+            "description": ("latent diffusion for image + mask patches" if paired else "latent diffusion for patches"),
+            "latent_shape": shape, "vae_sha256": vsha, "vae_steps": vcard.get("steps"),
+            "vae_training_data": vcard.get("training_data"), "unet_steps": step,
+            "training_data": _data_card(data, cfg), "plugin_version": __version__,
+        })
+
+    summary = loop.run(model, loss_fn=loss_fn, export=export, cfg=_loop_config(cfg, "train ldm"), dev=dev, di=di,
+                       state_path=state_path, saved=saved, show_progress=show_progress, callback=callback)
+    return {"what": "ldm", **summary, "model": str(out)}
