@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 CODE = (
-    "import napari_zfdiffusion.core.cascade, napari_zfdiffusion.core.train, napari_zfdiffusion.cli; "
+    "import pkgutil, importlib, napari_zfdiffusion.core as core, napari_zfdiffusion.cli; "
+    "[importlib.import_module(f'napari_zfdiffusion.core.{m.name}') for m in pkgutil.iter_modules(core.__path__)]; "
     "import sys; "
     "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('PyQt5', 'PyQt6', 'PySide2', 'PySide6', "
     "'qtpy', 'napari', 'magicgui', 'superqt', 'vispy')); "

@@ -1,6 +1,7 @@
 """Models are folders: diffusers-format weights (safetensors) plus JSON cards. Never pickles.
 
-A cascade folder::
+Kinds: ``cascade`` (``cascade.json``), and the patch models ``vae`` and ``latent`` (``model.json``,
+see :mod:`.latent`). A cascade folder::
 
     MODEL/
       cascade.json          what the whole model is: depth classes, normalisation, data, licence
@@ -75,8 +76,9 @@ def list_models() -> list[ModelEntry]:
                 kind = "corrupted"
             if kind:
                 desc = ""
-                if (p / CASCADE_FILE).is_file() and kind != "corrupted":
-                    desc = read_json(p / CASCADE_FILE).get("description", "")
+                if kind != "corrupted":
+                    card = p / CASCADE_FILE if (p / CASCADE_FILE).is_file() else p / "model.json"
+                    desc = read_json(card).get("description", "")
                 out.append(ModelEntry(p.name, kind, p, source, desc))
     return out
 
