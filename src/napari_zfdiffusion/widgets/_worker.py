@@ -1,4 +1,5 @@
-"""Running core jobs off the GUI thread: a cascade cache, a progress relay and a worker starter.
+"""Running core jobs off the GUI thread: a model cache, a progress relay, a worker starter, and
+:class:`JobWidget`, the base of dock widgets that run one job at a time.
 
 The widgets never compute. They hand a plain function to :func:`start_job`, which runs it in a
 napari ``thread_worker`` with a :class:`~napari_zfdiffusion.core.errors.CancelToken` and a
@@ -9,23 +10,66 @@ which Qt queues to the GUI thread, where the napari progress bar is updated.
 
 from __future__ import annotations
 
+import logging
+import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from magicgui.widgets import Container
 from napari.qt.threading import create_worker
 from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
 from ..core.cascade import Cascade
-from ..core.errors import Cancelled, CancelToken
+from ..core.errors import Cancelled, CancelToken, UserInputError
 from ..core.sampling import Progress
 from ..core.store import resolve_model
 
-_CACHE: OrderedDict[tuple[str, str], Cascade] = OrderedDict()
-_CACHE_SIZE = 2  # (model, device) pairs kept: enough to switch back and forth without reloading
+_CACHE: OrderedDict[tuple[type, str, str], object] = OrderedDict()
+_CACHE_SIZE = 2  # (model, device) pairs kept per model class: enough to switch back and forth
 _LOCK = threading.Lock()
+MAX_SEED = 2**31 - 1
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+
+
+def get_model(loader: type[M], model: str, device: str) -> M:
+    """``loader.load(folder, device)`` for (model, device), loaded once and then cached.
+
+    One cache for every model class (a cascade, a latent model, an autoencoder), keyed by the class,
+    the resolved folder and the device; the :data:`_CACHE_SIZE` most recently used entries of each
+    class are kept. Loading runs outside the lock, so a slow load never blocks other lookups.
+    """
+    path = resolve_model(model).resolve()
+    key = (loader, str(path), str(device))
+    with _LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    loaded = loader.load(path, device)
+    with _LOCK:
+        loaded = _CACHE.setdefault(key, loaded)
+        _CACHE.move_to_end(key)
+        same = [k for k in _CACHE if k[0] == key[0]]
+        for old in same[:-_CACHE_SIZE]:
+            del _CACHE[old]
+    return loaded
+
+
+def cached_model(loader: type[M], model: str, device: str) -> M | None:
+    """The cached ``loader`` model for (model, device) if one is loaded, else None (never loads)."""
+    try:
+        path = resolve_model(model).resolve()
+    except UserInputError:
+        return None
+    with _LOCK:
+        return _CACHE.get((loader, str(path), str(device)))
 
 
 def get_cascade(model: str, device: str) -> Cascade:
@@ -34,19 +78,7 @@ def get_cascade(model: str, device: str) -> Cascade:
     :meth:`Cascade.load` reads only the JSON cards; each stage's weights load on first use, in
     the worker thread, and stay on the cached object for the next job.
     """
-    path = resolve_model(model).resolve()
-    key = (str(path), str(device))
-    with _LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-    cascade = Cascade.load(path, device)
-    with _LOCK:
-        cascade = _CACHE.setdefault(key, cascade)
-        _CACHE.move_to_end(key)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return cascade
+    return get_model(Cascade, model, device)
 
 
 def clear_cache() -> None:
@@ -81,11 +113,13 @@ class Job:
         self.token.cancel()
 
 
+BAR_TOTAL = 100  # the bar counts percent: stages may differ in length (sampling steps, decoded batches)
+
+
 def _update_bar(pbar: progress, what: str, p: Progress) -> None:
-    total = p.total * p.n_stages
-    if pbar.total != total:
-        pbar.total = total
-    done = min(p.stage_index * p.total + p.step, total)
+    if pbar.total != BAR_TOTAL:
+        pbar.total = BAR_TOTAL
+    done = min(int(p.fraction * BAR_TOTAL), BAR_TOTAL)
     pbar.set_description(f"{what}: {p.stage} {p.step}/{p.total} (stage {p.stage_index + 1}/{p.n_stages})")
     if done > pbar.n:
         pbar.update(done - pbar.n)
@@ -138,4 +172,107 @@ def start_job(
     return Job(worker, token, pbar, relay)
 
 
-__all__ = ["Job", "ProgressRelay", "clear_cache", "get_cascade", "start_job", "step_callback"]
+def error_message(exc: BaseException) -> str:
+    if isinstance(exc, UserInputError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class JobWidget(Container):
+    """A dock widget that runs one job at a time: start, progress, cancel, errors, results.
+
+    Subclasses create ``model`` (ComboBox of (label, folder) choices from ``self._models``),
+    ``model_folder`` (FileEdit), ``seed``, ``status`` and ``cancel_button``, and define
+    ``_set_running(running)`` and ``_load_model_info()``.
+    """
+
+    def __init__(self, viewer, **kwargs):
+        super().__init__(**kwargs)
+        self._viewer = viewer
+        self._job: Job | None = None
+        self._models: list[tuple[str, str]] = []
+        self.last_progress: Progress | None = None
+
+    def _set_running(self, running: bool) -> None:
+        raise NotImplementedError
+
+    def _load_model_info(self, *_) -> None:
+        raise NotImplementedError
+
+    def _on_folder(self, *_) -> None:
+        """A folder chosen with "or folder": add it to the model choices and choose it."""
+        folder = self.model_folder.value
+        if folder is None or str(folder) in ("", "."):
+            return
+        value = str(folder)
+        if value not in [v for _, v in self._models]:
+            self._models.append((f"{folder.name} (folder)", value))
+            self.model.reset_choices()
+        if self.model.value == value:
+            self._load_model_info()
+        else:
+            self.model.value = value
+
+    def new_seed(self, *_) -> int:
+        self.seed.value = secrets.randbelow(MAX_SEED + 1)
+        return self.seed.value
+
+    @property
+    def _worker(self):
+        """The running napari worker, or None when idle."""
+        return None if self._job is None else self._job.worker
+
+    @property
+    def running(self) -> bool:
+        return self._job is not None
+
+    def _start(self, fn, what: str, on_result) -> None:
+        if self._job is not None:
+            show_info("a job is running: wait for it or press Cancel.")
+            return
+        if self.model.value is None:
+            show_error("choose a model first (or a model folder).")
+            return
+        self.last_progress = None
+        self.status.value = f"{what}: loading the model"
+        self._set_running(True)
+        self._job = start_job(fn, what=what, on_progress=self._on_progress, on_result=on_result,
+                              on_error=self._on_error, on_cancel=self._on_cancel, on_finish=self._on_finish)
+
+    def _on_progress(self, p: Progress) -> None:
+        self.last_progress = p
+        self.status.value = str(p)
+
+    def _on_error(self, exc: BaseException) -> None:
+        if not isinstance(exc, UserInputError):
+            log.error("zfdiffusion job failed", exc_info=exc)
+        self.status.value = "failed"
+        show_error(error_message(exc))
+
+    def _on_cancel(self) -> None:
+        self.status.value = "cancelled"
+        show_info("zfdiffusion: cancelled; nothing was added.")
+
+    def _on_finish(self) -> None:
+        self._job = None
+        self._set_running(False)
+
+    def cancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.cancel_button.enabled = False
+            self.status.value = "cancelling (stops after this step)"
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Process Qt events until the running job has finished and its layer is added (for tests)."""
+        from qtpy.QtCore import QCoreApplication, QEventLoop
+
+        deadline = time.monotonic() + timeout
+        while self._job is not None and time.monotonic() < deadline:
+            QCoreApplication.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
+            time.sleep(0.005)
+        return self._job is None
+
+
+__all__ = ["MAX_SEED", "Job", "JobWidget", "ProgressRelay", "cached_model", "clear_cache", "error_message",
+           "get_cascade", "get_model", "start_job", "step_callback"]

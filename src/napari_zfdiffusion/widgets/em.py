@@ -1,0 +1,280 @@
+"""Dock widget: generate EM patches (and their masks) with a latent diffusion model, and encode /
+decode an image layer through the model's autoencoder.
+
+The widget gathers parameters, starts a worker (:mod:`._worker`) and puts results into layers; all
+computing is :meth:`LatentModel.generate` / :meth:`Autoencoder.roundtrip` from the GUI-free core.
+
+Choosing a model reads only its card (small JSON): the controls follow it at once (mask threshold
+and minimum object size only for a paired model, which generates masks), and a bad folder is
+answered by a notification. The weights load in the worker on the first job and stay cached.
+
+Encode / decode takes the chosen Image layer's plane shown now (a 2D layer as is) and adds the
+reconstruction next to it, with MSE / PSNR / SSIM in the status. A layer made by this plugin is
+taken as already in [0, 1]; any other is normalised like the training data.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton,
+                              SpinBox)
+from napari.layers import Image
+from napari.utils.notifications import show_error, show_info
+
+from .. import __version__
+from ..core.device import available_devices
+from ..core.errors import UserInputError
+from ..core.latent import Autoencoder, LatentModel, describe, read_card
+from ..core.sampling import DEFAULT_SAMPLER, SAMPLERS
+from ..core.store import list_models, model_kind, resolve_model
+from ._worker import MAX_SEED, JobWidget, cached_model, error_message, get_model
+from .generate import PROVENANCE_KEY
+
+if TYPE_CHECKING:
+    import napari
+
+DEMO_MODEL = "em-ldm-demo"
+KINDS = ("latent", "vae")  # a "vae" folder only encodes / decodes
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """(label, folder) for each latent model, then each autoencoder; bundled first, the demo first."""
+    entries = [m for m in list_models() if m.kind in KINDS]
+    entries.sort(key=lambda m: (KINDS.index(m.kind), m.name != DEMO_MODEL, m.source != "bundled"))
+    return [(f"{m.name} ({m.source}{', autoencoder only' if m.kind == 'vae' else ''})", str(m.path))
+            for m in entries]
+
+
+def loader_for(card: dict) -> type[Autoencoder]:
+    return LatentModel if card.get("kind") == "latent" else Autoencoder
+
+
+class GenerateEMWidget(JobWidget):
+    """Generate EM patches (with masks and labels for a paired model); encode / decode a layer.
+
+    Job handling (start, progress, cancel, errors, :meth:`wait`) comes from :class:`JobWidget`.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer, labels=True)
+        self._card: dict | None = None
+        self.last_figures: dict | None = None
+
+        self._models = model_choices()
+        self.title = Label(value="<b>Generate EM patches</b>")
+        self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True,
+                              tooltip="bundled and user latent models (`zfdiffusion models`)")
+        self.model_folder = FileEdit(label="or folder", mode="d", nullable=True,
+                                     tooltip="a folder made by `zfdiffusion train ldm` (or `train vae`: "
+                                             "encode / decode only)")
+        self.info = Label(label="about", value="")
+        self.n_patches = SpinBox(label="patches", value=4, min=1, max=256)
+        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER)
+        self.steps = SpinBox(label="steps", value=50, min=1, max=1000)
+        self.seed = SpinBox(label="seed", value=0, min=0, max=MAX_SEED,
+                            tooltip="patch i is the same as patch 0 of a run with seed + i")
+        self.new_seed_button = PushButton(text="New seed")
+        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.threshold = FloatSpinBox(label="mask threshold", value=0.5, min=0.01, max=0.99, step=0.05,
+                                      tooltip="foreground probability above which a pixel is in an object")
+        self.min_size = SpinBox(label="min object size", value=16, min=0, max=1_000_000,
+                                tooltip="objects smaller than this many pixels are dropped from the labels")
+        self.keep_probability = CheckBox(text="add mask probability (hidden)", value=True)
+        self.generate_button = PushButton(text="Generate")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.section = Label(value="<b>Encode / decode</b>")
+        self.layer = ComboBox(label="image layer", choices=self._image_layers,
+                              tooltip="a 2D image, or the plane shown now of a stack")
+        self.roundtrip_button = PushButton(text="Encode / decode")
+        self.status = Label(label="status", value="")
+        seed_row = Container(layout="horizontal", labels=False, label="seed",
+                             widgets=[self.seed, self.new_seed_button])
+        buttons = Container(layout="horizontal", labels=False, label="",
+                            widgets=[self.generate_button, self.cancel_button])
+        for row in (seed_row, buttons):
+            row.margins = (0, 0, 0, 0)
+        self.extend([self.title, self.model, self.model_folder, self.info, self.n_patches, self.sampler,
+                     self.steps, seed_row, self.device, self.threshold, self.min_size, self.keep_probability,
+                     buttons, self.section, self.layer, self.roundtrip_button, self.status])
+        for w in (self.title, self.section, self.info, self.status):
+            w.native.setWordWrap(True)
+
+        self.model.changed.connect(self._load_model_info)
+        self.device.changed.connect(self._load_model_info)
+        self.model_folder.changed.connect(self._on_folder)
+        self.new_seed_button.changed.connect(self.new_seed)
+        self.generate_button.changed.connect(lambda *_: self.generate())
+        self.roundtrip_button.changed.connect(lambda *_: self.roundtrip())
+        self.cancel_button.changed.connect(lambda *_: self.cancel())
+        if self._models:  # the demo model (or the first one) is ready to use; reading its card is quick
+            self.model.value = self._models[0][1]
+        else:
+            self._load_model_info()
+
+    # ------------------------------------------------------------ model
+    @property
+    def paired(self) -> bool:
+        return self._card is not None and len(self._card.get("channels", ["image"])) > 1
+
+    @property
+    def can_generate(self) -> bool:
+        return self._card is not None and self._card.get("kind") == "latent"
+
+    def _load_model_info(self, *_) -> None:
+        """Read the chosen model's card (small JSON); the weights load in the worker on first use."""
+        self._card = None
+        if self.model.value is None:
+            self.info.value = "no model: choose a folder made by `zfdiffusion train ldm`"
+        else:
+            try:
+                path = resolve_model(self.model.value)
+                if model_kind(path) == "cascade":
+                    raise UserInputError(
+                        f"'{path.name}' is a zebrafish slice cascade: open it with Plugins > zfdiffusion > "
+                        "Generate slices. Here choose a latent model (made by `zfdiffusion train ldm`).")
+                self._card = read_card(path, KINDS)
+            except Exception as e:  # noqa: BLE001 - any bad folder becomes a message
+                self.info.value = "model not usable"
+                show_error(error_message(e))
+            else:
+                self.info.value = self._describe(path)
+        self._set_running(self._job is not None)
+
+    def _describe(self, path: Path) -> str:
+        """The model's description: :func:`describe` once loaded, its card until then."""
+        loaded = cached_model(loader_for(self._card), str(path), self.device.value)
+        if loaded is not None:
+            return describe(loaded)
+        c = self._card
+        if not self.can_generate:
+            return f"{path.name}: {c.get('description', '')} (an autoencoder: encode / decode only)"
+        size = c.get("patch_size", "?")
+        return (f"{path.name}: {c.get('description', '')}; {size}x{size} patches"
+                + (" with masks" if self.paired else "") + " (weights load on first use)")
+
+    # ------------------------------------------------------------ parameters
+    def _image_layers(self, *_) -> list[tuple[str, Image]]:
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def params(self) -> dict:
+        """The generation parameters as :meth:`LatentModel.generate` takes them."""
+        return {"n": int(self.n_patches.value), "seed": int(self.seed.value), "sampler": self.sampler.value,
+                "steps": int(self.steps.value), "threshold": float(self.threshold.value),
+                "min_size": int(self.min_size.value)}
+
+    # ------------------------------------------------------------ jobs
+    def _set_running(self, running: bool) -> None:
+        self.generate_button.enabled = not running and self.can_generate
+        self.roundtrip_button.enabled = not running and self._card is not None
+        self.cancel_button.enabled = running
+        for w in (self.threshold, self.min_size, self.keep_probability):
+            w.enabled = self.paired
+
+    def _loaded(self, model) -> None:
+        """A job's model is loaded (in the worker): show its full description (GUI thread)."""
+        chosen = self.model.value
+        if self._card is not None and chosen is not None and Path(chosen).resolve() == model.path.resolve():
+            self.info.value = describe(model)
+
+    def generate(self, **overrides) -> None:
+        """Start generating with the widget's parameters (``overrides`` replace some of them)."""
+        if self._card is not None and not self.can_generate:
+            show_error(f"'{Path(self.model.value).name}' is an autoencoder only: choose a latent diffusion "
+                       "model (made by `zfdiffusion train ldm`) to generate patches.")
+            return
+        params = {**self.params(), **overrides}
+        model, device = self.model.value, self.device.value
+        keep = bool(self.keep_probability.value)
+
+        def job(callback, token):
+            m = get_model(LatentModel, model, device)
+            return m, m.generate(**params, callback=callback)
+
+        def done(out):
+            m, result = out
+            self._loaded(m)
+            self._add_patches(result, f"EM patches ({m.name}, seed {params['seed']})", keep)
+
+        self._start(job, "generating EM patches", done)
+
+    def roundtrip(self, layer: Image | None = None) -> None:
+        """Start encoding and decoding ``layer`` (default: the chosen one) through the autoencoder."""
+        layer = self.layer.value if layer is None else layer
+        if not isinstance(layer, Image):
+            show_error("choose an Image layer to encode / decode (open one, or File > Open Sample > "
+                       "zfdiffusion > EM: pancreatic islet).")
+            return
+        try:
+            image, plane = self._plane(layer)
+        except UserInputError as e:
+            show_error(str(e))
+            return
+        prov = layer.metadata.get(PROVENANCE_KEY)
+        ours = isinstance(prov, dict) and str(prov.get("kind", "")).startswith("zfdiffusion")
+        model, device = self.model.value, self.device.value
+        loader = loader_for(self._card or {})
+        name = f"{layer.name}{'' if plane is None else f' [plane {plane}]'} (autoencoded)"
+
+        def job(callback, token):
+            m = get_model(loader, model, device)
+            token.check()
+            return m, *m.roundtrip(image, normalise=not ours)
+
+        def done(out):
+            m, rec, figures = out
+            self._loaded(m)
+            self._add_roundtrip(layer, rec, figures, name, {
+                "kind": "zfdiffusion.autoencode", "operation": "roundtrip", "model": m.name,
+                "model_path": str(m.path), "plugin_version": __version__, "device": str(m.device),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source_layer": layer.name, "plane": plane, "normalised": not ours,
+                "input_shape": list(image.shape), **figures})
+
+        self._start(job, "encoding / decoding", done)
+
+    def _plane(self, layer: Image) -> tuple[np.ndarray, int | None]:
+        """The layer's 2D image, or for a stack its plane shown now (and that plane's index)."""
+        if layer.rgb:
+            raise UserInputError(f"'{layer.name}' is an RGB image: the autoencoder takes one grayscale "
+                                 "channel. Split its channels (right-click > Split RGB) and choose one.")
+        data = layer.data[0] if layer.multiscale else layer.data
+        if data.ndim == 2:
+            return np.asarray(data), None
+        if data.ndim != 3:
+            raise UserInputError(f"'{layer.name}' has shape {tuple(data.shape)}: encode / decode takes a 2D "
+                                 "image (Y, X) or a stack (N, Y, X).")
+        plane = int(np.clip(round(layer.world_to_data(self._viewer.dims.point)[0]), 0, data.shape[0] - 1))
+        return np.asarray(data[plane]), plane
+
+    # ------------------------------------------------------------ results
+    def _add_patches(self, result, name: str, keep_probability: bool) -> None:
+        meta = {PROVENANCE_KEY: result.provenance}
+        self._viewer.add_image(result.images.astype(np.float32, copy=False), name=name, contrast_limits=(0, 1),
+                               colormap="gray", metadata=meta)
+        if result.masks is not None and keep_probability:
+            self._viewer.add_image(result.masks.astype(np.float32, copy=False), name=f"{name} mask probability",
+                                   contrast_limits=(0, 1), colormap="magma", blending="additive",
+                                   visible=False, metadata=meta)
+        if result.labels is not None:
+            self._viewer.add_labels(result.labels, name=f"{name} labels", opacity=0.4, metadata=meta)
+        n_obj = "" if result.labels is None else \
+            f", {sum(len(np.unique(lab)) - 1 for lab in result.labels)} objects"
+        self.status.value = f"added '{name}' ({len(result.images)} patches{n_obj})"
+
+    def _add_roundtrip(self, source: Image, rec: np.ndarray, figures: dict, name: str, prov: dict) -> None:
+        layers = self._viewer.layers
+        layer = self._viewer.add_image(rec.astype(np.float32, copy=False), name=name, contrast_limits=(0, 1),
+                                       colormap="gray", scale=source.scale[-2:], translate=source.translate[-2:],
+                                       metadata={PROVENANCE_KEY: prov})
+        if source in layers:  # next to (just above) its source in the layer list
+            layers.move(layers.index(layer), layers.index(source) + 1)
+        self.last_figures = figures
+        self.status.value = (f"'{name}': MSE {figures['mse']:.4f}, PSNR {figures['psnr']:.1f} dB, "
+                             f"SSIM {figures['ssim']:.3f} (latent {'x'.join(map(str, figures['latent_shape']))})")
+
+
+__all__ = ["GenerateEMWidget", "model_choices"]
