@@ -1,0 +1,596 @@
+#!/usr/bin/env python
+"""Evaluate a latent diffusion model for 2D patches (EM images, or image + mask pairs): autoencoder
+reconstruction, a memorisation check, intensity and power-spectrum statistics, masks, timings.
+
+Writes ``--out-json`` (default ``docs/results/em_eval_<model>.json``) and PNG figures named
+``<figures-prefix><what>.png`` (default prefix ``docs/images/em_<model>_``):
+
+* ``samples.png``   held-out real crops | their autoencoder reconstructions | generated patches (3 x 6)
+* ``nn_hist.png``   distance of each patch to its nearest training crop: generated vs held-out real
+* ``nn_pairs.png``  the generated patches closest to a training crop, beside that crop
+* ``stats.png``     intensity histogram (generated vs real) and radially averaged power spectrum
+                    (generated vs real vs reconstructions, log-log)
+* ``masks.png``     paired models: mask contours on generated patches and on real held-out crops
+
+Data: by default the files named in the model card's ``training_data`` are looked up in the
+fetched-data folder (``zfdiffusion fetch-data``); pass ``--images`` (and ``--masks``) to use others.
+They must be the files the model was trained on, given the same way, so that :class:`PatchData`
+makes the same training / held-out split (the last fifth of 5 or more images, else the bottom rows
+of each image).
+
+What is measured:
+
+* reconstruction: MSE, PSNR (mean over crops) and SSIM of the image channel, and for a paired model
+  the Dice of the reconstructed mask (threshold 0.5), on the non-overlapping held-out crops
+  (``PatchData.val_crops``, at most ``--val-limit``), the same way training validates;
+* memorisation: the RMS distance ([0, 1] intensities) of each generated patch to its nearest crop in
+  ``--nn-ref`` random training crops (no augmentation), minimised over the 8 flips / rotations of the
+  patch (the diffusion model trained on flipped and rotated crops). Held-out real crops (tiles with
+  stride patch/2) get the same treatment: they are the scale of "a different patch of the same kind
+  of image". Copies would sit well below them. Random crops sample the training offsets sparsely, so
+  this finds copies of whole crops, not of small parts;
+* intensity histograms and radially averaged power spectra (``core.metrics``), with two summary
+  numbers: the 1-Wasserstein distance between intensity distributions and the mean |log10| ratio of
+  the spectra;
+* paired models: objects per patch, object area and foreground fraction (labels from
+  ``core.patches.labels_from_mask`` with the same threshold and minimum size for generated masks and
+  for the real held-out masks), and the mean image intensity inside vs outside the mask (alignment);
+* timings: seconds per patch for sampling and for decoding (``LatentModel.generate``, batched).
+
+Everything is seeded: the same command gives the same numbers (up to float summation order when
+the number of threads changes). Run ``python scripts/evaluate_em.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_zfdiffusion.core.data import dihedral, to_unit
+from napari_zfdiffusion.core.errors import UserInputError
+from napari_zfdiffusion.core.latent import LatentModel
+from napari_zfdiffusion.core.metrics import (
+    dice,
+    nearest_neighbour_rms,
+    psnr,
+    radial_power_spectrum,
+    ssim,
+)
+from napari_zfdiffusion.core.patches import PatchData, labels_from_mask
+from napari_zfdiffusion.core.sampling import DEFAULT_SAMPLER, SAMPLERS
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "runs" / "patches" / "em-ldm-demo"
+# Masks of the fetched paired data sets, by image file (the model card names only the image files).
+KNOWN_MASKS = {"Fluo_Hela_02_img.tif": "Fluo_Hela_02_ERR_SEG.tif"}
+DIHEDRAL = [(k, f) for f in (False, True) for k in range(4)]
+
+
+# --------------------------------------------------------------------------------------- helpers
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def quartiles(d) -> dict:
+    d = np.asarray(d, dtype=np.float64)
+    q = np.percentile(d, [0, 5, 25, 50, 75, 100])
+    return {"n": int(d.size), "min": q[0], "p05": q[1], "q25": q[2], "median": q[3], "q75": q[4], "max": q[5],
+            "mean": float(d.mean())}
+
+
+def rounded(obj, nd=5):
+    """Floats to ``nd`` significant digits (spectra span many decades)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{nd}g}")
+    if isinstance(obj, dict):
+        return {k: rounded(v, nd) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, nd) for v in obj]
+    if isinstance(obj, np.generic):
+        return rounded(obj.item(), nd)
+    return obj
+
+
+def find_training_files(card: dict, paired: bool) -> tuple[list[Path], list[Path] | None]:
+    """The image (and mask) files named in the card's training data, found in the fetched-data folder."""
+    from napari_zfdiffusion.core.fetch import data_dir
+
+    td = card.get("training_data") or {}
+    names = td.get("files") or []
+    if not names:
+        raise UserInputError("the model card names no training files: pass --images (and --masks).")
+    root = data_dir()
+
+    def find(name: str) -> Path:
+        hits = sorted(root.rglob(name)) if root.is_dir() else []
+        if not hits:
+            raise UserInputError(
+                f"the training file '{name}' (from the model card) is not in {root}: fetch it with "
+                "`zfdiffusion fetch-data`, or pass --images (and --masks).")
+        return hits[0]
+
+    images = [find(n) for n in names]
+    masks = None
+    if paired:
+        mask_names = td.get("mask_files") or [KNOWN_MASKS.get(n) for n in names]
+        if not all(mask_names):
+            raise UserInputError("the model card does not name the mask files: pass --masks.")
+        masks = [find(n) for n in mask_names]
+    return images, masks
+
+
+def heldout_tiles(data: PatchData, patch: int, stride: int) -> torch.Tensor | None:
+    """Overlapping ``patch`` crops (stride ``stride``) of the held-out images: more real examples for the
+    distribution statistics than the non-overlapping ``val_crops``."""
+    out = [t[:, y:y + patch, x:x + patch] for t in data.val
+           for y in range(0, t.shape[1] - patch + 1, stride) for x in range(0, t.shape[2] - patch + 1, stride)]
+    return torch.stack(out) if out else None
+
+
+def spread(n_total: int, k: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n_total - 1, min(k, n_total)).round().astype(int))
+
+
+def nn_over_dihedral(queries: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each (H, W) query, the smallest RMS distance to a reference crop over its 8 flips / rotations,
+    and the index of that flip / rotation in :data:`DIHEDRAL`."""
+    q = torch.from_numpy(queries)
+    d = np.stack([nearest_neighbour_rms(dihedral(q, k, f).numpy(), reference) for k, f in DIHEDRAL])
+    return d.min(0), d.argmin(0)
+
+
+def nearest_index(query: np.ndarray, reference: np.ndarray, chunk: int = 256) -> int:
+    """Index of the reference crop nearest to one query (for the pairs figure)."""
+    best, arg = np.inf, -1
+    for i in range(0, len(reference), chunk):
+        d = ((reference[i:i + chunk] - query[None]) ** 2).mean(axis=(1, 2))
+        j = int(d.argmin())
+        if d[j] < best:
+            best, arg = float(d[j]), i + j
+    return arg
+
+
+def intensity_hist(x: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    return np.histogram(np.asarray(x).ravel(), bins=bins, density=True)[0]
+
+
+def wasserstein(a: np.ndarray, b: np.ndarray, n: int = 1001) -> float:
+    """1-Wasserstein distance between two intensity distributions (mean |difference of quantiles|)."""
+    q = np.linspace(0, 1, n)
+    return float(np.mean(np.abs(np.quantile(np.asarray(a).ravel(), q) - np.quantile(np.asarray(b).ravel(), q))))
+
+
+def spectrum_log_ratio(p: np.ndarray, ref: np.ndarray) -> float:
+    """Mean |log10(p / ref)| over the frequency bins above zero: 0 = same spectrum, 0.3 = a factor 2."""
+    ok = (ref[1:] > 0) & (p[1:] > 0)
+    return float(np.mean(np.abs(np.log10(p[1:][ok] / ref[1:][ok]))))
+
+
+def object_stats(labels: np.ndarray, images: np.ndarray) -> dict:
+    """Objects per patch, object areas and foreground fraction of (N, H, W) labels, and the mean image
+    intensity inside vs outside the objects (the mask follows the image if inside differs from outside)."""
+    counts, areas = [], []
+    for lab in labels:
+        a = np.bincount(lab.ravel())[1:]
+        a = a[a > 0]
+        counts.append(len(a))
+        areas.extend(a.tolist())
+    fg = labels > 0
+    inside = float(images[fg].mean()) if fg.any() else None
+    outside = float(images[~fg].mean()) if (~fg).any() else None
+    return {"patches": len(labels), "objects_per_patch_mean": float(np.mean(counts)),
+            "objects_per_patch_std": float(np.std(counts)), "objects_total": int(sum(counts)),
+            "object_area_mean_px": float(np.mean(areas)) if areas else None,
+            "object_area_median_px": float(np.median(areas)) if areas else None,
+            "foreground_fraction": float(fg.mean()), "image_mean_inside": inside, "image_mean_outside": outside,
+            "inside_minus_outside": None if inside is None or outside is None else inside - outside}
+
+
+# ------------------------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _off(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def fig_samples(path: Path, rows: list[tuple[str, np.ndarray]], title: str) -> None:
+    plt = _plt()
+    k = max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(len(rows), k, figsize=(1.9 * k, 2.0 * len(rows) + 0.5), squeeze=False)
+    for r, (name, imgs) in enumerate(rows):
+        for c in range(k):
+            ax = axes[r, c]
+            _off(ax)
+            if c < len(imgs):
+                ax.imshow(imgs[c], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fig_nn_hist(path: Path, series: dict[str, np.ndarray], title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    allv = np.concatenate(list(series.values()))
+    bins = np.linspace(0, allv.max() * 1.05 + 1e-9, 40)
+    for name, d in series.items():
+        real = name.startswith("real")
+        ax.hist(d, bins=bins, density=True, histtype="stepfilled" if real else "step", alpha=0.35 if real else 1.0,
+                lw=1.5, label=f"{name}, n={len(d)} (median {np.median(d):.4f})")
+    ax.set_xlabel("RMS distance to the nearest training crop (intensities in [0, 1])")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fig_pairs(path: Path, groups: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """groups: (title, queries (k, H, W), nearest training crops (k, H, W), distances (k,))."""
+    plt = _plt()
+    ncol = sum(len(g[1]) for g in groups)
+    fig, axes = plt.subplots(2, ncol, figsize=(1.8 * ncol, 4.0), squeeze=False)
+    c = 0
+    for title, q, nb, d in groups:
+        for i in range(len(q)):
+            for r, img in enumerate((q[i], nb[i])):
+                axes[r, c].imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                _off(axes[r, c])
+            axes[0, c].set_title(f"{title if i == 0 else ''}\nd={d[i]:.4f}", fontsize=7, loc="left")
+            c += 1
+    axes[0, 0].set_ylabel("query", fontsize=8)
+    axes[1, 0].set_ylabel("nearest training\ncrop (same flip/rot)", fontsize=8)
+    fig.suptitle("Nearest training crop (RMS distance d, [0, 1] intensities): the closest generated patches, "
+                 "and held-out real crops for scale", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fig_stats(path: Path, hists: dict[str, tuple[np.ndarray, np.ndarray]],
+              spectra: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"generated": {"color": "C3", "lw": 1.8}, "real held-out": {"color": "C0", "lw": 1.8},
+              "real training": {"color": "C0", "lw": 1.0, "ls": "--"},
+              "reconstructed held-out": {"color": "C2", "lw": 1.2}}
+    for name, (edges, h) in hists.items():
+        axes[0].stairs(h, edges, label=name, **styles.get(name, {}))
+    axes[0].set_xlabel("intensity (normalised, [0, 1])")
+    axes[0].set_ylabel("density")
+    axes[0].set_yscale("log")
+    axes[0].set_title("Intensity histogram", fontsize=10)
+    axes[0].legend(fontsize=8)
+    for name, (f, p) in spectra.items():
+        ok = (np.arange(len(f)) > 0) & (p > 0)  # no zero-frequency bin; small patches leave some bins empty
+        axes[1].loglog(f[ok], p[ok], label=name, **styles.get(name, {}))
+    axes[1].set_xlabel("spatial frequency (cycles / pixel)")
+    axes[1].set_ylabel("power")
+    axes[1].set_title("Radially averaged power spectrum (mean over patches)", fontsize=10)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def overlay(img: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A gray image as RGB with the object outlines in yellow."""
+    from skimage.segmentation import find_boundaries
+
+    rgb = np.repeat(np.clip(img, 0, 1)[..., None], 3, axis=-1)
+    rgb[find_boundaries(labels, mode="inner")] = (1.0, 0.85, 0.0)
+    return rgb
+
+
+def fig_masks(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]], title: str) -> None:
+    plt = _plt()
+    k = max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(len(rows), k, figsize=(2.2 * k, 2.3 * len(rows) + 0.5), squeeze=False)
+    for r, (name, imgs, labs) in enumerate(rows):
+        for c in range(k):
+            ax = axes[r, c]
+            _off(ax)
+            if c < len(imgs):
+                ax.imshow(overlay(imgs[c], labs[c]), interpolation="nearest")
+                n_obj = int(len(np.unique(labs[c])) - (labs[c] == 0).any())
+                ax.set_title(f"{n_obj} object{'' if n_obj == 1 else 's'}", fontsize=7)
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="latent diffusion model folder or model name")
+    p.add_argument("--images", nargs="+", default=None,
+                   help="the training images (files or folders; default: the files in the model card, from the "
+                        "fetched-data folder)")
+    p.add_argument("--masks", nargs="+", default=None, help="their masks, for a paired model (default: as --images)")
+    p.add_argument("--n", type=int, default=64, help="generated patches")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (the CLI's default)")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
+    p.add_argument("--seed", type=int, default=0, help="patch i uses seed + i; training crops use --seed too")
+    p.add_argument("--batch", type=int, default=8, help="patches per sampling batch")
+    p.add_argument("--threshold", type=float, default=0.5, help="mask threshold (paired models)")
+    p.add_argument("--min-size", type=int, default=16, help="smallest object in pixels (paired models)")
+    p.add_argument("--nn-ref", type=int, default=2000, help="random training crops for the memorisation check")
+    p.add_argument("--val-limit", type=int, default=256, help="most held-out crops for the reconstruction figures")
+    p.add_argument("--tile-stride", type=int, default=None,
+                   help="stride of the held-out tiles for the distribution statistics (default: patch / 2)")
+    p.add_argument("--device", default="cpu", help="cpu (default, reproducible), cuda, mps or auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own, i.e. OMP_NUM_THREADS or all cores)")
+    p.add_argument("--out-json", type=Path, default=None, help="default: docs/results/em_eval_<model>.json")
+    p.add_argument("--figures-prefix", default=None, help="default: docs/images/em_<model>_")
+    a = p.parse_args(argv)
+    if a.n < 1 or a.batch < 1 or a.nn_ref < 1 or a.val_limit < 1:
+        p.error("--n, --batch, --nn-ref and --val-limit must be at least 1")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t_start = time.perf_counter()
+    model = LatentModel.load(a.model, device=a.device)
+    card, patch, name = model.card, model.patch_size, model.name
+    out_json = a.out_json or ROOT / "docs" / "results" / f"em_eval_{name}.json"
+    prefix = a.figures_prefix or str(ROOT / "docs" / "images" / f"em_{name}_")
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    unet_steps = model.stage.get("training", {}).get("steps_done")
+    log(f"model {model.path} ({'image + mask' if model.paired else 'image'}, {patch}x{patch}; autoencoder steps "
+        f"{card.get('vae_steps')}, UNet steps {unet_steps}), device {model.device}, "
+        f"torch threads {torch.get_num_threads()}")
+
+    # ---- data: the training / held-out split the model was trained with ------------------------
+    if a.images is None:
+        if a.masks is not None:
+            raise UserInputError("--masks needs --images too.")
+        images, masks = find_training_files(card, model.paired)
+    else:
+        images, masks = a.images, a.masks
+    if model.paired and masks is None:
+        raise UserInputError(f"'{name}' generates image + mask pairs: pass --masks with --images.")
+    if not model.paired and masks is not None:
+        raise UserInputError(f"'{name}' generates images only: leave out --masks.")
+    data = PatchData.from_paths(images, masks, patch=patch, norm=model.normalisation)
+    if model.paired and card.get("mask_encoding") and data.mask_encoding != card["mask_encoding"]:
+        raise UserInputError(f"these masks are {data.mask_encoding}, the model learned {card['mask_encoding']} masks.")
+    trained_on = (card.get("training_data") or {}).get("files")
+    files = data.describe()["files"]
+    if trained_on and sorted(trained_on) != files:
+        log(f"warning: the model card lists the training files {trained_on}, these are {files}: "
+            "the held-out split may differ from training")
+    encoding = card.get("mask_encoding") or "binary"
+    log(f"data: {len(data.names)} images ({', '.join(files)}); {data.split}")
+    val = data.val_crops(patch, a.val_limit)
+    if val is None:
+        raise UserInputError(f"no held-out crops: {data.split}. Give 5 or more images, or images with at least "
+                             f"{2 * patch} rows.")
+    tiles = heldout_tiles(data, patch, a.tile_stride or max(1, patch // 2))
+    timings: dict[str, float] = {}
+
+    # ---- 1. reconstruction ----------------------------------------------------------------------
+    t0 = time.perf_counter()
+    rec = torch.cat([model.decode(model.encode(val[i:i + a.batch]), batch=a.batch)
+                     for i in range(0, len(val), a.batch)])
+    timings["reconstruction_s"] = time.perf_counter() - t0
+    real_img, rec_img = to_unit(val[:, 0]), to_unit(rec[:, 0])
+    recon = {"crops": len(val), "crops_from": "PatchData.val_crops: non-overlapping held-out tiles",
+             "mse": float(np.mean((real_img - rec_img) ** 2)),
+             "psnr": float(np.mean([psnr(x, y) for x, y in zip(real_img, rec_img)])),
+             "ssim": ssim(real_img, rec_img), "card_validation": card.get("validation")}
+    if model.paired:
+        recon["mask_dice"] = dice(to_unit(rec[:, 1]) >= 0.5, to_unit(val[:, 1]) >= 0.5)
+        recon["mask_dice_per_crop_mean"] = float(np.mean(
+            [dice(p >= 0.5, q >= 0.5) for p, q in zip(to_unit(rec[:, 1]), to_unit(val[:, 1]))]))
+    log(f"reconstruction on {len(val)} held-out crops: MSE {recon['mse']:.5f}, PSNR {recon['psnr']:.2f} dB, "
+        f"SSIM {recon['ssim']:.3f}" + (f", mask Dice {recon['mask_dice']:.3f}" if model.paired else ""))
+
+    # ---- 2. generation, timed -------------------------------------------------------------------
+    marks: dict[str, float] = {}
+
+    def progress(p):
+        if p.step == p.total:
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            marks[p.stage] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    res = model.generate(a.n, seed=a.seed, sampler=a.sampler, steps=a.steps, batch=a.batch, threshold=a.threshold,
+                         min_size=a.min_size, callback=progress)
+    t_end = time.perf_counter()
+    timings.update({
+        "generate_s": t_end - t0,
+        "sample_s": marks["sample"] - t0, "decode_s": marks["decode"] - marks["sample"],
+        "labels_s": t_end - marks["decode"],
+        "sample_s_per_patch": (marks["sample"] - t0) / a.n,
+        "sample_s_per_patch_per_step": (marks["sample"] - t0) / a.n / a.steps,
+        "decode_s_per_patch": (marks["decode"] - marks["sample"]) / a.n,
+        "generate_s_per_patch": (t_end - t0) / a.n,
+    })
+    gen = res.images
+    log(f"generated {a.n} patches in {timings['generate_s']:.1f} s: sampling {timings['sample_s_per_patch']:.2f} "
+        f"s/patch ({a.steps} steps, batch {a.batch}), decoding {timings['decode_s_per_patch']:.3f} s/patch")
+
+    # ---- 3. memorisation --------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(a.seed)
+    ref = np.concatenate([to_unit(data.random_crops(min(250, a.nn_ref - i), patch, g, augment=False)[:, 0])
+                          for i in range(0, a.nn_ref, 250)])
+    real_tiles = to_unit(tiles[:, 0])
+    d_gen, k_gen = nn_over_dihedral(gen, ref)
+    d_real, k_real = nn_over_dihedral(real_tiles, ref)
+    timings["memorisation_s"] = time.perf_counter() - t0
+    mem = {
+        "reference": f"{len(ref)} random {patch}x{patch} training crops (PatchData.random_crops, augment=False, "
+                     f"seed {a.seed})",
+        "metric": "RMS difference per pixel of [0, 1] images, minimised over the 8 flips/rotations of the query",
+        "generated": quartiles(d_gen), "real_heldout": quartiles(d_real),
+        "real_heldout_queries": f"{len(real_tiles)} held-out tiles, stride {a.tile_stride or max(1, patch // 2)}",
+        "median_ratio_generated_to_real": float(np.median(d_gen) / np.median(d_real)),
+        "frac_generated_below_real_min": float((d_gen < d_real.min()).mean()),
+        "frac_generated_below_real_p05": float((d_gen < np.percentile(d_real, 5)).mean()),
+    }
+    log(f"nearest training crop: generated median {np.median(d_gen):.4f} (min {d_gen.min():.4f}), held-out real "
+        f"median {np.median(d_real):.4f} (min {d_real.min():.4f}); {mem['frac_generated_below_real_min']:.1%} of "
+        "generated below the held-out minimum")
+
+    # ---- 4. intensity and spectra ----------------------------------------------------------------
+    edges = np.linspace(0, 1, 41)  # coarse: 8-bit data normalised to [0, 1] alias finer bins
+    train_sub = ref[spread(len(ref), 256)]
+    sets = {"generated": gen, "real held-out": real_tiles, "real training": train_sub,
+            "reconstructed held-out": rec_img}
+    hists = {k: (edges, intensity_hist(v, edges)) for k, v in sets.items() if k != "reconstructed held-out"}
+    spectra = {k: radial_power_spectrum(v) for k, v in sets.items()}
+    stats = {
+        "intensity": {k: {"mean": float(v.mean()), "std": float(v.std()),
+                          "p01": float(np.percentile(v, 1)), "p99": float(np.percentile(v, 99)),
+                          "frac_at_0": float((v <= 0).mean()), "frac_at_1": float((v >= 1).mean())}
+                      for k, v in sets.items()},
+        "wasserstein_generated_vs_real_heldout": wasserstein(gen, real_tiles),
+        "wasserstein_generated_vs_real_training": wasserstein(gen, train_sub),
+        "wasserstein_real_heldout_vs_real_training": wasserstein(real_tiles, train_sub),
+        "spectrum_log10_ratio": {
+            "generated_vs_real_heldout": spectrum_log_ratio(spectra["generated"][1], spectra["real held-out"][1]),
+            "reconstructed_vs_real_heldout": spectrum_log_ratio(spectra["reconstructed held-out"][1],
+                                                                spectra["real held-out"][1]),
+            "real_training_vs_real_heldout": spectrum_log_ratio(spectra["real training"][1],
+                                                                spectra["real held-out"][1]),
+        },
+        "spectra": {k: {"frequency": f.tolist(), "power": p.tolist()} for k, (f, p) in spectra.items()},
+        "note": "real held-out: the held-out tiles; real training: 256 of the memorisation reference crops; "
+                "reconstructed: the reconstructions of the non-overlapping held-out crops",
+    }
+    log(f"intensity mean generated {stats['intensity']['generated']['mean']:.3f} vs real held-out "
+        f"{stats['intensity']['real held-out']['mean']:.3f}; W1 {stats['wasserstein_generated_vs_real_heldout']:.4f}; "
+        f"spectrum |log10 ratio| generated {stats['spectrum_log10_ratio']['generated_vs_real_heldout']:.3f}, "
+        f"reconstructed {stats['spectrum_log10_ratio']['reconstructed_vs_real_heldout']:.3f}")
+
+    # ---- 5. masks (paired models) ----------------------------------------------------------------
+    masks_info = None
+    if model.paired:
+        real_labels = labels_from_mask(to_unit(tiles[:, 1]), encoding=encoding, threshold=a.threshold,
+                                       min_size=a.min_size)
+        masks_info = {
+            "labels": f"core.patches.labels_from_mask(encoding={encoding!r}, threshold={a.threshold}, "
+                      f"min_size={a.min_size}) on the generated masks and on the real held-out (encoded) masks",
+            "generated": object_stats(res.labels, gen), "real_heldout": object_stats(real_labels, real_tiles),
+        }
+        gm, rm = masks_info["generated"], masks_info["real_heldout"]
+        log(f"objects per patch: generated {gm['objects_per_patch_mean']:.2f} vs real {rm['objects_per_patch_mean']:.2f}; "
+            f"mean area {gm['object_area_mean_px'] or 0:.0f} vs {rm['object_area_mean_px'] or 0:.0f} px; foreground "
+            f"{gm['foreground_fraction']:.3f} vs {rm['foreground_fraction']:.3f}; inside - outside intensity "
+            f"{gm['inside_minus_outside'] or 0:.3f} vs {rm['inside_minus_outside'] or 0:.3f}")
+
+    # ---- 6. figures --------------------------------------------------------------------------------
+    figures = []
+
+    def fig_path(what: str) -> Path:
+        figures.append(f"{prefix}{what}.png")
+        return Path(figures[-1])
+
+    steps_txt = f"UNet {unet_steps} steps, autoencoder {card.get('vae_steps')} steps"
+    show = spread(len(val), 6)
+    fig_samples(fig_path("samples"),
+                [("real held-out", real_img[show]), ("reconstructed", rec_img[show]), ("generated", gen[:6])],
+                f"{name} ({steps_txt}): held-out real {patch}x{patch} crops, their autoencoder reconstructions,\n"
+                f"and generated patches (seeds {a.seed}-{a.seed + min(6, a.n) - 1}, {a.sampler} {a.steps} steps)")
+    fig_nn_hist(fig_path("nn_hist"), {"real held-out": d_real, "generated": d_gen},
+                f"{name}: distance to the nearest of {len(ref)} training crops (best of 8 flips/rotations)")
+    order = np.argsort(d_gen)
+    pick_real = np.argsort(d_real)[spread(len(d_real), 2)]
+    groups = []
+    for title, q_set, idx, d_set, k_set in (("closest generated", gen, order[:6], d_gen, k_gen),
+                                            ("held-out real", real_tiles, pick_real, d_real, k_real)):
+        qs, nbs = [], []
+        for i in idx:
+            kk, ff = DIHEDRAL[int(k_set[i])]
+            q = dihedral(torch.from_numpy(q_set[i]), kk, ff).numpy()
+            qs.append(q)
+            nbs.append(ref[nearest_index(q, ref)])
+        groups.append((title, np.stack(qs), np.stack(nbs), d_set[idx]))
+    fig_pairs(fig_path("nn_pairs"), groups)
+    fig_stats(fig_path("stats"), hists, spectra)
+    if model.paired:
+        gen_show = np.arange(min(6, a.n))
+        tile_show = spread(len(real_tiles), 6)
+        fig_masks(fig_path("masks"),
+                  [("generated", gen[gen_show], res.labels[gen_show]),
+                   ("real held-out", real_tiles[tile_show], real_labels[tile_show])],
+                  f"{name}: object outlines (labels from the mask channel, threshold {a.threshold}, min size "
+                  f"{a.min_size}) on generated patches and on real held-out crops")
+    timings["total_s"] = time.perf_counter() - t_start
+
+    # ---- 7. results ----------------------------------------------------------------------------------
+    result = {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "git_commit": git_commit(),
+        "model": {"path": str(model.path), "name": name, "paired": model.paired, "patch_size": patch,
+                  "vae_steps": card.get("vae_steps"), "unet_steps_done": unet_steps,
+                  "latent_shape": card.get("latent_shape"), "mask_encoding": card.get("mask_encoding")},
+        "settings": {"n": a.n, "steps": a.steps, "sampler": a.sampler, "seed": a.seed, "seeds": f"{a.seed}-{a.seed + a.n - 1}",
+                     "batch": a.batch, "threshold": a.threshold, "min_size": a.min_size, "nn_ref": a.nn_ref,
+                     "device": str(model.device)},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "python": platform.python_version(), "machine": platform.machine()},
+        "data": {**data.describe(), "image_paths": [str(p) for p in images],
+                 "mask_paths": None if masks is None else [str(p) for p in masks],
+                 "heldout_crops": len(val), "heldout_tiles": len(tiles)},
+        "reconstruction": recon,
+        "memorisation": mem,
+        "statistics": stats,
+        "masks": masks_info,
+        "timings_s": timings,
+        "figures": [str(Path(f).resolve().relative_to(ROOT)) if Path(f).resolve().is_relative_to(ROOT) else f
+                    for f in figures],
+    }
+    out_json.write_text(json.dumps(rounded(result), indent=2) + "\n")
+    log(f"wrote {out_json} and {len(figures)} figures ({prefix}*.png) in {timings['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserInputError as e:
+        sys.exit(f"error: {e}")
