@@ -61,8 +61,8 @@ def paired(make_napari_viewer, tiny_paired):
 
 
 def test_controls_follow_the_model(unpaired, tiny_paired, notes):
-    viewer, w = unpaired
-    assert w.model.value == str(unpaired[1].model_folder.value)
+    _, w = unpaired
+    assert w.model.value == str(w.model_folder.value)
     assert (w.n_patches.min, w.n_patches.max, w.sampler.value) == (1, 256, "dpmsolver++")
     assert w.generate_button.enabled and not w.cancel_button.enabled and w.roundtrip_button.enabled
     assert not w.threshold.enabled and not w.min_size.enabled  # no masks from an unpaired model
@@ -261,12 +261,12 @@ def test_em_sample_data_through_napari(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-zfdiffusion", "em_islet")
     layer = viewer.layers[-1]
-    assert layer.data.shape == (512, 512) and tuple(layer.scale) == (5.0, 5.0)
+    assert layer.data.shape == (512, 512) and layer.metadata["pixel_size_nm"] == 5.0
 
 
 def test_widget_through_napari(make_napari_viewer):
     viewer = make_napari_viewer()
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-zfdiffusion", "Generate EM patches")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-zfdiffusion", "Generate EM patches")
     from napari_zfdiffusion.widgets.em import GenerateEMWidget
 
     assert isinstance(widget, GenerateEMWidget)

@@ -42,6 +42,7 @@ def em_islet():
         "licence": "CC BY 4.0: credit the Arrojo e Drigo Lab, Vanderbilt University",
         "pixel_size_nm": EM_PIXEL_NM,
     }
-    kw = {"name": "EM pancreatic islet", "metadata": meta, "colormap": "gray",
-          "scale": (EM_PIXEL_NM, EM_PIXEL_NM), "units": ("nm", "nm")}
+    # In pixels, like the patches the models generate: a scale in nm would set this layer apart
+    # from every other layer (napari warns about mixed units); the pixel size is in the metadata.
+    kw = {"name": "EM pancreatic islet", "metadata": meta, "colormap": "gray"}
     return [(data, kw, "image")]

@@ -20,10 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton,
-                              SpinBox)
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    SpinBox,
+)
 from napari.layers import Image
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error
 
 from .. import __version__
 from ..core.device import available_devices
@@ -60,12 +68,12 @@ class GenerateEMWidget(JobWidget):
     """
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(viewer, labels=True)
+        super().__init__(viewer, labels=True, label="Generate EM patches")
         self._card: dict | None = None
         self.last_figures: dict | None = None
 
         self._models = model_choices()
-        self.title = Label(value="<b>Generate EM patches</b>")
+        self.title = Label(value="<b>Generate</b>")
         self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True,
                               tooltip="bundled and user latent models (`zfdiffusion models`)")
         self.model_folder = FileEdit(label="or folder", mode="d", nullable=True,
@@ -260,7 +268,8 @@ class GenerateEMWidget(JobWidget):
                                    contrast_limits=(0, 1), colormap="magma", blending="additive",
                                    visible=False, metadata=meta)
         if result.labels is not None:
-            self._viewer.add_labels(result.labels, name=f"{name} labels", opacity=0.4, metadata=meta)
+            labels = self._viewer.add_labels(result.labels, name=f"{name} labels", opacity=0.8, metadata=meta)
+            labels.contour = 1  # outlines: the patch stays visible under its objects
         n_obj = "" if result.labels is None else \
             f", {sum(len(np.unique(lab)) - 1 for lab in result.labels)} objects"
         self.status.value = f"added '{name}' ({len(result.images)} patches{n_obj})"
@@ -269,6 +278,7 @@ class GenerateEMWidget(JobWidget):
         layers = self._viewer.layers
         layer = self._viewer.add_image(rec.astype(np.float32, copy=False), name=name, contrast_limits=(0, 1),
                                        colormap="gray", scale=source.scale[-2:], translate=source.translate[-2:],
+                                       units=tuple(source.units)[-2:],
                                        metadata={PROVENANCE_KEY: prov})
         if source in layers:  # next to (just above) its source in the layer list
             layers.move(layers.index(layer), layers.index(source) + 1)
