@@ -141,7 +141,8 @@ def markdown(r: dict) -> str:
          f"thread(s), {e['dtype']}; sampler {r['settings']['sampler']}; load average at start {e['loadavg_start']}, "
          f"at end {e['loadavg_end']}.", "",
          "| batch | steps | sampling s / patch | per step (ms / patch) | UNet forward (ms, batch) | overhead "
-         "| decode s / patch | labels s / patch | total s / patch | peak RSS (MB)" + (" | peak GPU (MB)" if cuda else "")
+         "| decode s / patch | labels s / patch | total s / patch | peak RSS (MB)"
+         + (" | peak GPU (MB)" if cuda else "")
          + " |",
          "|---|---|---|---|---|---|---|---|---|---" + ("|---" if cuda else "") + "|"]
     for row in r["rows"]:
@@ -190,7 +191,8 @@ def main(argv=None) -> int:
     }
     info = {"path": str(model.path), "name": model.name, "paired": model.paired, "patch_size": model.patch_size,
             "latent_shape": model.card["latent_shape"],
-            "unet_steps_done": model.stage.get("training", {}).get("steps_done"), "vae_steps": model.card.get("vae_steps"),
+            "unet_steps_done": model.stage.get("training", {}).get("steps_done"),
+            "vae_steps": model.card.get("vae_steps"),
             "unet_params_M": sum(p.numel() for p in model.unet.parameters()) / 1e6,
             "decoder_params_M": sum(p.numel() for n, p in model.vae.named_parameters()
                                     if n.startswith(("decoder.", "post_quant_conv."))) / 1e6}

@@ -7,7 +7,7 @@ Writes ``--out-json`` (default ``docs/results/em_eval_<model>.json``) and PNG fi
 
 * ``samples.png``   held-out real crops | their autoencoder reconstructions | generated patches (3 x 6)
 * ``nn_hist.png``   distance of each patch to its nearest training crop: generated vs held-out real
-* ``nn_pairs.png``  the generated patches closest to a training crop, beside that crop
+* ``nn_pairs.png``  the generated patches closest to a training crop or window, beside it
 * ``stats.png``     intensity histogram (generated vs real) and radially averaged power spectrum
                     (generated vs real vs reconstructions, log-log)
 * ``masks.png``     paired models: mask contours on generated patches and on real held-out crops
@@ -28,7 +28,11 @@ What is measured:
   patch (the diffusion model trained on flipped and rotated crops). Held-out real crops (tiles with
   stride patch/2) get the same treatment: they are the scale of "a different patch of the same kind
   of image". Copies would sit well below them. Random crops sample the training offsets sparsely, so
-  this finds copies of whole crops, not of small parts;
+  this finds copies of whole crops only; and a flat or blurry patch is close to everything in RMS;
+* an exhaustive copy search: the highest normalised cross-correlation (Pearson r) of each patch with
+  any window of the training images, at every offset and over the 8 flips / rotations (FFT, after
+  ``--ncc-downsample`` mean pooling), against the same for held-out tiles. A copy of any training
+  region scores near 1, wherever it was; brightness and contrast do not matter;
 * intensity histograms and radially averaged power spectra (``core.metrics``), with two summary
   numbers: the 1-Wasserstein distance between intensity distributions and the mean |log10| ratio of
   the spectra;
@@ -156,6 +160,83 @@ def nn_over_dihedral(queries: np.ndarray, reference: np.ndarray) -> tuple[np.nda
     return d.min(0), d.argmin(0)
 
 
+def downscale(x: np.ndarray, s: int) -> np.ndarray:
+    """(..., H, W) images, mean-pooled by ``s`` (H, W cropped to multiples of ``s``)."""
+    t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    lead = t.shape[:-2]
+    t = torch.nn.functional.avg_pool2d(t.reshape(-1, 1, *t.shape[-2:]), s)
+    return t.reshape(*lead, *t.shape[-2:]).numpy()
+
+
+def fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c at least ``n`` (fast FFT lengths)."""
+    m = n
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+@torch.no_grad()
+def max_ncc(queries: np.ndarray, images: list[np.ndarray], chunk: int = 256) -> dict[str, np.ndarray]:
+    """Exhaustive copy search: for each (h, w) query, the highest normalised cross-correlation (Pearson r)
+    with any h x w window of any image (every offset, FFT), over the 8 flips / rotations of the query.
+
+    Returns ``ncc`` (N,) and where it was found: ``image``, ``y``, ``x`` (window corner), ``dihedral``
+    (index into :data:`DIHEDRAL`). Windows with no variance count as r = 0."""
+    n, h, w = queries.shape
+    q = torch.from_numpy(np.ascontiguousarray(queries)).double()
+    t = torch.cat([dihedral(q, k, f) for k, f in DIHEDRAL])  # (8N, h, w), transform-major
+    t = t - t.mean((-2, -1), keepdim=True)
+    t = (t / t.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]).float()
+    prepared = []  # per image: FFT size, image FFT, window spread, valid-window mask
+    for img in images:
+        im = torch.from_numpy(np.ascontiguousarray(img)).double()
+        hh, ww = im.shape
+        if hh < h or ww < w:
+            prepared.append(None)
+            continue
+        c1 = torch.nn.functional.pad(im.cumsum(0).cumsum(1), (1, 0, 1, 0))
+        c2 = torch.nn.functional.pad((im * im).cumsum(0).cumsum(1), (1, 0, 1, 0))
+
+        def box(c):  # sums over every h x w window
+            return c[h:, w:] - c[:-h, w:] - c[h:, :-w] + c[:-h, :-w]
+
+        s1, s2 = box(c1), box(c2)
+        sd = (s2 - s1 * s1 / (h * w)).clamp_min(0).sqrt()  # sqrt of the window's sum of squared deviations
+        ok = sd > 1e-6 * max(1.0, float(sd.max()))
+        size = (fft_size(hh), fft_size(ww))  # zero padding: valid offsets never wrap around
+        prepared.append((size, torch.fft.rfft2(im.float(), s=size), sd.clamp_min(1e-12).float(), ok))
+    best = torch.full((len(t),), -2.0)
+    where = torch.zeros((len(t), 3), dtype=torch.long)
+    for i in range(0, len(t), chunk):
+        tf = t[i:i + chunk].flip(-2, -1)
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+        for m, prep in enumerate(prepared):
+            if prep is None:
+                continue
+            size, fi, sd, ok = prep
+            if size not in cache:
+                cache[size] = torch.fft.rfft2(tf, s=size)
+            corr = torch.fft.irfft2(fi[None] * cache[size], s=size)
+            corr = corr[:, h - 1:h - 1 + sd.shape[0], w - 1:w - 1 + sd.shape[1]]  # the valid offsets
+            r = torch.where(ok, corr / sd, torch.zeros(())).flatten(1)
+            v, j = r.max(1)
+            better = v > best[i:i + chunk]
+            best[i:i + chunk] = torch.where(better, v, best[i:i + chunk])
+            loc = torch.stack([torch.full_like(j, m), j // sd.shape[1], j % sd.shape[1]], 1)
+            where[i:i + chunk][better] = loc[better]
+    best, where = best.reshape(len(DIHEDRAL), n), where.reshape(len(DIHEDRAL), n, 3)
+    k = best.argmax(0)
+    ar = torch.arange(n)
+    return {"ncc": best[k, ar].double().numpy(), "image": where[k, ar, 0].numpy(), "y": where[k, ar, 1].numpy(),
+            "x": where[k, ar, 2].numpy(), "dihedral": k.numpy()}
+
+
 def nearest_index(query: np.ndarray, reference: np.ndarray, chunk: int = 256) -> int:
     """Index of the reference crop nearest to one query (for the pairs figure)."""
     best, arg = np.inf, -1
@@ -237,26 +318,29 @@ def fig_samples(path: Path, rows: list[tuple[str, np.ndarray]], title: str) -> N
     plt.close(fig)
 
 
-def fig_nn_hist(path: Path, series: dict[str, np.ndarray], title: str) -> None:
+def fig_nn_hist(path: Path, panels: list[tuple[dict[str, np.ndarray], str]], title: str) -> None:
+    """panels: (series name -> values, x label)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    allv = np.concatenate(list(series.values()))
-    bins = np.linspace(0, allv.max() * 1.05 + 1e-9, 40)
-    for name, d in series.items():
-        real = name.startswith("real")
-        ax.hist(d, bins=bins, density=True, histtype="stepfilled" if real else "step", alpha=0.35 if real else 1.0,
-                lw=1.5, label=f"{name}, n={len(d)} (median {np.median(d):.4f})")
-    ax.set_xlabel("RMS distance to the nearest training crop (intensities in [0, 1])")
-    ax.set_ylabel("density")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (series, xlabel) in zip(axes[0], panels):
+        allv = np.concatenate(list(series.values()))
+        lo, hi = min(0.0, float(allv.min())), float(allv.max())
+        bins = np.linspace(lo, hi + 0.05 * (hi - lo) + 1e-9, 40)
+        for name, d in series.items():
+            real = name.startswith("real")
+            ax.hist(d, bins=bins, density=True, histtype="stepfilled" if real else "step",
+                    alpha=0.35 if real else 1.0, lw=1.5, label=f"{name}, n={len(d)} (median {np.median(d):.3f})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def fig_pairs(path: Path, groups: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> None:
-    """groups: (title, queries (k, H, W), nearest training crops (k, H, W), distances (k,))."""
+def fig_pairs(path: Path, groups: list[tuple[str, np.ndarray, np.ndarray, list[str]]]) -> None:
+    """groups: (title, queries (k, H, W), nearest training crops (k, H, W), a caption per query)."""
     plt = _plt()
     ncol = sum(len(g[1]) for g in groups)
     fig, axes = plt.subplots(2, ncol, figsize=(1.8 * ncol, 4.0), squeeze=False)
@@ -266,12 +350,15 @@ def fig_pairs(path: Path, groups: list[tuple[str, np.ndarray, np.ndarray, np.nda
             for r, img in enumerate((q[i], nb[i])):
                 axes[r, c].imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
                 _off(axes[r, c])
-            axes[0, c].set_title(f"{title if i == 0 else ''}\nd={d[i]:.4f}", fontsize=7, loc="left")
+            axes[0, c].set_title(f"{title if i == 0 else ''}\n{d[i]}", fontsize=7, loc="left")
             c += 1
     axes[0, 0].set_ylabel("query", fontsize=8)
-    axes[1, 0].set_ylabel("nearest training\ncrop (same flip/rot)", fontsize=8)
-    fig.suptitle("Nearest training crop (RMS distance d, [0, 1] intensities): the closest generated patches, "
-                 "and held-out real crops for scale", fontsize=9)
+    axes[1, 0].set_ylabel("nearest training\ncrop or window", fontsize=8)
+    fig.suptitle("Top: query (in the flip/rotation that matched); bottom: its match in the training data. Left: the "
+                 "generated patches closest (RMS d, [0, 1] intensities) to one of the random training crops; middle: "
+                 "the generated patches\nwith the best-correlated window anywhere in the training images (r, "
+                 "exhaustive search; file and window corner (y, x)); right: the closest and a median held-out real "
+                 "crop (d), for scale", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -350,6 +437,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.5, help="mask threshold (paired models)")
     p.add_argument("--min-size", type=int, default=16, help="smallest object in pixels (paired models)")
     p.add_argument("--nn-ref", type=int, default=2000, help="random training crops for the memorisation check")
+    p.add_argument("--ncc-downsample", type=int, default=4,
+                   help="mean pooling before the exhaustive correlation search (1: full resolution, slow)")
+    p.add_argument("--ncc-heldout", type=int, default=64, help="held-out tiles in the exhaustive search")
     p.add_argument("--val-limit", type=int, default=256, help="most held-out crops for the reconstruction figures")
     p.add_argument("--tile-stride", type=int, default=None,
                    help="stride of the held-out tiles for the distribution statistics (default: patch / 2)")
@@ -359,8 +449,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-json", type=Path, default=None, help="default: docs/results/em_eval_<model>.json")
     p.add_argument("--figures-prefix", default=None, help="default: docs/images/em_<model>_")
     a = p.parse_args(argv)
-    if a.n < 1 or a.batch < 1 or a.nn_ref < 1 or a.val_limit < 1:
-        p.error("--n, --batch, --nn-ref and --val-limit must be at least 1")
+    if min(a.n, a.batch, a.nn_ref, a.val_limit, a.ncc_downsample, a.ncc_heldout) < 1:
+        p.error("--n, --batch, --nn-ref, --val-limit, --ncc-downsample and --ncc-heldout must be at least 1")
     return a
 
 
@@ -459,7 +549,15 @@ def main(argv=None) -> int:
     real_tiles = to_unit(tiles[:, 0])
     d_gen, k_gen = nn_over_dihedral(gen, ref)
     d_real, k_real = nn_over_dihedral(real_tiles, ref)
-    timings["memorisation_s"] = time.perf_counter() - t0
+    timings["memorisation_nn_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sc = a.ncc_downsample
+    train_imgs = [to_unit(t_[0]) for t_ in data.train]
+    ncc_real_idx = spread(len(real_tiles), a.ncc_heldout)
+    ncc_gen = max_ncc(downscale(gen, sc), [downscale(i, sc) for i in train_imgs])
+    ncc_real = max_ncc(downscale(real_tiles[ncc_real_idx], sc), [downscale(i, sc) for i in train_imgs])
+    r_gen, r_real = ncc_gen["ncc"], ncc_real["ncc"]
+    timings["memorisation_ncc_s"] = time.perf_counter() - t0
     mem = {
         "reference": f"{len(ref)} random {patch}x{patch} training crops (PatchData.random_crops, augment=False, "
                      f"seed {a.seed})",
@@ -469,10 +567,22 @@ def main(argv=None) -> int:
         "median_ratio_generated_to_real": float(np.median(d_gen) / np.median(d_real)),
         "frac_generated_below_real_min": float((d_gen < d_real.min()).mean()),
         "frac_generated_below_real_p05": float((d_gen < np.percentile(d_real, 5)).mean()),
+        "exhaustive_ncc": {
+            "metric": f"highest normalised cross-correlation (Pearson r) with any {patch}x{patch} window of the "
+                      f"training images, every offset and the 8 flips/rotations of the patch, after {sc}x{sc} "
+                      "mean pooling; a copy of any training region scores near 1. Insensitive to brightness and "
+                      "contrast, so flat or blurry patches (close to everything in RMS distance) score low",
+            "generated": quartiles(r_gen), "real_heldout": quartiles(r_real),
+            "real_heldout_queries": f"{len(r_real)} of the held-out tiles",
+            "frac_generated_above_real_max": float((r_gen > r_real.max()).mean()),
+            "frac_generated_above_real_p95": float((r_gen > np.percentile(r_real, 95)).mean()),
+        },
     }
     log(f"nearest training crop: generated median {np.median(d_gen):.4f} (min {d_gen.min():.4f}), held-out real "
         f"median {np.median(d_real):.4f} (min {d_real.min():.4f}); {mem['frac_generated_below_real_min']:.1%} of "
-        "generated below the held-out minimum")
+        f"generated below the held-out minimum; best correlation with any training window: generated "
+        f"median {np.median(r_gen):.3f} (max {r_gen.max():.3f}), held-out real median {np.median(r_real):.3f} "
+        f"(max {r_real.max():.3f})")
 
     # ---- 4. intensity and spectra ----------------------------------------------------------------
     edges = np.linspace(0, 1, 41)  # coarse: 8-bit data normalised to [0, 1] alias finer bins
@@ -516,7 +626,8 @@ def main(argv=None) -> int:
             "generated": object_stats(res.labels, gen), "real_heldout": object_stats(real_labels, real_tiles),
         }
         gm, rm = masks_info["generated"], masks_info["real_heldout"]
-        log(f"objects per patch: generated {gm['objects_per_patch_mean']:.2f} vs real {rm['objects_per_patch_mean']:.2f}; "
+        log(f"objects per patch: generated {gm['objects_per_patch_mean']:.2f} vs real "
+            f"{rm['objects_per_patch_mean']:.2f}; "
             f"mean area {gm['object_area_mean_px'] or 0:.0f} vs {rm['object_area_mean_px'] or 0:.0f} px; foreground "
             f"{gm['foreground_fraction']:.3f} vs {rm['foreground_fraction']:.3f}; inside - outside intensity "
             f"{gm['inside_minus_outside'] or 0:.3f} vs {rm['inside_minus_outside'] or 0:.3f}")
@@ -534,20 +645,34 @@ def main(argv=None) -> int:
                 [("real held-out", real_img[show]), ("reconstructed", rec_img[show]), ("generated", gen[:6])],
                 f"{name} ({steps_txt}): held-out real {patch}x{patch} crops, their autoencoder reconstructions,\n"
                 f"and generated patches (seeds {a.seed}-{a.seed + min(6, a.n) - 1}, {a.sampler} {a.steps} steps)")
-    fig_nn_hist(fig_path("nn_hist"), {"real held-out": d_real, "generated": d_gen},
-                f"{name}: distance to the nearest of {len(ref)} training crops (best of 8 flips/rotations)")
-    order = np.argsort(d_gen)
-    pick_real = np.argsort(d_real)[spread(len(d_real), 2)]
+    fig_nn_hist(fig_path("nn_hist"),
+                [({"real held-out": d_real, "generated": d_gen},
+                  "RMS distance to the nearest training crop (intensities in [0, 1])"),
+                 ({"real held-out": r_real, "generated": r_gen},
+                  f"highest correlation with any training window (all offsets, {sc}x{sc} pooled)")],
+                f"{name}: left, the nearest of {len(ref)} random training crops; right, the best-matching window "
+                "anywhere in the training images (both: best of 8 flips/rotations of each patch).\nCopies would "
+                "sit left of the held-out real crops (distance) or right of them (correlation)")
+    pick_real = np.argsort(d_real)[[0, len(d_real) // 2]]  # the closest held-out tile, and a median one
     groups = []
-    for title, q_set, idx, d_set, k_set in (("closest generated", gen, order[:6], d_gen, k_gen),
-                                            ("held-out real", real_tiles, pick_real, d_real, k_real)):
-        qs, nbs = [], []
+    for title, q_set, idx, k_set in (("closest generated (d)", gen, np.argsort(d_gen)[:4], k_gen),
+                                     ("held-out real (d)", real_tiles, pick_real, k_real)):
+        qs, nbs, caps = [], [], []
         for i in idx:
             kk, ff = DIHEDRAL[int(k_set[i])]
             q = dihedral(torch.from_numpy(q_set[i]), kk, ff).numpy()
             qs.append(q)
             nbs.append(ref[nearest_index(q, ref)])
-        groups.append((title, np.stack(qs), np.stack(nbs), d_set[idx]))
+            caps.append(f"d={np.sqrt(np.mean((q - nbs[-1]) ** 2)):.3f}")
+        groups.append((title, np.stack(qs), np.stack(nbs), caps))
+    qs, nbs, caps = [], [], []
+    for i in np.argsort(-r_gen)[:4]:  # the best matches anywhere, at full resolution
+        kk, ff = DIHEDRAL[int(ncc_gen["dihedral"][i])]
+        y, x = int(ncc_gen["y"][i]) * sc, int(ncc_gen["x"][i]) * sc
+        qs.append(dihedral(torch.from_numpy(gen[i]), kk, ff).numpy())
+        nbs.append(train_imgs[int(ncc_gen["image"][i])][y:y + patch, x:x + patch])
+        caps.append(f"r={r_gen[i]:.2f}, {data.names[int(ncc_gen['image'][i])]}\n({y}, {x})")
+    groups.insert(1, ("best match anywhere (r)", np.stack(qs), np.stack(nbs), caps))
     fig_pairs(fig_path("nn_pairs"), groups)
     fig_stats(fig_path("stats"), hists, spectra)
     if model.paired:
@@ -568,8 +693,11 @@ def main(argv=None) -> int:
         "model": {"path": str(model.path), "name": name, "paired": model.paired, "patch_size": patch,
                   "vae_steps": card.get("vae_steps"), "unet_steps_done": unet_steps,
                   "latent_shape": card.get("latent_shape"), "mask_encoding": card.get("mask_encoding")},
-        "settings": {"n": a.n, "steps": a.steps, "sampler": a.sampler, "seed": a.seed, "seeds": f"{a.seed}-{a.seed + a.n - 1}",
+        "settings": {"n": a.n, "steps": a.steps, "sampler": a.sampler, "seed": a.seed,
+                     "seeds": f"{a.seed}-{a.seed + a.n - 1}",
                      "batch": a.batch, "threshold": a.threshold, "min_size": a.min_size, "nn_ref": a.nn_ref,
+                     "ncc_downsample": a.ncc_downsample, "ncc_heldout": a.ncc_heldout,
+                     "tile_stride": a.tile_stride or max(1, patch // 2), "val_limit": a.val_limit,
                      "device": str(model.device)},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "python": platform.python_version(), "machine": platform.machine()},
