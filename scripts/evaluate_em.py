@@ -122,21 +122,26 @@ def find_training_files(card: dict, paired: bool) -> tuple[list[Path], list[Path
         raise UserInputError("the model card names no training files: pass --images (and --masks).")
     root = data_dir()
 
-    def find(name: str) -> Path:
-        hits = sorted(root.rglob(name)) if root.is_dir() else []
-        if not hits:
+    def find(wanted: list[str]) -> list[Path]:
+        """The files, from one folder that holds them all if there is one (e.g. em/train, not em-islet)."""
+        hits = {n: sorted(root.rglob(n)) if root.is_dir() else [] for n in wanted}
+        missing = [n for n, h in hits.items() if not h]
+        if missing:
             raise UserInputError(
-                f"the training file '{name}' (from the model card) is not in {root}: fetch it with "
-                "`zfdiffusion fetch-data`, or pass --images (and --masks).")
-        return hits[0]
+                f"the training file(s) {', '.join(missing)} (from the model card) are not in {root}: fetch them "
+                "with `zfdiffusion fetch-data`, or pass --images (and --masks).")
+        for folder in sorted({h.parent for h in hits[wanted[0]]}):
+            if all((folder / n).is_file() for n in wanted):
+                return [folder / n for n in wanted]
+        return [hits[n][0] for n in wanted]
 
-    images = [find(n) for n in names]
+    images = find(names)
     masks = None
     if paired:
         mask_names = td.get("mask_files") or [KNOWN_MASKS.get(n) for n in names]
         if not all(mask_names):
             raise UserInputError("the model card does not name the mask files: pass --masks.")
-        masks = [find(n) for n in mask_names]
+        masks = find(mask_names)
     return images, masks
 
 
@@ -440,7 +445,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ncc-downsample", type=int, default=4,
                    help="mean pooling before the exhaustive correlation search (1: full resolution, slow)")
     p.add_argument("--ncc-heldout", type=int, default=64, help="held-out tiles in the exhaustive search")
-    p.add_argument("--val-limit", type=int, default=256, help="most held-out crops for the reconstruction figures")
+    p.add_argument("--val-limit", type=int, default=256, help="most held-out crops for the reconstruction metrics")
     p.add_argument("--tile-stride", type=int, default=None,
                    help="stride of the held-out tiles for the distribution statistics (default: patch / 2)")
     p.add_argument("--device", default="cpu", help="cpu (default, reproducible), cuda, mps or auto")
