@@ -105,6 +105,7 @@ def test_generate_paired_adds_aligned_labels(paired, notes):
     assert labels.data.dtype == np.int32 and not prob.visible
     assert tuple(labels.scale) == tuple(image.scale) and tuple(labels.translate) == tuple(image.translate)
     assert labels.metadata["zfdiffusion"]["mask_threshold"] == 0.5
+    assert w.layer.value is image  # encode / decode is ready for the generated patches
 
 
 def test_paired_without_probability_layer(paired):
@@ -172,14 +173,17 @@ def test_encode_decode_a_plane_of_a_stack(unpaired, notes):
     viewer, w = unpaired
     rng = np.random.default_rng(0)
     src = viewer.add_image((rng.random((3, 40, 36)) * 255).astype(np.uint8), name="stack", scale=(1, 2, 2))
-    viewer.add_image(np.zeros((8, 8), np.float32), name="other")
+    other = viewer.add_image(np.zeros((8, 8), np.float32), name="other")
     viewer.dims.set_current_step(0, 2)
-    assert w.layer.value is src  # the first image layer
+    assert w.layer.value is other  # the layer selected in the layer list (napari selects a new layer)
+    viewer.layers.selection.active = src
+    assert w.layer.value is src
     w.roundtrip_button.clicked.emit()
     assert w.wait(60)
     assert errors(notes) == []
     out = viewer.layers["stack [plane 2] (autoencoded)"]
     assert viewer.layers.index(out) == viewer.layers.index(src) + 1  # next to its source
+    assert w.layer.value is src
     assert out.data.shape == (40, 36) and out.data.dtype == np.float32
     assert tuple(out.scale) == (2, 2)
     prov = out.metadata["zfdiffusion"]
@@ -270,3 +274,34 @@ def test_widget_through_napari(make_napari_viewer):
     from napari_zfdiffusion.widgets.em import GenerateEMWidget
 
     assert isinstance(widget, GenerateEMWidget)
+
+
+def test_progress_reaches_the_widget_in_order_and_before_the_end(make_napari_viewer):
+    """napari's progress bar re-enters the Qt event loop (processEvents) on every change, so queued
+    steps, the result and the end arrive inside a bar update. A fast job (many steps queued) must
+    neither overflow the stack nor reorder them: the widget sees every step in the order sent,
+    then the result, then the end."""
+    import time
+
+    from qtpy.QtCore import QCoreApplication
+
+    from napari_zfdiffusion.core.sampling import Progress
+    from napari_zfdiffusion.widgets._worker import start_job
+
+    make_napari_viewer()  # its activity dialog holds the bars that call processEvents
+    sent = [Progress("sample" if i < 1500 else "decode", i % 1500 + 1, 1500, i // 1500, 2) for i in range(2000)]
+    events = []
+
+    def fn(callback, token):
+        for p in sent:
+            callback(p)
+        return "result"
+
+    for _ in range(3):
+        events.clear()
+        start_job(fn, what="test", on_progress=events.append, on_result=events.append, on_error=events.append,
+                  on_cancel=lambda: events.append("cancel"), on_finish=lambda: events.append("end"))
+        deadline = time.monotonic() + 60
+        while events[-1:] != ["end"] and time.monotonic() < deadline:
+            QCoreApplication.processEvents()
+        assert events == [*sent, "result", "end"]

@@ -116,12 +116,12 @@ class Job:
 BAR_TOTAL = 100  # the bar counts percent: stages may differ in length (sampling steps, decoded batches)
 
 
-def _update_bar(pbar: progress, what: str, p: Progress) -> None:
+def _update_bar(pbar: progress, what: str, p: Progress, ended: Callable[[], bool] = lambda: False) -> None:
     if pbar.total != BAR_TOTAL:
         pbar.total = BAR_TOTAL
     done = min(int(p.fraction * BAR_TOTAL), BAR_TOTAL)
     pbar.set_description(f"{what}: {p.stage} {p.step}/{p.total} (stage {p.stage_index + 1}/{p.n_stages})")
-    if done > pbar.n:
+    if not ended() and done > pbar.n:  # the job may have ended inside set_description (see start_job)
         pbar.update(done - pbar.n)
 
 
@@ -148,9 +148,28 @@ def start_job(
         token.check()
         return fn(step_callback(token, relay), token)
 
+    # napari's progress bar calls QApplication.processEvents() whenever it changes, so queued steps,
+    # the result and the end of the job run *inside* a bar update. Updating the bar for each of
+    # those nested steps would nest again, as deep as the queue is long (a fast GPU job overflows
+    # the stack). So: the widget hears of every step at once, in the order sent; the bar is
+    # updated by the outermost call only, to the latest step, and never once the job has ended.
+    state = {"ended": False, "latest": None, "updating": False}
+
     def progressed(p: Progress) -> None:
-        _update_bar(pbar, what, p)
+        if state["ended"]:
+            return
         on_progress(p)
+        state["latest"] = p
+        if state["updating"]:
+            return  # an outer call is updating the bar and will show this step
+        state["updating"] = True
+        try:
+            shown = None
+            while not state["ended"] and state["latest"] is not shown:
+                shown = state["latest"]
+                _update_bar(pbar, what, shown, lambda: state["ended"])
+        finally:
+            state["updating"] = False
 
     def errored(exc: BaseException) -> None:
         if isinstance(exc, Cancelled):
@@ -159,6 +178,7 @@ def start_job(
             on_error(exc)
 
     def finished() -> None:
+        state["ended"] = True
         relay.progress.disconnect(progressed)
         pbar.close()
         on_finish()

@@ -96,7 +96,8 @@ class GenerateEMWidget(JobWidget):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.section = Label(value="<b>Encode / decode</b>")
         self.layer = ComboBox(label="image layer", choices=self._image_layers,
-                              tooltip="a 2D image, or the plane shown now of a stack")
+                              tooltip="a 2D image, or the plane shown now of a stack (follows the "
+                                      "layer selected in the layer list)")
         self.roundtrip_button = PushButton(text="Encode / decode")
         self.status = Label(label="status", value="")
         seed_row = Container(layout="horizontal", labels=False, label="seed",
@@ -118,6 +119,7 @@ class GenerateEMWidget(JobWidget):
         self.generate_button.changed.connect(lambda *_: self.generate())
         self.roundtrip_button.changed.connect(lambda *_: self.roundtrip())
         self.cancel_button.changed.connect(lambda *_: self.cancel())
+        viewer.layers.selection.events.active.connect(self._follow_selection)
         if self._models:  # the demo model (or the first one) is ready to use; reading its card is quick
             self.model.value = self._models[0][1]
         else:
@@ -167,6 +169,13 @@ class GenerateEMWidget(JobWidget):
     # ------------------------------------------------------------ parameters
     def _image_layers(self, *_) -> list[tuple[str, Image]]:
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _follow_selection(self, *_) -> None:
+        """The image layer to encode / decode follows the layer selected in the layer list."""
+        active = self._viewer.layers.selection.active
+        if isinstance(active, Image):
+            self.layer.reset_choices()
+            self.layer.value = active
 
     def params(self) -> dict:
         """The generation parameters as :meth:`LatentModel.generate` takes them."""
@@ -261,7 +270,7 @@ class GenerateEMWidget(JobWidget):
     # ------------------------------------------------------------ results
     def _add_patches(self, result, name: str, keep_probability: bool) -> None:
         meta = {PROVENANCE_KEY: result.provenance}
-        self._viewer.add_image(result.images.astype(np.float32, copy=False), name=name, contrast_limits=(0, 1),
+        image = self._viewer.add_image(result.images.astype(np.float32, copy=False), name=name, contrast_limits=(0, 1),
                                colormap="gray", metadata=meta)
         if result.masks is not None and keep_probability:
             self._viewer.add_image(result.masks.astype(np.float32, copy=False), name=f"{name} mask probability",
@@ -270,6 +279,7 @@ class GenerateEMWidget(JobWidget):
         if result.labels is not None:
             labels = self._viewer.add_labels(result.labels, name=f"{name} labels", opacity=0.8, metadata=meta)
             labels.contour = 1  # outlines: the patch stays visible under its objects
+        self.layer.value = image  # not the (hidden) probability napari just selected
         n_obj = "" if result.labels is None else \
             f", {sum(len(np.unique(lab)) - 1 for lab in result.labels)} objects"
         self.status.value = f"added '{name}' ({len(result.images)} patches{n_obj})"
@@ -282,6 +292,7 @@ class GenerateEMWidget(JobWidget):
                                        metadata={PROVENANCE_KEY: prov})
         if source in layers:  # next to (just above) its source in the layer list
             layers.move(layers.index(layer), layers.index(source) + 1)
+            self.layer.value = source  # a second press encodes the source again, not its reconstruction
         self.last_figures = figures
         self.status.value = (f"'{name}': MSE {figures['mse']:.4f}, PSNR {figures['psnr']:.1f} dB, "
                              f"SSIM {figures['ssim']:.3f} (latent {'x'.join(map(str, figures['latent_shape']))})")
