@@ -307,7 +307,7 @@ def _off(ax) -> None:
 def fig_samples(path: Path, rows: list[tuple[str, np.ndarray]], title: str) -> None:
     plt = _plt()
     k = max(len(r[1]) for r in rows)
-    fig, axes = plt.subplots(len(rows), k, figsize=(1.9 * k, 2.0 * len(rows) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(rows), k, figsize=(2.7 * k, 2.75 * len(rows) + 0.6), squeeze=False)
     for r, (name, imgs) in enumerate(rows):
         for c in range(k):
             ax = axes[r, c]
@@ -348,7 +348,7 @@ def fig_pairs(path: Path, groups: list[tuple[str, np.ndarray, np.ndarray, list[s
     """groups: (title, queries (k, H, W), nearest training crops (k, H, W), a caption per query)."""
     plt = _plt()
     ncol = sum(len(g[1]) for g in groups)
-    fig, axes = plt.subplots(2, ncol, figsize=(1.8 * ncol, 4.0), squeeze=False)
+    fig, axes = plt.subplots(2, ncol, figsize=(2.1 * ncol, 4.9), squeeze=False)
     c = 0
     for title, q, nb, d in groups:
         for i in range(len(q)):
@@ -407,7 +407,7 @@ def overlay(img: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def fig_masks(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]], title: str) -> None:
     plt = _plt()
     k = max(len(r[1]) for r in rows)
-    fig, axes = plt.subplots(len(rows), k, figsize=(2.2 * k, 2.3 * len(rows) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(rows), k, figsize=(2.8 * k, 2.95 * len(rows) + 0.6), squeeze=False)
     for r, (name, imgs, labs) in enumerate(rows):
         for c in range(k):
             ax = axes[r, c]
