@@ -237,10 +237,13 @@ def test_mismatched_autoencoder(tiny_latent, tiny_paired, tmp_path):
 
 def test_a_cascade_is_not_a_patch_model(tmp_path):
     cas = make_tiny_cascade(tmp_path / "cas", stages=("base",))
-    with pytest.raises(UserInputError, match="not a patch model"):
+    with pytest.raises(UserInputError, match="is a depth cascade, not a patch model"):
         LatentModel.load(cas, "cpu")
-    with pytest.raises(UserInputError, match="not a patch model"):
+    with pytest.raises(UserInputError, match="is a depth cascade"):
         Autoencoder.load(cas, "cpu")
+    (cas / "cascade.json").unlink()
+    with pytest.raises(UserInputError, match="not a patch model folder"):
+        LatentModel.load(cas, "cpu")
 
 
 def test_a_vae_folder_cannot_generate(paired_models):

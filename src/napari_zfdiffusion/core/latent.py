@@ -89,6 +89,9 @@ def weights_sha256(folder: Path) -> str:
 
 def read_card(path: Path, kinds: tuple[str, ...]) -> dict:
     if not (path / CARD_FILE).is_file():
+        if (path / "cascade.json").is_file():
+            raise UserInputError(f"'{path}' is a depth cascade, not a patch model: use it with `zfdiffusion generate` "
+                                 "or the Generate slices widget.")
         raise UserInputError(
             f"'{path}' is not a patch model folder (no {CARD_FILE}). Give a folder made by "
             "`zfdiffusion train vae` or `zfdiffusion train ldm`."
