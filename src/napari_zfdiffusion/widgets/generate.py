@@ -12,22 +12,28 @@ normalised like the training data and upsampled at the widget's depth.
 
 from __future__ import annotations
 
-import logging
-import secrets
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton,
-                              Slider, SpinBox)
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    Slider,
+    SpinBox,
+)
 from napari.layers import Image
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error
 
 from ..core.device import available_devices
 from ..core.errors import UserInputError
 from ..core.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ..core.store import list_models
-from ._worker import Job, get_cascade, start_job
+from ._worker import MAX_SEED, JobWidget, error_message, get_cascade
 
 if TYPE_CHECKING:
     import napari
@@ -36,8 +42,6 @@ if TYPE_CHECKING:
 
 DEMO_MODEL = "zf-cascade-demo"
 PROVENANCE_KEY = "zfdiffusion"
-MAX_SEED = 2**31 - 1
-log = logging.getLogger(__name__)
 
 
 def model_choices() -> list[tuple[str, str]]:
@@ -47,21 +51,15 @@ def model_choices() -> list[tuple[str, str]]:
     return [(f"{m.name} ({m.source})", str(m.path)) for m in entries]
 
 
-def error_message(exc: BaseException) -> str:
-    if isinstance(exc, UserInputError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+class GenerateSlicesWidget(JobWidget):
+    """Generate slices at a chosen depth class, and upsample existing images through the cascade.
 
-
-class GenerateSlicesWidget(Container):
-    """Generate slices at a chosen depth class, and upsample existing images through the cascade."""
+    Job handling (start, progress, cancel, errors, :meth:`wait`) comes from :class:`JobWidget`.
+    """
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(labels=True)
-        self._viewer = viewer
+        super().__init__(viewer, labels=True)
         self._cascade: Cascade | None = None
-        self._job: Job | None = None
-        self.last_progress = None
 
         self._models = model_choices()
         # Choices are callables: napari calls reset_choices() on dock widgets whenever layers change.
@@ -110,19 +108,6 @@ class GenerateSlicesWidget(Container):
         self._load_model_info()
 
     # ------------------------------------------------------------ model
-    def _on_folder(self, *_) -> None:
-        folder = self.model_folder.value
-        if folder is None or str(folder) in ("", "."):
-            return
-        value = str(folder)
-        if value not in [v for _, v in self._models]:
-            self._models.append((f"{folder.name} (folder)", value))
-            self.model.reset_choices()
-        if self.model.value == value:
-            self._load_model_info()
-        else:
-            self.model.value = value
-
     def _load_model_info(self, *_) -> None:
         """Read the chosen model's card (small JSON) to fill depth and resolution; weights load later."""
         self._cascade = None
@@ -155,10 +140,6 @@ class GenerateSlicesWidget(Container):
             self.depth_meaning.value = self._cascade.depth_label(self.depth.value)
 
     # ------------------------------------------------------------ parameters
-    def new_seed(self, *_) -> int:
-        self.seed.value = secrets.randbelow(MAX_SEED + 1)
-        return self.seed.value
-
     def params(self) -> dict:
         """The generation parameters as :meth:`Cascade.generate` takes them."""
         return {"depth": int(self.depth.value), "guidance": float(self.guidance.value),
@@ -166,66 +147,10 @@ class GenerateSlicesWidget(Container):
                 "seed": int(self.seed.value), "sampler": self.sampler.value, "steps": int(self.steps.value)}
 
     # ------------------------------------------------------------ jobs
-    @property
-    def _worker(self):
-        """The running napari worker, or None when idle."""
-        return None if self._job is None else self._job.worker
-
-    @property
-    def running(self) -> bool:
-        return self._job is not None
-
     def _set_running(self, running: bool) -> None:
         self.generate_button.enabled = not running and self._cascade is not None
         self.upsample_button.enabled = not running
         self.cancel_button.enabled = running
-
-    def _start(self, fn, what: str, on_result) -> None:
-        if self._job is not None:
-            show_info("a job is running: wait for it or press Cancel.")
-            return
-        if self.model.value is None:
-            show_error("choose a model first (or a model folder).")
-            return
-        self.last_progress = None
-        self.status.value = f"{what}: loading the model"
-        self._set_running(True)
-        self._job = start_job(fn, what=what, on_progress=self._on_progress, on_result=on_result,
-                              on_error=self._on_error, on_cancel=self._on_cancel, on_finish=self._on_finish)
-
-    def _on_progress(self, p) -> None:
-        self.last_progress = p
-        self.status.value = str(p)
-
-    def _on_error(self, exc: BaseException) -> None:
-        if not isinstance(exc, UserInputError):
-            log.error("zfdiffusion job failed", exc_info=exc)
-        self.status.value = "failed"
-        show_error(error_message(exc))
-
-    def _on_cancel(self) -> None:
-        self.status.value = "cancelled"
-        show_info("zfdiffusion: cancelled; nothing was added.")
-
-    def _on_finish(self) -> None:
-        self._job = None
-        self._set_running(False)
-
-    def cancel(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.cancel_button.enabled = False
-            self.status.value = "cancelling (stops after this step)"
-
-    def wait(self, timeout: float = 60.0) -> bool:
-        """Process Qt events until the running job has finished and its layer is added (for tests)."""
-        from qtpy.QtCore import QCoreApplication, QEventLoop
-
-        deadline = time.monotonic() + timeout
-        while self._job is not None and time.monotonic() < deadline:
-            QCoreApplication.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
-            time.sleep(0.005)
-        return self._job is None
 
     def generate(self, **overrides) -> None:
         """Start generating with the widget's parameters (``overrides`` replace some of them)."""
