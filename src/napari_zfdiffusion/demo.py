@@ -1,5 +1,6 @@
-"""`make demo`: napari with the slice generator docked and the demo model loaded, or, where no
-display works, the CLI writing a 512x512 slice and a PNG preview into outputs/.
+"""`make demo`: napari with the slice and EM-patch generators docked and the demo models loaded, or,
+where no display works, the CLI writing a 512x512 slice, nuclei patches with their masks, and PNG
+previews into outputs/.
 
 Set ZFDIFFUSION_DEMO_HEADLESS=1 to force the command-line path.
 """
@@ -30,11 +31,16 @@ def display_works() -> bool:
 def run_gui() -> int:
     import napari
 
+    from .widgets.em import GenerateEMWidget
     from .widgets.generate import GenerateSlicesWidget
 
     viewer = napari.Viewer(title="napari-zfdiffusion demo")
-    widget = GenerateSlicesWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Generate slices", area="right")
+    em = viewer.window.add_dock_widget(GenerateEMWidget(viewer), name="Generate EM patches", area="right")
+    slices = viewer.window.add_dock_widget(GenerateSlicesWidget(viewer), name="Generate slices", area="right")
+    try:  # two tabs, "Generate slices" in front (Qt's own call on napari's main window)
+        viewer.window._qt_window.tabifyDockWidget(em, slices)
+    except AttributeError:
+        pass
     napari.run()
     return 0
 
@@ -48,8 +54,15 @@ def run_cli(out_dir: Path = Path("outputs")) -> int:
           "(depth 2, guidance 3, DPM-Solver++; about a minute on a laptop CPU)")
     rc = main(["generate", "--model", DEMO_MODEL, "--depth", "2", "--guidance", "3", "--resolution", "512",
                "--steps", "25", "--sr-steps", "20", "--seed", "0", "--out", str(tif), "--preview", str(png)])
+    if rc != 0:
+        return rc
+    print(f"\nthe slice:   {tif.resolve()}\nthe preview: {png.resolve()}\n")
+    patches, labels, prev = (out_dir / f"demo_nuclei_{k}" for k in ("patches.tif", "labels.tif", "patches.png"))
+    print("and four 256x256 nuclei patches with their masks (latent diffusion, 50 steps; seconds)")
+    rc = main(["em", "generate", "--model", "nuclei-ldm-demo", "--n", "4", "--steps", "50", "--seed", "0",
+               "--out", str(patches), "--masks-out", str(labels), "--preview", str(prev)])
     if rc == 0:
-        print(f"\nthe slice:   {tif.resolve()}\nthe preview: {png.resolve()}")
+        print(f"\nthe patches: {patches.resolve()}\ntheir masks: {labels.resolve()}\nthe preview: {prev.resolve()}")
     return rc
 
 

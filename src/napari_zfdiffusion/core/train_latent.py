@@ -219,12 +219,22 @@ def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_p
 
 # ----------------------------------------------------------------------------- latent diffusion
 @torch.no_grad()
-def encode_bank(vae, scale: float, data: PatchData, n: int, patch: int, g: torch.Generator, dev) -> torch.Tensor:
+def encode_bank(vae, scale: float, data: PatchData, n: int, patch: int, g: torch.Generator, dev,
+                show_progress: bool = False) -> torch.Tensor:
     """``n`` scaled latents of random augmented training crops (the LDM trains on these)."""
     out = []
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="encode crops", unit="crop", dynamic_ncols=True)
     for i in range(0, n, 16):
         x = data.random_crops(min(16, n - i), patch, g).to(dev)
         out.append((vae.encode(x).latent_dist.sample(g) * scale).float().cpu())
+        if bar is not None:
+            bar.update(len(x))
+    if bar is not None:
+        bar.close()
     return torch.cat(out)
 
 
@@ -271,7 +281,8 @@ def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks,
     scale = float(vcard["scaling_factor"])
     f = downsampling(vae)
     shape = [vae.config.latent_channels, patch // f, patch // f]
-    bank = encode_bank(vae, scale, data, cfg.bank, patch, loop.step_generator(cfg.seed, di.rank, 0), dev)
+    bank = encode_bank(vae, scale, data, cfg.bank, patch, loop.step_generator(cfg.seed, di.rank, 0), dev,
+                       show_progress=show_progress and di.main)
     vae.cpu()
     schedule = dict(DEFAULT_SCHEDULE, prediction_type="v_prediction" if cfg.loss == "v" else "epsilon")
     noise_sched = make_scheduler("ddpm", schedule)
