@@ -31,6 +31,8 @@ test: $(STAMP)
 
 weights: $(STAMP)
 	scripts/train_demo_cascade.sh runs/zf-cascade-demo && scripts/export_demo.sh runs/zf-cascade-demo
+	scripts/train_demo_em.sh runs/patches
+	scripts/export_patch_demo.sh runs/patches/em-ldm-demo && scripts/export_patch_demo.sh runs/patches/nuclei-ldm-demo
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -9,7 +9,7 @@ RUN=${1:-runs/patches}
 PY=${PY:-.venv/bin/python}
 DEVICE=${DEVICE:-auto}
 VAE_STEPS=${VAE_STEPS:-2500}
-LDM_STEPS=${LDM_STEPS:-5000}
+LDM_STEPS=${LDM_STEPS:-4000}
 mkdir -p "$RUN"
 CLI=($PY -m napari_zfdiffusion.cli)
 EM=$("${CLI[@]}" -q fetch-data --dataset em | sed 's/.* in //')
