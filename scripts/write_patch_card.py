@@ -60,8 +60,9 @@ def main() -> None:
     lines = [
         f"# {name}",
         "",
-        f"{card.get('description', '')}: {card['patch_size']}x{card['patch_size']} grayscale patches"
-        + (" with an aligned mask (instance labels)" if paired else "") + ", by latent diffusion.",
+        f"Generates {card['patch_size']}x{card['patch_size']} grayscale patches"
+        + (" with an aligned mask (instance labels)" if paired else "")
+        + f" by latent diffusion; trained on {', '.join(data.get('files', []))}.",
         "",
         "| | |",
         "|---|---|",
@@ -126,7 +127,7 @@ def main() -> None:
         "",
         "## Limits",
         "",
-        "* A demo trained on a CPU in about an hour on two images (EM) or 16 frames (nuclei): the autoencoder "
+        "* A demo trained on a CPU in about 1.5 hours on two images (EM) or 16 frames (nuclei): the autoencoder "
         "(16x compression) smooths fine texture, and the samples cover only what those images show.",
         "* Not for biological conclusions. Train on your own data with `zfdiffusion train vae` and "
         "`zfdiffusion train ldm` (docs/training.md); on a GPU use `--size base` and 10x the steps.",
