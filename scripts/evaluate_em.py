@@ -28,14 +28,18 @@ What is measured:
   patch (the diffusion model trained on flipped and rotated crops). Held-out real crops (tiles with
   stride patch/2) get the same treatment: they are the scale of "a different patch of the same kind
   of image". Copies would sit well below them. Random crops sample the training offsets sparsely, so
-  this finds copies of whole crops only; and a flat or blurry patch is close to everything in RMS;
+  this finds copies of whole crops only; and a smooth patch is closer to everything in RMS than a
+  noisy real one, so the held-out tiles passed through the autoencoder (as smooth as generated
+  patches) are the fair reference here;
 * an exhaustive copy search: the highest normalised cross-correlation (Pearson r) of each patch with
   any window of the training images, at every offset and over the 8 flips / rotations (FFT, after
   ``--ncc-downsample`` mean pooling), against the same for held-out tiles. A copy of any training
   region scores near 1, wherever it was; brightness and contrast do not matter;
 * intensity histograms and radially averaged power spectra (``core.metrics``), with two summary
   numbers: the 1-Wasserstein distance between intensity distributions and the mean |log10| ratio of
-  the spectra;
+  the spectra, for generated vs real and vs reconstructed held-out tiles (the latter isolates the
+  diffusion model from the autoencoder); and the mean intensity of a 16-pixel frame at the patch
+  edges minus that of the centre (decoder padding artefacts);
 * paired models: objects per patch, object area and foreground fraction (labels from
   ``core.patches.labels_from_mask`` with the same threshold and minimum size for generated masks and
   for the real held-out masks), and the mean image intensity inside vs outside the mask (alignment);
@@ -267,6 +271,16 @@ def spectrum_log_ratio(p: np.ndarray, ref: np.ndarray) -> float:
     """Mean |log10(p / ref)| over the frequency bins above zero: 0 = same spectrum, 0.3 = a factor 2."""
     ok = (ref[1:] > 0) & (p[1:] > 0)
     return float(np.mean(np.abs(np.log10(p[1:][ok] / ref[1:][ok]))))
+
+
+def edge_profile(x: np.ndarray, band: int = 16) -> dict:
+    """Mean intensity of a ``band``-pixel frame at the patch edges, of the central half, and their difference
+    (padding artefacts of a convolutional decoder show up as a frame)."""
+    h, w = x.shape[-2:]
+    frame = np.ones((h, w), bool)
+    frame[band:h - band, band:w - band] = False
+    edge, centre = float(x[..., frame].mean()), float(x[..., h // 4:3 * h // 4, w // 4:3 * w // 4].mean())
+    return {"edge_band_mean": edge, "centre_mean": centre, "edge_minus_centre": edge - centre}
 
 
 def object_stats(labels: np.ndarray, images: np.ndarray) -> dict:
@@ -520,6 +534,9 @@ def main(argv=None) -> int:
     log(f"reconstruction on {len(val)} held-out crops: MSE {recon['mse']:.5f}, PSNR {recon['psnr']:.2f} dB, "
         f"SSIM {recon['ssim']:.3f}" + (f", mask Dice {recon['mask_dice']:.3f}" if model.paired else ""))
 
+    rec_tiles = to_unit(torch.cat([model.decode(model.encode(tiles[i:i + a.batch]), batch=a.batch)
+                                   for i in range(0, len(tiles), a.batch)])[:, 0])
+
     # ---- 2. generation, timed -------------------------------------------------------------------
     marks: dict[str, float] = {}
 
@@ -554,6 +571,7 @@ def main(argv=None) -> int:
     real_tiles = to_unit(tiles[:, 0])
     d_gen, k_gen = nn_over_dihedral(gen, ref)
     d_real, k_real = nn_over_dihedral(real_tiles, ref)
+    d_rec, _ = nn_over_dihedral(rec_tiles, ref)
     timings["memorisation_nn_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sc = a.ncc_downsample
@@ -561,40 +579,52 @@ def main(argv=None) -> int:
     ncc_real_idx = spread(len(real_tiles), a.ncc_heldout)
     ncc_gen = max_ncc(downscale(gen, sc), [downscale(i, sc) for i in train_imgs])
     ncc_real = max_ncc(downscale(real_tiles[ncc_real_idx], sc), [downscale(i, sc) for i in train_imgs])
-    r_gen, r_real = ncc_gen["ncc"], ncc_real["ncc"]
+    ncc_rec = max_ncc(downscale(rec_tiles[ncc_real_idx], sc), [downscale(i, sc) for i in train_imgs])
+    r_gen, r_real, r_rec = ncc_gen["ncc"], ncc_real["ncc"], ncc_rec["ncc"]
     timings["memorisation_ncc_s"] = time.perf_counter() - t0
     mem = {
         "reference": f"{len(ref)} random {patch}x{patch} training crops (PatchData.random_crops, augment=False, "
                      f"seed {a.seed})",
         "metric": "RMS difference per pixel of [0, 1] images, minimised over the 8 flips/rotations of the query",
         "generated": quartiles(d_gen), "real_heldout": quartiles(d_real),
+        "real_heldout_reconstructed": quartiles(d_rec),
+        "reconstructed_note": "the held-out tiles passed through the autoencoder: as smooth as generated patches "
+                              "(the decoder drops fine texture and noise), so the fair reference for RMS distances; "
+                              "a smooth patch lies closer to everything than a noisy real one",
         "real_heldout_queries": f"{len(real_tiles)} held-out tiles, stride {a.tile_stride or max(1, patch // 2)}",
         "median_ratio_generated_to_real": float(np.median(d_gen) / np.median(d_real)),
         "frac_generated_below_real_min": float((d_gen < d_real.min()).mean()),
         "frac_generated_below_real_p05": float((d_gen < np.percentile(d_real, 5)).mean()),
+        "median_ratio_generated_to_reconstructed": float(np.median(d_gen) / np.median(d_rec)),
+        "frac_generated_below_reconstructed_min": float((d_gen < d_rec.min()).mean()),
+        "frac_generated_below_reconstructed_p05": float((d_gen < np.percentile(d_rec, 5)).mean()),
         "exhaustive_ncc": {
             "metric": f"highest normalised cross-correlation (Pearson r) with any {patch}x{patch} window of the "
                       f"training images, every offset and the 8 flips/rotations of the patch, after {sc}x{sc} "
                       "mean pooling; a copy of any training region scores near 1. Insensitive to brightness and "
                       "contrast, so flat or blurry patches (close to everything in RMS distance) score low",
             "generated": quartiles(r_gen), "real_heldout": quartiles(r_real),
+            "real_heldout_reconstructed": quartiles(r_rec),
             "real_heldout_queries": f"{len(r_real)} of the held-out tiles",
             "frac_generated_above_real_max": float((r_gen > r_real.max()).mean()),
             "frac_generated_above_real_p95": float((r_gen > np.percentile(r_real, 95)).mean()),
+            "frac_generated_above_reconstructed_max": float((r_gen > r_rec.max()).mean()),
         },
     }
     log(f"nearest training crop: generated median {np.median(d_gen):.4f} (min {d_gen.min():.4f}), held-out real "
-        f"median {np.median(d_real):.4f} (min {d_real.min():.4f}); {mem['frac_generated_below_real_min']:.1%} of "
-        f"generated below the held-out minimum; best correlation with any training window: generated "
-        f"median {np.median(r_gen):.3f} (max {r_gen.max():.3f}), held-out real median {np.median(r_real):.3f} "
-        f"(max {r_real.max():.3f})")
+        f"median {np.median(d_real):.4f} (min {d_real.min():.4f}), held-out reconstructed median "
+        f"{np.median(d_rec):.4f} (min {d_rec.min():.4f}); {mem['frac_generated_below_reconstructed_min']:.1%} of "
+        f"generated below the reconstructed held-out minimum; best correlation with any training window: "
+        f"generated median {np.median(r_gen):.3f} (max {r_gen.max():.3f}), held-out real median "
+        f"{np.median(r_real):.3f} (max {r_real.max():.3f}), reconstructed {np.median(r_rec):.3f} "
+        f"(max {r_rec.max():.3f})")
 
     # ---- 4. intensity and spectra ----------------------------------------------------------------
     edges = np.linspace(0, 1, 41)  # coarse: 8-bit data normalised to [0, 1] alias finer bins
     train_sub = ref[spread(len(ref), 256)]
     sets = {"generated": gen, "real held-out": real_tiles, "real training": train_sub,
-            "reconstructed held-out": rec_img}
-    hists = {k: (edges, intensity_hist(v, edges)) for k, v in sets.items() if k != "reconstructed held-out"}
+            "reconstructed held-out": rec_tiles}
+    hists = {k: (edges, intensity_hist(v, edges)) for k, v in sets.items()}
     spectra = {k: radial_power_spectrum(v) for k, v in sets.items()}
     stats = {
         "intensity": {k: {"mean": float(v.mean()), "std": float(v.std()),
@@ -604,21 +634,29 @@ def main(argv=None) -> int:
         "wasserstein_generated_vs_real_heldout": wasserstein(gen, real_tiles),
         "wasserstein_generated_vs_real_training": wasserstein(gen, train_sub),
         "wasserstein_real_heldout_vs_real_training": wasserstein(real_tiles, train_sub),
+        "wasserstein_generated_vs_reconstructed_heldout": wasserstein(gen, rec_tiles),
+        "wasserstein_reconstructed_vs_real_heldout": wasserstein(rec_tiles, real_tiles),
         "spectrum_log10_ratio": {
             "generated_vs_real_heldout": spectrum_log_ratio(spectra["generated"][1], spectra["real held-out"][1]),
             "reconstructed_vs_real_heldout": spectrum_log_ratio(spectra["reconstructed held-out"][1],
                                                                 spectra["real held-out"][1]),
             "real_training_vs_real_heldout": spectrum_log_ratio(spectra["real training"][1],
                                                                 spectra["real held-out"][1]),
+            "generated_vs_reconstructed_heldout": spectrum_log_ratio(spectra["generated"][1],
+                                                                     spectra["reconstructed held-out"][1]),
         },
+        "edge_profile": {k: edge_profile(v) for k, v in sets.items()},
         "spectra": {k: {"frequency": f.tolist(), "power": p.tolist()} for k, (f, p) in spectra.items()},
         "note": "real held-out: the held-out tiles; real training: 256 of the memorisation reference crops; "
-                "reconstructed: the reconstructions of the non-overlapping held-out crops",
+                "reconstructed: the held-out tiles through the autoencoder (what a perfect latent model would "
+                "give); generated vs reconstructed isolates the diffusion model from the autoencoder",
     }
     log(f"intensity mean generated {stats['intensity']['generated']['mean']:.3f} vs real held-out "
         f"{stats['intensity']['real held-out']['mean']:.3f}; W1 {stats['wasserstein_generated_vs_real_heldout']:.4f}; "
         f"spectrum |log10 ratio| generated {stats['spectrum_log10_ratio']['generated_vs_real_heldout']:.3f}, "
-        f"reconstructed {stats['spectrum_log10_ratio']['reconstructed_vs_real_heldout']:.3f}")
+        f"reconstructed {stats['spectrum_log10_ratio']['reconstructed_vs_real_heldout']:.3f}, generated vs "
+        f"reconstructed {stats['spectrum_log10_ratio']['generated_vs_reconstructed_heldout']:.3f}; edge - centre "
+        + ", ".join(f"{k} {v['edge_minus_centre']:+.3f}" for k, v in stats["edge_profile"].items()))
 
     # ---- 5. masks (paired models) ----------------------------------------------------------------
     masks_info = None
@@ -651,13 +689,14 @@ def main(argv=None) -> int:
                 f"{name} ({steps_txt}): held-out real {patch}x{patch} crops, their autoencoder reconstructions,\n"
                 f"and generated patches (seeds {a.seed}-{a.seed + min(6, a.n) - 1}, {a.sampler} {a.steps} steps)")
     fig_nn_hist(fig_path("nn_hist"),
-                [({"real held-out": d_real, "generated": d_gen},
+                [({"real held-out": d_real, "held-out reconstructed": d_rec, "generated": d_gen},
                   "RMS distance to the nearest training crop (intensities in [0, 1])"),
-                 ({"real held-out": r_real, "generated": r_gen},
+                 ({"real held-out": r_real, "held-out reconstructed": r_rec, "generated": r_gen},
                   f"highest correlation with any training window (all offsets, {sc}x{sc} pooled)")],
                 f"{name}: left, the nearest of {len(ref)} random training crops; right, the best-matching window "
                 "anywhere in the training images (both: best of 8 flips/rotations of each patch).\nCopies would "
-                "sit left of the held-out real crops (distance) or right of them (correlation)")
+                "sit left of the held-out crops (distance; compare with the equally smooth reconstructions) or right "
+                "of them (correlation)")
     pick_real = np.argsort(d_real)[[0, len(d_real) // 2]]  # the closest held-out tile, and a median one
     groups = []
     for title, q_set, idx, k_set in (("closest generated (d)", gen, np.argsort(d_gen)[:4], k_gen),
