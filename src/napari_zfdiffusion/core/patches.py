@@ -128,6 +128,7 @@ class PatchData:
     normalisation: Normalisation
     split: str
     notices: list[str] = field(default_factory=list)
+    mask_names: list[str] = field(default_factory=list)
 
     @property
     def n_channels(self) -> int:
@@ -179,7 +180,7 @@ class PatchData:
             if not val:
                 notices.append(f"no validation split: images need at least {2 * patch} rows, or give 5 or more images")
         return cls(train, val, names, ["image", "mask"] if masks is not None else ["image"], encoding, norm, split,
-                   notices)
+                   notices, mnames if masks is not None else [])
 
     def random_crops(self, n: int, crop: int, gen: torch.Generator, *, augment: bool = True) -> torch.Tensor:
         """``n`` random crops (n, C, crop, crop) from the training images, each picked in proportion to
@@ -215,6 +216,7 @@ class PatchData:
         return {
             "images": len(self.names),
             "files": sorted({n.split("[")[0] for n in self.names}),
+            "mask_files": sorted({n.split("[")[0] for n in self.mask_names}),
             "channels": self.channels,
             "mask_encoding": self.mask_encoding,
             "validation": self.split,
