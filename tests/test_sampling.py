@@ -70,8 +70,8 @@ def recorded_preds(monkeypatch):
     preds: list[torch.Tensor] = []
     real = sampling.make_scheduler
 
-    def wrapped(name, schedule=None):
-        sched = real(name, schedule)
+    def wrapped(name, schedule=None, **kw):
+        sched = real(name, schedule, **kw)
         step = sched.step
 
         def recording_step(model_output, *a, **k):
