@@ -115,6 +115,26 @@ def blobs(tmp_path) -> tuple[Path, Path]:
     return make_blobs(tmp_path / "blobs")
 
 
+@pytest.fixture
+def notes():  # for the widget tests (napari imported only when used)
+    """Every napari notification shown during the test, as (severity, message)."""
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+
+    def record(event):
+        n = event if not hasattr(event, "value") else event.value
+        seen.append((str(n.severity), n.message))
+
+    notification_manager.notification_ready.connect(record)
+    yield seen
+    notification_manager.notification_ready.disconnect(record)
+
+
+def errors(notes):
+    return [m for s, m in notes if s == "error"]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """User models and fetched data go to a temporary ZFDIFFUSION_HOME in every test."""

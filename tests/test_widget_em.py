@@ -9,30 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import errors
+
 pytest.importorskip("napari")
 pytest.importorskip("qtpy")
 
 pytestmark = pytest.mark.gui
 
-
-@pytest.fixture
-def notes():
-    """Every napari notification shown during the test, as (severity, message)."""
-    from napari.utils.notifications import notification_manager
-
-    seen = []
-
-    def record(event):
-        n = event if not hasattr(event, "value") else event.value
-        seen.append((str(n.severity), n.message))
-
-    notification_manager.notification_ready.connect(record)
-    yield seen
-    notification_manager.notification_ready.disconnect(record)
-
-
-def errors(notes):
-    return [m for s, m in notes if s == "error"]
 
 
 def _dock(viewer, model, *, steps: int = 2, n: int = 2):
