@@ -74,7 +74,8 @@ def main() -> None:
         f"{vt.get('steps_done')} steps of batch {vt.get('batch_size')} on {vt.get('crop') or card['patch_size']}px crops |",
         f"| latent scale factor | {_f(card.get('scaling_factor'), '.4f')} (1 / std of the training latents, measured) |",
         f"| diffusion UNet | ZfUNet (diffusers UNet2DModel), size `{ut.get('size')}`, loss {ut.get('loss')}, "
-        f"{ut.get('steps_done')} steps of batch {ut.get('batch_size')} on {ut.get('bank')} encoded crops, EMA {ut.get('ema_decay')} |",
+        f"{ut.get('steps_done')} steps of batch {ut.get('batch_size')} on {ut.get('bank')} encoded crops, EMA {ut.get('ema_decay')}; "
+        "weights stored in float16, loaded as float32 |",
         f"| schedule | {unet.get('schedule', {}).get('beta_schedule')}, {unet.get('schedule', {}).get('prediction_type')} |",
         f"| normalisation | per image, percentiles {card.get('normalisation', {}).get('low')}-"
         f"{card.get('normalisation', {}).get('high')} to [0, 1], then (x - 0.5) / 0.5 |",
