@@ -1,0 +1,122 @@
+"""Tiled prediction for images of any size (groundwork for the segmentation U-Net, issue 4).
+
+A network that maps (B, C_in, t, t) -> (B, C_out, t, t) is run on overlapping tiles; the outputs are
+blended with a smooth weight that falls to zero towards each side shared with another tile (so seams
+are invisible and pixels that saw the tile's padding do not count), and accumulated into the output plane by
+plane. Memory beyond the output is one batch of tiles; the output itself may be a NumPy memmap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .errors import UserInputError
+from .sampling import Progress, ProgressCallback
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` shared.
+
+    The last tile is moved back to end at ``length`` exactly; a length shorter than one tile gives [0].
+    """
+    if tile <= overlap:
+        raise UserInputError(f"the tile ({tile}) must be larger than the overlap ({overlap}).")
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, length - tile, step))
+    starts.append(length - tile)
+    return starts
+
+
+def _ramp(tile: int, overlap: int, open_start: bool, open_end: bool) -> np.ndarray:
+    r = np.ones(tile, np.float32)
+    if overlap <= 0:
+        return r
+    margin = overlap // 4  # the outermost pixels saw the tile's padding: they get no weight at all
+    n = overlap - 2 * margin
+    rise = np.concatenate([np.zeros(margin, np.float32),
+                           0.5 - 0.5 * np.cos(np.pi * (np.arange(n, dtype=np.float32) + 0.5) / n),
+                           np.ones(margin, np.float32)])
+    if not open_start:
+        r[:overlap] = rise
+    if not open_end:
+        r[tile - overlap:] = rise[::-1]
+    return r
+
+
+def blend_weight(tile: int, overlap: int, edges: tuple[bool, bool, bool, bool] = (False,) * 4) -> np.ndarray:
+    """A (tile, tile) weight: 1 in the middle; towards a side shared with another tile, a raised-cosine
+    ramp over ``overlap`` pixels whose outer quarter is 0. ``edges`` (top, bottom, left, right) marks
+    the sides on the image border, which keep weight 1 (no other tile covers them).
+
+    With zero weight on the outer ``overlap // 4`` pixels, a network whose receptive field reaches at
+    most that far gives exactly the whole-image result.
+    """
+    top, bottom, left, right = edges
+    return np.outer(_ramp(tile, overlap, top, bottom), _ramp(tile, overlap, left, right))
+
+
+def predict_tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    image: np.ndarray,
+    *,
+    tile: int = 256,
+    overlap: int = 32,
+    out_channels: int = 1,
+    batch: int = 4,
+    out: np.ndarray | None = None,
+    callback: ProgressCallback | None = None,
+) -> np.ndarray:
+    """Run ``fn`` over a 2D image (Y, X) or a stack (N, Y, X) of float32 planes, tile by tile.
+
+    ``fn`` takes a (B, 1, tile, tile) float32 tensor and returns (B, out_channels, tile, tile).
+    Returns float32 of shape (N, out_channels, Y, X) (no N for a 2D input; no channel axis when
+    ``out_channels`` is 1). Planes smaller than a tile are padded by reflection (or edge values).
+    ``out``: an array (e.g. ``np.lib.format.open_memmap``) of that shape to write into.
+    ``callback`` gets one :class:`Progress` per batch of tiles; raising from it stops the job.
+    """
+    arr = np.asarray(image)
+    two_d = arr.ndim == 2
+    if two_d:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise UserInputError(f"give a 2D image or a (N, Y, X) stack; this array has shape {np.asarray(image).shape}.")
+    if overlap < 0 or tile < 16:
+        raise UserInputError(f"tile must be at least 16 and overlap at least 0, got {tile} and {overlap}.")
+    n, h, w = arr.shape
+    shape = (n, out_channels, h, w)
+    result = np.zeros(shape, np.float32) if out is None else out
+    if tuple(result.shape) != shape:
+        raise ValueError(f"out has shape {tuple(result.shape)}, expected {shape}")
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    boxes = [(y, x) for y in ys for x in xs]
+    total = n * len(boxes)
+    done = 0
+    for k in range(n):
+        plane = arr[k].astype(np.float32, copy=False)
+        ph, pw = max(0, tile - h), max(0, tile - w)
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "edge"
+            plane = np.pad(plane, ((0, ph), (0, pw)), mode=mode)
+        acc = np.zeros((out_channels, max(h, tile), max(w, tile)), np.float32)
+        norm = np.zeros((max(h, tile), max(w, tile)), np.float32)
+        for i in range(0, len(boxes), batch):
+            chunk = boxes[i:i + batch]
+            x = torch.from_numpy(np.stack([plane[y:y + tile, x0:x0 + tile] for y, x0 in chunk]))[:, None]
+            with torch.no_grad():
+                pred = fn(x).float().cpu().numpy()
+            for (y, x0), p in zip(chunk, pred):
+                weight = blend_weight(tile, overlap, (y == 0, y + tile >= h, x0 == 0, x0 + tile >= w))
+                acc[:, y:y + tile, x0:x0 + tile] += p * weight
+                norm[y:y + tile, x0:x0 + tile] += weight
+            done += len(chunk)
+            if callback is not None:
+                callback(Progress("tiles", done, total))
+        result[k] = (acc / norm)[:, :h, :w]
+    if out_channels == 1:
+        result = result[:, 0]
+    return result[0] if two_d else result
