@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _machine import cpu_model, peak_rss_mb, rss_mb, sync  # benchmarks/_machine.py
 from napari_zfdiffusion.core.cascade import Cascade
 from napari_zfdiffusion.core.store import resolve_model
 
@@ -42,35 +42,6 @@ RUN_MODEL = ROOT / "runs" / "zf-cascade-demo"
 
 def default_model() -> str:
     return str(RUN_MODEL) if (RUN_MODEL / "base" / "stage.json").is_file() else "zf-cascade-demo"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
-
-
-def rss_mb() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        return None
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def timed(fn, dev) -> float:

@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -34,39 +33,12 @@ from pathlib import Path
 
 import torch
 
+from _machine import cpu_model, peak_rss_mb, rss_mb, sync  # benchmarks/_machine.py
 from napari_zfdiffusion.core.latent import LatentModel
 from napari_zfdiffusion.core.sampling import DEFAULT_SAMPLER, SAMPLERS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "runs" / "patches" / "em-ldm-demo"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
-
-
-def rss_mb() -> float | None:
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def ints(s: str) -> list[int]:

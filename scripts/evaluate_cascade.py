@@ -31,7 +31,6 @@ import datetime as dt
 import json
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _evalutil import git_commit, quartiles
+from _evalutil import plt as _plt
 from napari_zfdiffusion.core.cascade import Cascade
 from napari_zfdiffusion.core.data import DepthDataset, dihedral, list_images, resize, square
 from napari_zfdiffusion.core.store import resolve_model
@@ -68,14 +69,6 @@ def default_model() -> str:
 
 def floats(s: str) -> list[float]:
     return [float(v) for v in s.split(",") if v.strip()]
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def time_point(path: str | Path) -> int:
@@ -108,13 +101,6 @@ def views(plane: torch.Tensor, offsets, size: int = RES) -> torch.Tensor:
 def all_dihedral(x: torch.Tensor) -> torch.Tensor:
     """The 8 flips/rotations of each (H, W) image of (N, H, W): (8N, H, W)."""
     return torch.cat([dihedral(x, k, f) for f in (False, True) for k in range(4)])
-
-
-def quartiles(d: np.ndarray) -> dict:
-    d = np.asarray(d, dtype=np.float64)
-    q = np.percentile(d, [0, 5, 25, 50, 75, 100])
-    return {"n": int(d.size), "min": q[0], "p05": q[1], "q25": q[2], "median": q[3], "q75": q[4], "max": q[5],
-            "mean": float(d.mean())}
 
 
 def rounded(obj, nd=4):
@@ -290,15 +276,6 @@ def nn_dist(q: np.ndarray, ref: np.ndarray, ref_group: np.ndarray | None = None,
 
 
 # ------------------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def unit(x) -> np.ndarray:
     x = x.numpy() if torch.is_tensor(x) else np.asarray(x)
     return np.clip((x + 1) / 2, 0, 1)

@@ -55,7 +55,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,6 +62,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _evalutil import git_commit, quartiles
+from _evalutil import plt as _plt
 from napari_zfdiffusion.core.data import dihedral, to_unit
 from napari_zfdiffusion.core.errors import UserInputError
 from napari_zfdiffusion.core.latent import LatentModel
@@ -86,21 +87,6 @@ DIHEDRAL = [(k, f) for f in (False, True) for k in range(4)]
 # --------------------------------------------------------------------------------------- helpers
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def quartiles(d) -> dict:
-    d = np.asarray(d, dtype=np.float64)
-    q = np.percentile(d, [0, 5, 25, 50, 75, 100])
-    return {"n": int(d.size), "min": q[0], "p05": q[1], "q25": q[2], "median": q[3], "q75": q[4], "max": q[5],
-            "mean": float(d.mean())}
 
 
 def rounded(obj, nd=5):
@@ -304,15 +290,6 @@ def object_stats(labels: np.ndarray, images: np.ndarray) -> dict:
 
 
 # ------------------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _off(ax) -> None:
     ax.set_xticks([])
     ax.set_yticks([])

@@ -123,7 +123,7 @@ def main() -> None:
                          f"{_f(r.get('foreground_fraction'), '.2f')}.")
     bench = _load(a.bench)
     if bench:
-        lines += ["", f"Speed: see docs/benchmarks.md (`benchmarks/bench_latent.py`)."]
+        lines += ["", "Speed: see docs/benchmarks.md (`benchmarks/bench_latent.py`)."]
     lines += [
         "",
         "## Limits",
