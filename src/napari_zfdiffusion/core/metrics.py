@@ -70,3 +70,29 @@ def nearest_neighbour_rms(queries: np.ndarray, reference: np.ndarray, chunk: int
         d = (q**2).sum(1)[:, None] + rn[None, i:i + chunk] - 2.0 * q @ r[i:i + chunk].T
         best = np.minimum(best, d.min(1))
     return np.sqrt(np.maximum(best, 0) / q.shape[1])
+
+
+def match_objects(truth: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> dict:
+    """Per-object matching of two label images: an object pair matches when its IoU exceeds
+    ``threshold`` (for 0.5 or more each object matches at most one other).
+
+    Returns tp, fp, fn, precision, recall, f1 and the mean IoU of the matched pairs.
+    """
+    t = np.asarray(truth).astype(np.int64).ravel()
+    p = np.asarray(pred).astype(np.int64).ravel()
+    nt, np_ = int(t.max(initial=0)), int(p.max(initial=0))
+    area_t = np.bincount(t, minlength=nt + 1)
+    area_p = np.bincount(p, minlength=np_ + 1)
+    both = (t > 0) & (p > 0)
+    pairs, inter = np.unique(t[both] * (np_ + 1) + p[both], return_counts=True)
+    ti, pi = pairs // (np_ + 1), pairs % (np_ + 1)
+    iou_pairs = inter / (area_t[ti] + area_p[pi] - inter)
+    ok = iou_pairs > threshold
+    tp = int(len(np.unique(ti[ok])))
+    n_true, n_pred = int((area_t[1:] > 0).sum()), int((area_p[1:] > 0).sum())
+    fp, fn = n_pred - tp, n_true - tp
+    prec = tp / n_pred if n_pred else 1.0
+    rec = tp / n_true if n_true else 1.0
+    f1 = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+    return {"tp": tp, "fp": fp, "fn": fn, "precision": prec, "recall": rec, "f1": f1,
+            "matched_iou": float(iou_pairs[ok].mean()) if ok.any() else 0.0}

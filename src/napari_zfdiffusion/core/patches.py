@@ -136,7 +136,12 @@ class PatchData:
 
     @classmethod
     def from_paths(cls, images, masks=None, *, patch: int = 256, norm: Normalisation | None = None,
-                   val_fraction: float = 0.2) -> PatchData:
+                   val_fraction: float = 0.2, segmentation: bool = False) -> PatchData:
+        """Read ``images`` (and ``masks``) and split off validation images (none if ``val_fraction`` is 0).
+
+        ``segmentation``: the masks become two target channels, foreground and interior (see
+        :func:`.segment.targets_from_mask`), instead of the one mask channel of the patch generators.
+        """
         norm = norm or Normalisation(per="image")
         notices: list[str] = []
         imgs, names = read_images_2d(images, min_size=patch, notices=notices)
@@ -156,13 +161,29 @@ class PatchData:
                         "each mask must have its image's shape."
                     )
             encoding = mask_encoding(mks)
+            empty = [nb for m, nb in zip(mks, mnames) if not np.any(encode_mask(m, "binary") >= 0.5)]
+            if segmentation and len(empty) == len(mks):
+                raise UserInputError(
+                    "every mask is empty (no foreground pixels): check that the masks are the right files, "
+                    "and that objects are non-zero (binary masks: two values; label images: 1, 2, 3, ...).")
+            if empty:
+                notices.append(f"{len(empty)} of {len(mks)} mask(s) are empty ({', '.join(empty[:3])}"
+                               f"{', ...' if len(empty) > 3 else ''}): those images teach background only")
+            if segmentation:
+                from .segment import targets_from_mask
+
+                chans = [torch.cat([c, torch.from_numpy(targets_from_mask(m) * 2.0 - 1.0)])
+                         for c, m in zip(chans, mks)]
             if encoding == "interior":
                 notices.append("masks are label images: the model learns each object's interior, so touching "
                                "objects stay separate")
-            chans = [torch.cat([c, torch.from_numpy(encode_mask(m, encoding) * 2.0 - 1.0)[None]])
-                     for c, m in zip(chans, mks)]
+            if not segmentation:
+                chans = [torch.cat([c, torch.from_numpy(encode_mask(m, encoding) * 2.0 - 1.0)[None]])
+                         for c, m in zip(chans, mks)]
         n = len(chans)
-        if n >= 5:
+        if val_fraction <= 0:
+            train, val, split = chans, [], "no validation split"
+        elif n >= 5:
             k = max(1, round(n * val_fraction))
             train, val = chans[: n - k], chans[n - k:]
             split = f"last {k} of {n} images held out"
@@ -179,7 +200,9 @@ class PatchData:
             split = f"bottom rows of {len(val)} of {n} images held out" if val else "no validation (images too small)"
             if not val:
                 notices.append(f"no validation split: images need at least {2 * patch} rows, or give 5 or more images")
-        return cls(train, val, names, ["image", "mask"] if masks is not None else ["image"], encoding, norm, split,
+        names_ch = ["image"] if masks is None else (["image", "foreground", "interior"] if segmentation
+                                                     else ["image", "mask"])
+        return cls(train, val, names, names_ch, encoding, norm, split,
                    notices, mnames if masks is not None else [])
 
     def random_crops(self, n: int, crop: int, gen: torch.Generator, *, augment: bool = True) -> torch.Tensor:

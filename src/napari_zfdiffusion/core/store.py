@@ -111,16 +111,17 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def load_unet(folder: Path):
-    """Load a :class:`ZfUNet` from a stage folder, safetensors only, with clear errors."""
+def load_unet(folder: Path, cls=None):
+    """Load a network (``cls``, default :class:`ZfUNet`) from a folder, safetensors only, with clear errors."""
     from .models import ZfUNet
 
+    cls = cls or ZfUNet
     folder = Path(folder)
     for name in ("config.json", WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise UserInputError(f"model folder '{folder}' is missing {name}: copy the whole folder again or retrain.")
     try:
-        model = ZfUNet.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+        model = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
     except Exception as e:
         raise UserInputError(
             f"model folder '{folder}' could not be loaded ({type(e).__name__}: {str(e)[:300]}). "

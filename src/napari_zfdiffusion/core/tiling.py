@@ -96,14 +96,27 @@ def predict_tiled(
     boxes = [(y, x) for y in ys for x in xs]
     total = n * len(boxes)
     done = 0
+    # The blend weight of a tile is an outer product of a row ramp and a column ramp that depend only
+    # on the tile's row and column: so the sum of the weights is an outer product too, and the output
+    # itself is the accumulator. Memory beyond the output: one batch of tiles (and one padded plane
+    # for a plane smaller than a tile).
+    ph, pw = max(0, tile - h), max(0, tile - w)
+    norm_y = np.zeros(h + ph, np.float32)
+    norm_x = np.zeros(w + pw, np.float32)
+    for y in ys:
+        norm_y[y:y + tile] += _ramp(tile, overlap, y == 0, y + tile >= h)
+    for x0 in xs:
+        norm_x[x0:x0 + tile] += _ramp(tile, overlap, x0 == 0, x0 + tile >= w)
+    inv_y, inv_x = 1.0 / norm_y[:h], 1.0 / norm_x[:w]
     for k in range(n):
         plane = arr[k].astype(np.float32, copy=False)
-        ph, pw = max(0, tile - h), max(0, tile - w)
         if ph or pw:
             mode = "reflect" if ph < h and pw < w else "edge"
             plane = np.pad(plane, ((0, ph), (0, pw)), mode=mode)
-        acc = np.zeros((out_channels, max(h, tile), max(w, tile)), np.float32)
-        norm = np.zeros((max(h, tile), max(w, tile)), np.float32)
+            acc = np.zeros((out_channels, h + ph, w + pw), np.float32)
+        else:
+            acc = result[k]
+            acc[...] = 0.0
         for i in range(0, len(boxes), batch):
             chunk = boxes[i:i + batch]
             x = torch.from_numpy(np.stack([plane[y:y + tile, x0:x0 + tile] for y, x0 in chunk]))[:, None]
@@ -112,11 +125,13 @@ def predict_tiled(
             for (y, x0), p in zip(chunk, pred):
                 weight = blend_weight(tile, overlap, (y == 0, y + tile >= h, x0 == 0, x0 + tile >= w))
                 acc[:, y:y + tile, x0:x0 + tile] += p * weight
-                norm[y:y + tile, x0:x0 + tile] += weight
             done += len(chunk)
             if callback is not None:
                 callback(Progress("tiles", done, total))
-        result[k] = (acc / norm)[:, :h, :w]
+        if ph or pw:
+            result[k] = acc[:, :h, :w]
+        for r in range(0, h, 256):  # divide by the summed weights, a band of rows at a time
+            result[k, :, r:r + 256] *= inv_y[r:r + 256, None] * inv_x[None, :]
     if out_channels == 1:
         result = result[:, 0]
     return result[0] if two_d else result

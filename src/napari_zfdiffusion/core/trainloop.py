@@ -122,6 +122,11 @@ def model_config(saved: dict) -> dict:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):  # batch-norm statistics, averaged like the weights
+        if b.is_floating_point():
+            b_ema.lerp_(b, 1.0 - decay)
+        else:
+            b_ema.copy_(b)
 
 
 def atomic_torch_save(obj, path: Path) -> None:

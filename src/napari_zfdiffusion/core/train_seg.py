@@ -1,0 +1,216 @@
+"""Training the segmentation U-Net (``zfdiffusion train unet``) on real images with masks, on
+generated pairs (``zfdiffusion em generate --masks-out``), or on a mix of both.
+
+Runs in the one training loop (:mod:`.trainloop`: EMA, atomic checkpoints, exact resume,
+DistributedDataParallel under ``torchrun``). Data are random crops with flips and rotations
+(:class:`.patches.PatchData` with segmentation targets: foreground and interior). With
+``extra_images`` (e.g. generated pairs) a fixed fraction of every batch comes from them. At every
+checkpoint the EMA model segments the whole held-out images, tile by tile as in use, and foreground
+IoU, Dice and per-object F1 at IoU 0.5 go in the log and the card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import __version__
+from . import trainloop as loop
+from .data import Normalisation
+from .errors import UserInputError
+from .io import write_json
+from .latent import CARD_FILE
+from .metrics import dice, iou, match_objects
+from .patches import PatchData
+from .sampling import ProgressCallback
+from .segment import KIND, OUTPUTS, SEG_SIZES, ResUNet, build_segmenter, instances
+from .store import save_unet
+from .tiling import predict_tiled
+from .train_latent import _common_checks, _loop_config, _run
+
+
+@dataclass
+class UnetConfig:
+    size: str = "small"
+    steps: int = 4000
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: int = 100
+    crop: int = 128
+    interior: bool = True
+    extra_fraction: float = 0.5
+    val_fraction: float = 0.2
+    ema_decay: float = 0.99
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    norm_low: float = 1.0
+    norm_high: float = 99.8
+    tile: int = 256
+    overlap: int = 32
+    data_credit: str = ""
+    data_licence: str = ""
+
+    def validate(self) -> None:
+        if self.size not in SEG_SIZES:
+            raise UserInputError(f"unknown model size '{self.size}': choose one of {', '.join(SEG_SIZES)}.")
+        _common_checks(self)
+        if self.crop < 32 or self.crop % 16:
+            raise UserInputError(f"--crop must be a multiple of 16 and at least 32, got {self.crop}.")
+        if not 0.0 <= self.extra_fraction <= 1.0:
+            raise UserInputError(f"--extra-fraction must be between 0 and 1, got {self.extra_fraction}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserInputError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserInputError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}.")
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on every output, plus soft Dice on the foreground. ``target`` in [0, 1]."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits[:, 0])
+    t = target[:, 0]
+    inter = (p * t).sum((1, 2))
+    soft_dice = (2 * inter + 1.0) / (p.sum((1, 2)) + t.sum((1, 2)) + 1.0)
+    return bce + (1.0 - soft_dice).mean()
+
+
+@torch.no_grad()
+def evaluate(net: torch.nn.Module, images: list[torch.Tensor], *, tile: int = 256, overlap: int = 32,
+             threshold: float = 0.5, min_size: int = 16) -> dict:
+    """Foreground IoU and Dice, and object F1 at IoU 0.5, of ``net`` on whole (C, H, W) images in
+    [-1, 1] (channel 0 the image, then the foreground and interior targets), pooled over images."""
+    if not images:
+        return {}
+    dev = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    c = net.config.out_channels if hasattr(net, "config") else net.module.config.out_channels
+
+    def fn(x):
+        return torch.sigmoid(net(x.to(dev)).float())
+
+    inter = union = psum = tsum = 0
+    tp = fp = fn_ = 0
+    for img in images:
+        prob = predict_tiled(fn, img[0].numpy(), tile=tile, overlap=overlap, out_channels=c)
+        prob = prob if c > 1 else prob[None]
+        truth_fg = img[1].numpy() > 0
+        truth = instances((img[1].numpy() + 1) / 2, (img[2].numpy() + 1) / 2, min_size=0)
+        pred_fg = prob[0] >= threshold
+        pred = instances(prob[0], prob[1] if c > 1 else None, threshold=threshold, min_size=min_size)
+        inter += int((pred_fg & truth_fg).sum())
+        union += int((pred_fg | truth_fg).sum())
+        psum += int(pred_fg.sum())
+        tsum += int(truth_fg.sum())
+        m = match_objects(truth, pred)
+        tp, fp, fn_ = tp + m["tp"], fp + m["fp"], fn_ + m["fn"]
+    net.train(was_training)
+    return {"images": len(images), "iou": inter / union if union else 1.0,
+            "dice": 2 * inter / (psum + tsum) if psum + tsum else 1.0,
+            "f1": 2 * tp / (2 * tp + fp + fn_) if tp + fp + fn_ else 1.0, "tp": tp, "fp": fp, "fn": fn_}
+
+
+def train_unet(images, masks, out: str | Path, cfg: UnetConfig, *, extra_images=None, extra_masks=None,
+               val_images=None, val_masks=None, device: str = "auto", resume: bool = False,
+               show_progress: bool = True, callback: ProgressCallback | None = None) -> dict:
+    """Train (or resume) a segmentation U-Net into the folder ``out``.
+
+    ``images``/``masks``: the main training data (a validation split is held out of it unless
+    ``val_images``/``val_masks`` are given). ``extra_images``/``extra_masks``: more pairs (e.g.
+    generated), used for training only, ``cfg.extra_fraction`` of every batch.
+    """
+    cfg.validate()
+    if masks is None:
+        raise UserInputError("--masks is needed: one mask or label image per training image.")
+    if (extra_images is None) != (extra_masks is None):
+        raise UserInputError("give --extra-images and --extra-masks together.")
+    if (val_images is None) != (val_masks is None):
+        raise UserInputError("give --val-images and --val-masks together.")
+    return _run(_train_unet, device, images, masks, Path(out), cfg, extra_images, extra_masks, val_images,
+                val_masks, resume, show_progress, callback)
+
+
+def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images, extra_masks, val_images,
+                val_masks, resume, show_progress, callback) -> dict:
+    norm = Normalisation(cfg.norm_low, cfg.norm_high, per="image")
+    explicit_val = val_images is not None
+    data = PatchData.from_paths(images, masks, patch=cfg.crop, norm=norm, segmentation=True,
+                                val_fraction=0.0 if explicit_val else cfg.val_fraction)
+    extra = (PatchData.from_paths(extra_images, extra_masks, patch=cfg.crop, norm=norm, segmentation=True,
+                                  val_fraction=0.0) if extra_images is not None else None)
+    val = data.val
+    val_card = data.split
+    if explicit_val:
+        vdata = PatchData.from_paths(val_images, val_masks, patch=32, norm=norm, segmentation=True, val_fraction=0.0)
+        val, val_card = vdata.train, f"{len(vdata.train)} separate validation image(s)"
+    if di.main:
+        for note in data.notices + (extra.notices if extra else []):
+            print(f"note: {note}")
+    state_path = loop.prepare_state_dir(out / "training" / "unet", out, resume, di)
+    if di.world > 1:
+        dist.barrier()
+    saved = loop.load_state(state_path, resume, di)
+    n_out = 2 if cfg.interior else 1
+    if saved is not None:
+        net = ResUNet.from_config(loop.model_config(saved))
+        if net.config.out_channels != n_out:
+            raise UserInputError("the saved training state has another number of outputs: resume with the same "
+                                 "--interior/--no-interior, or use another --out.")
+    else:
+        torch.manual_seed(cfg.seed)
+        net = build_segmenter(cfg.size, n_out)
+    n_extra = round(cfg.batch_size * cfg.extra_fraction) if extra is not None else 0
+    amp = dev.type == "cuda"
+
+    def loss_fn(model, step, g):
+        parts = []
+        if cfg.batch_size - n_extra:
+            parts.append(data.random_crops(cfg.batch_size - n_extra, cfg.crop, g))
+        if n_extra:
+            parts.append(extra.random_crops(n_extra, cfg.crop, g))
+        x = torch.cat(parts).to(dev)
+        target = (x[:, 1:1 + n_out] + 1) / 2
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x[:, :1])
+        return seg_loss(logits.float(), target)
+
+    last_val: dict = {}
+
+    def validate(ema, step):
+        last_val.clear()
+        last_val.update(evaluate(ema, val, tile=cfg.tile, overlap=cfg.overlap))
+        return dict(last_val)
+
+    def export(ema, step, losses, secs, world):
+        info = {"kind": "segmentation-unet", "training": {**asdict(cfg), "steps_done": step,
+                                                          "train_seconds": round(secs, 1),
+                                                          "final_loss_ema": losses[-1] if losses else None,
+                                                          "world_size": world, "torch": torch.__version__},
+                "plugin_version": __version__}
+        save_unet(ema, out / "unet", info)
+        td = {**data.describe(), "validation": val_card, "credit": cfg.data_credit, "licence": cfg.data_licence}
+        write_json(out / CARD_FILE, {
+            "kind": KIND, "format_version": 1, "name": out.name,
+            "description": "U-Net segmentation: foreground probability" + (" and object interiors" if n_out > 1 else ""),
+            "outputs": list(OUTPUTS[:n_out]), "normalisation": norm.to_dict(),
+            "intensity": "each plane percentile-normalised to [0, 1], then (x - 0.5) / 0.5",
+            "tile": cfg.tile, "overlap": cfg.overlap, "threshold": 0.5, "min_size": 16, "crop": cfg.crop,
+            "steps": step, "validation": dict(last_val) or None,
+            "training_data": td,
+            "extra_training_data": ({**extra.describe(), "fraction_of_batch": n_extra / cfg.batch_size}
+                                    if extra is not None else None),
+            "plugin_version": __version__,
+        })
+
+    summary = loop.run(net, loss_fn=loss_fn, export=export, cfg=_loop_config(cfg, "train unet"), dev=dev, di=di,
+                       state_path=state_path, saved=saved, show_progress=show_progress, callback=callback,
+                       validate=validate)
+    return {"what": "unet", **summary, "model": str(out), "validation": dict(last_val)}
+
+
+__all__ = ["UnetConfig", "evaluate", "seg_loss", "train_unet"]
