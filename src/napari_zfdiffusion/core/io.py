@@ -100,3 +100,59 @@ def write_png_preview(path: str | Path, image: np.ndarray) -> Path:
 def write_json(path: str | Path, obj: dict) -> Path:
     text = json.dumps(obj, indent=2, default=str) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+class TiffMemmap:
+    """A TIFF written through a memory map, for outputs larger than memory: ``with TiffMemmap(path,
+    shape, dtype, provenance) as arr: arr[...] = ...``. The file is built under a temporary name and
+    renamed into place only when the block ends without an error (a crash or cancel leaves nothing)."""
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...], dtype, provenance: dict | None = None):
+        self.path = check_writable(path)
+        self.shape, self.dtype, self.provenance = tuple(shape), np.dtype(dtype), provenance or {}
+        self.tmp: Path | None = None
+        self.array: np.memmap | None = None
+
+    def __enter__(self) -> np.ndarray:
+        import tifffile
+
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        try:
+            self.array = tifffile.memmap(self.tmp, shape=self.shape, dtype=self.dtype,
+                                         description=json.dumps(self.provenance, default=str), metadata=None)
+        except OSError as e:
+            self.tmp.unlink(missing_ok=True)
+            raise UserInputError(f"could not write '{self.path}': {e.strerror or e}.") from None
+        return self.array
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        arr, self.array = self.array, None
+        try:
+            if exc_type is None:
+                arr.flush()
+        finally:
+            del arr
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return False
+        os.chmod(self.tmp, 0o666 & ~_umask())
+        os.replace(self.tmp, self.path)
+        return False
+
+
+def read_image_lazy(path: str | Path) -> np.ndarray:
+    """A TIFF as a read-only memory map when it is stored uncompressed and contiguous (big stacks are
+    then read plane by plane, as needed), else read into memory like :func:`.data.read_image`."""
+    from .data import read_image
+
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
+        import tifffile
+
+        try:
+            return tifffile.memmap(path, mode="r")
+        except Exception:  # noqa: BLE001 - compressed, tiled or odd files: read normally below
+            pass
+    return read_image(path)
