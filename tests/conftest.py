@@ -100,6 +100,23 @@ def make_tiny_latent(path: Path, paired: bool = False, patch: int = 32) -> Path:
     return path
 
 
+def make_tiny_segmenter(path: Path, steps: int = 80, interior: bool = True) -> Path:
+    """A tiny segmentation U-Net trained for a few seconds on blobs: it finds the bright discs."""
+    from napari_zfdiffusion.core.train_seg import UnetConfig, train_unet
+
+    path = Path(path)
+    imgs, masks = make_blobs(path.parent / f"{path.name}-data", n=6, shape=(96, 128))
+    cfg = UnetConfig(size="tiny", steps=steps, batch_size=8, crop=64, checkpoint_every=steps, tile=64, overlap=16,
+                     interior=interior)
+    train_unet(imgs, masks, path, cfg, device="cpu", show_progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tmp_path_factory) -> Path:
+    return make_tiny_segmenter(tmp_path_factory.mktemp("models") / "tiny-unet")
+
+
 @pytest.fixture(scope="session")
 def tiny_latent(tmp_path_factory) -> Path:
     return make_tiny_latent(tmp_path_factory.mktemp("models") / "tiny-latent")
