@@ -217,9 +217,9 @@ def cmd_segment(a) -> int:
     image = read_image_lazy(a.input)
     planes, two_d, _ = as_planes(image, a.input.name)  # checks the shape before any output is created
     shape = planes.shape[1:] if two_d else planes.shape
-    src = {}
-    if a.input.suffix.lower() in (".tif", ".tiff"):
-        src = read_provenance(a.input)
+    src = read_provenance(a.input) if a.input.suffix.lower() in (".tif", ".tiff") else {}
+    if not str(src.get("kind", "")).startswith("zfdiffusion"):
+        src = {}  # only our own provenance (tifffile's shape metadata would make the output look "shaped")
     prov = {"input": str(a.input), "input_provenance": src or None}
     bar = _TqdmProgress(a.quiet)
     from contextlib import ExitStack
