@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Copy the inference files of a trained patch model (autoencoder or latent diffusion; no optimiser
-# state) into weights/, and write its card.   Usage: scripts/export_patch_demo.sh RUN_DIR/MODEL [NAME]
+# Copy the inference files of a trained patch model (autoencoder, latent diffusion or segmentation U-Net;
+# no optimiser state) into weights/, and write its card.   Usage: scripts/export_patch_demo.sh RUN_DIR/MODEL [NAME]
 set -euo pipefail
 SRC=${1:?model folder}
 NAME=${2:-$(basename "$SRC")}
@@ -15,6 +15,11 @@ for part in vae unet; do
 done
 # the UNet is stored in float16 (half the size; it loads as float32): on the nuclei demo, 4 patches at
 # 50 steps differ by 6e-5 on average (max 0.017) from the float32 weights, masks agree on 99.99 % of pixels
+KIND=$(${PY:-.venv/bin/python} -c "import json,sys; print(json.load(open(sys.argv[1])).get('kind'))" "$DEST.tmp/model.json")
+if [ "$KIND" = "segmentation" ]; then  # small (2.6 MB): kept in float32; its own card
+  ${PY:-.venv/bin/python} scripts/write_seg_card.py "$DEST.tmp" --name "$NAME" ${RUN_NAME:+--run-name "$RUN_NAME"}
+  rm -rf "$DEST"; mv "$DEST.tmp" "$DEST"; du -sh "$DEST"; exit 0
+fi
 if [ -f "$DEST.tmp/unet/diffusion_pytorch_model.safetensors" ]; then
   ${PY:-.venv/bin/python} - "$DEST.tmp/unet/diffusion_pytorch_model.safetensors" <<'PY'
 import sys
