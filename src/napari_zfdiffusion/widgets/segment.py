@@ -1,0 +1,319 @@
+"""Dock widget: segment an Image layer (2D, a (N, Y, X) stack or a time series) with a U-Net, and
+the "Segment with zfdiffusion" layer command that opens it for a chosen layer.
+
+The widget gathers parameters, starts a worker (:mod:`._worker`) and puts results into layers; all
+computing is :meth:`Segmenter.segment` from the GUI-free core (tiled, plane by plane; 4D/5D, NaN
+and non-numeric layers are refused there with the reason).
+
+Choosing a model reads only its card (small JSON): threshold, tile, overlap and minimum object size
+take the model's defaults, and a folder of another kind is answered by a notification. The weights
+load in the worker on the first job and stay cached.
+
+Results: a Labels layer "<layer> labels" (int32 instance labels, numbered across the stack) with the
+source layer's scale and translation, and optionally an Image layer "<layer> probability" (the
+foreground probability, float32 in [0, 1]). It is added *hidden*: with additive blending and the
+magma colormap it would brighten the whole image and hide the objects; tick its eye to compare it
+with the labels when choosing a threshold. Both carry the provenance in ``metadata["zfdiffusion"]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
+from napari.layers import Image, Layer
+from napari.utils.notifications import show_error, show_info
+from napari.viewer import Viewer
+
+from ..core.device import available_devices
+from ..core.errors import UserInputError
+from ..core.latent import read_card
+from ..core.sampling import Progress
+from ..core.segment import KIND, Segmenter, describe
+from ..core.store import list_models, model_kind, resolve_model
+from ._worker import JobWidget, error_message, get_model
+from .generate import PROVENANCE_KEY
+
+if TYPE_CHECKING:
+    import napari
+
+DEMO_MODEL = "nuclei-unet-demo"
+PLUGIN = "napari-zfdiffusion"
+WIDGET_NAME = "Segment"  # the widget's display_name in napari.yaml
+COMMAND = "napari-zfdiffusion.segment_layer"
+MENU_TITLE = "Segment with zfdiffusion"
+DEFAULTS = {"threshold": 0.5, "tile": 256, "overlap": 32, "min_size": 16}  # for a card without them
+OTHER_KINDS = {
+    "cascade": "a zebrafish slice cascade: open it with Plugins > zfdiffusion > Generate slices",
+    "latent": "a latent diffusion model (patches): open it with Plugins > zfdiffusion > Generate EM patches",
+    "vae": "an autoencoder (encode / decode): open it with Plugins > zfdiffusion > Generate EM patches",
+}
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """(label, folder) for each segmentation model; bundled first, the demo first of all."""
+    entries = [m for m in list_models() if m.kind == KIND]
+    entries.sort(key=lambda m: (m.name != DEMO_MODEL, m.source != "bundled", m.name))
+    return [(f"{m.name} ({m.source})", str(m.path)) for m in entries]
+
+
+def read_segmentation_card(path: Path) -> dict:
+    """The card of a segmentation model folder, or a UserInputError that says what the folder is."""
+    kind = model_kind(path)
+    if kind in OTHER_KINDS:
+        raise UserInputError(f"'{path.name}' is {OTHER_KINDS[kind]}. Here choose a segmentation model "
+                             f"(made by `zfdiffusion train unet`, or the bundled '{DEMO_MODEL}').")
+    if kind is None:
+        raise UserInputError(f"'{path}' is not a model folder (no model.json): choose a folder made by "
+                             f"`zfdiffusion train unet`, or the bundled '{DEMO_MODEL}'.")
+    return read_card(path, (KIND,))
+
+
+class SegmentWidget(JobWidget):
+    """Segment the chosen Image layer: labels (and optionally the foreground probability) as layers.
+
+    Job handling (start, progress, cancel, errors, :meth:`wait`) comes from :class:`JobWidget`.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):  # this spelling: napari passes the viewer by it
+        super().__init__(viewer, labels=True, label="Segment")
+        self._card: dict | None = None
+        self._model_error = ""
+
+        self._models = model_choices()
+        self.layer = ComboBox(label="image layer", choices=self._image_layers, nullable=True,
+                              tooltip="a 2D image, a (N, Y, X) z-stack or time series (plane by plane), or RGB "
+                                      "(made grayscale); follows the layer selected in the layer list")
+        self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True,
+                              tooltip="bundled and user segmentation models (`zfdiffusion models`)")
+        self.model_folder = FileEdit(label="or folder", mode="d", nullable=True,
+                                     tooltip="a folder made by `zfdiffusion train unet`")
+        self.info = Label(label="about", value="")
+        self.threshold = FloatSpinBox(label="threshold", value=DEFAULTS["threshold"], min=0.01, max=0.99, step=0.05,
+                                      tooltip="foreground probability above which a pixel belongs to an object")
+        self.tile = SpinBox(label="tile size", value=DEFAULTS["tile"], min=32, max=4096, step=32,
+                            tooltip="the image is processed in square tiles of this size (pixels); larger "
+                                    "tiles are faster on a GPU and need more memory")
+        self.overlap = SpinBox(label="overlap", value=DEFAULTS["overlap"], min=0, max=2048, step=8,
+                               tooltip="pixels shared by neighbouring tiles, blended smoothly (no seams)")
+        self.min_size = SpinBox(label="min object size", value=DEFAULTS["min_size"], min=0, max=10_000_000,
+                                tooltip="objects smaller than this many pixels are dropped")
+        self.use_interior = CheckBox(text="split touching objects (interior watershed)", value=True,
+                                     tooltip="seed a watershed from the predicted object interiors (models "
+                                             "trained with an interior output); off: connected components")
+        self.add_probability = CheckBox(text="add probability map (hidden)", value=False,
+                                        tooltip="also add the foreground probability as an Image layer")
+        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.segment_button = PushButton(text="Segment")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(label="status", value="")
+        buttons = Container(layout="horizontal", labels=False, label="",
+                            widgets=[self.segment_button, self.cancel_button])
+        buttons.margins = (0, 0, 0, 0)
+        self.extend([self.layer, self.model, self.model_folder, self.info, self.threshold, self.tile, self.overlap,
+                     self.min_size, self.use_interior, self.add_probability, self.device, buttons, self.status])
+        for w in (self.info, self.status):
+            w.native.setWordWrap(True)
+
+        self.model.changed.connect(self._load_model_info)
+        self.model_folder.changed.connect(self._on_folder)
+        self.segment_button.changed.connect(lambda *_: self.segment())
+        self.cancel_button.changed.connect(lambda *_: self.cancel())
+        viewer.layers.selection.events.active.connect(self._follow_selection)
+        register_layer_context_menu()
+        self._follow_selection()
+        if self._models:  # the demo model (or the first one) is ready to use; reading its card is quick
+            self.model.value = self._models[0][1]
+        else:
+            self._load_model_info()
+
+    # ------------------------------------------------------------ model
+    @property
+    def has_interior(self) -> bool:
+        return self._card is not None and "interior" in self._card.get("outputs", ())
+
+    def _load_model_info(self, *_) -> None:
+        """Read the chosen model's card (small JSON) and take its defaults; weights load on first use."""
+        self._card = None
+        self._model_error = ""
+        if self.model.value is None:
+            self.info.value = (f"no model: choose a folder made by `zfdiffusion train unet` (the bundled "
+                               f"'{DEMO_MODEL}' is not installed)")
+        else:
+            try:
+                path = resolve_model(self.model.value)
+                self._card = read_segmentation_card(path)
+            except Exception as e:  # noqa: BLE001 - any bad folder becomes a message
+                self.info.value = "model not usable"
+                self._model_error = error_message(e)
+                show_error(self._model_error)
+            else:
+                c = self._card
+                self.info.value = f"{c.get('name', path.name)}: {describe(c)}"
+                self.threshold.value = float(c.get("threshold", DEFAULTS["threshold"]))
+                self.tile.value = int(c.get("tile", DEFAULTS["tile"]))
+                self.overlap.value = int(c.get("overlap", DEFAULTS["overlap"]))
+                self.min_size.value = int(c.get("min_size", DEFAULTS["min_size"]))
+                self.use_interior.value = self.has_interior
+        self._set_running(self._job is not None)
+
+    # ------------------------------------------------------------ parameters
+    def _image_layers(self, *_) -> list[tuple[str, Image]]:
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _follow_selection(self, *_) -> None:
+        """The layer to segment follows the Image layer selected in the layer list."""
+        self.layer.reset_choices()
+        active = self._viewer.layers.selection.active
+        if isinstance(active, Image):
+            self.layer.value = active
+
+    def select_layer(self, layer: Image) -> None:
+        self.layer.reset_choices()
+        self.layer.value = layer
+
+    def params(self) -> dict:
+        """The parameters as :meth:`Segmenter.segment` takes them."""
+        return {"tile": int(self.tile.value), "overlap": int(self.overlap.value),
+                "threshold": float(self.threshold.value), "min_size": int(self.min_size.value),
+                "use_interior": bool(self.use_interior.value)}
+
+    # ------------------------------------------------------------ jobs
+    def _set_running(self, running: bool) -> None:
+        self.segment_button.enabled = not running and self._card is not None
+        self.cancel_button.enabled = running
+        self.use_interior.enabled = self.has_interior
+
+    def _on_progress(self, p: Progress) -> None:
+        self.last_progress = p
+        self.status.value = f"segmenting: {p.stage} {p.step}/{p.total}"
+
+    def segment(self, layer: Image | None = None, **overrides) -> None:
+        """Start segmenting ``layer`` (default: the chosen one); ``overrides`` replace some parameters."""
+        layer = self.layer.value if layer is None else layer
+        if not isinstance(layer, Image):
+            show_error("choose an Image layer to segment (open an image, or File > Open Sample > zfdiffusion).")
+            return
+        if self._card is None:
+            show_error(self._model_error or "choose a segmentation model first: a folder made by "
+                       f"`zfdiffusion train unet` (the bundled '{DEMO_MODEL}' is not installed).")
+            return
+        params = {**self.params(), **overrides}
+        model, device = self.model.value, self.device.value
+        keep = bool(self.add_probability.value)
+        data = layer.data[0] if layer.multiscale else layer.data  # full resolution of a multiscale layer
+        name = layer.name
+        source = f"napari layer '{name}'"
+
+        def job(callback, token):
+            seg = get_model(Segmenter, model, device)
+            token.check()
+            try:
+                return seg, seg.segment(data, **params, callback=callback, source=source)
+            except UserInputError as e:  # the core speaks of "the image": say which layer
+                raise UserInputError(f"layer '{name}': {e}") from None
+
+        def done(out):
+            seg, result = out
+            self.info.value = f"{seg.name}: {describe(seg)}"
+            self._add_result(layer, result, keep)
+
+        self._start(job, f"segmenting '{layer.name}'", done)
+
+    # ------------------------------------------------------------ results
+    def _add_result(self, source: Image, result, keep_probability: bool) -> None:
+        prov = dict(result.provenance, source_layer=source.name)
+        earlier = source.metadata.get(PROVENANCE_KEY)
+        if isinstance(earlier, dict):  # a layer made by this plugin: keep how it was made
+            prov["input_provenance"] = earlier
+        meta = {PROVENANCE_KEY: prov}
+        place = {"scale": source.scale, "translate": source.translate, "rotate": source.rotate,
+                 "shear": source.shear, "units": source.units, "axis_labels": source.axis_labels}
+        added = []
+        if keep_probability:
+            added.append(self._viewer.add_image(result.probability, name=f"{source.name} probability",
+                                                colormap="magma", blending="additive", contrast_limits=(0, 1),
+                                                visible=False, metadata=meta, **place))
+        labels = self._viewer.add_labels(result.labels, name=f"{source.name} labels", metadata=meta, **place)
+        added.append(labels)
+        layers = self._viewer.layers
+        if source in layers:  # just above the source in the layer list, the labels on top
+            for i, layer in enumerate(added):
+                layers.move(layers.index(layer), layers.index(source) + 1 + i)
+        layers.selection.active = labels
+        self.select_layer(source)  # a second press segments the source again, not the probability
+        for note in result.notices:
+            show_info(f"zfdiffusion: {note}")
+        shape = result.labels.shape
+        planes = "" if result.labels.ndim == 2 else f" in {shape[0]} planes"
+        self.status.value = f"added '{labels.name}': {result.n_objects} objects{planes} ({prov['labels_from']})"
+
+
+# ---------------------------------------------------------------- the layer command
+def _unwrap(obj):
+    """The object behind napari's PublicOnlyProxy (what commands from menus receive)."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def open_segment_widget(viewer: Viewer) -> SegmentWidget:
+    """The Segment widget docked in ``viewer`` (docked now if it is not yet), shown and raised."""
+    viewer = _unwrap(viewer)
+    widget = next((_unwrap(w) for w in viewer.window.dock_widgets.values()
+                   if isinstance(_unwrap(w), SegmentWidget)), None)
+    if widget is None:
+        _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET_NAME)
+    dock = widget.native.parent()
+    if dock is not None:
+        dock.show()
+        dock.raise_()
+    return widget
+
+
+def segment_layer(viewer: Viewer, layer: Layer | None = None) -> None:
+    """The layer command "Segment with zfdiffusion": open the Segment widget with ``layer`` chosen.
+
+    It does not start a run: the model and its parameters are checked first, then Segment is
+    pressed (a large stack takes minutes on a CPU).
+    """
+    viewer = _unwrap(viewer)
+    layer = _unwrap(layer) if layer is not None else viewer.layers.selection.active
+    if not isinstance(layer, Image):
+        show_error("Segment with zfdiffusion: select an Image layer first (2D, a z-stack or a time series).")
+        return
+    widget = open_segment_widget(viewer)
+    widget.select_layer(layer)
+
+
+def register_layer_context_menu() -> bool:
+    """Put "Segment with zfdiffusion" into the layer list's right-click menu; True if it is there.
+
+    napari 0.9 lets plugin manifests contribute to the Layers menu (napari.yaml puts the command in
+    Layers > Segment) but no longer to the layer list's context menu ("napari/layers/context" is
+    dropped silently). So the item is added through napari's app-model once this module runs (when
+    a zfdiffusion widget opens); on napari versions that honour the manifest entry it is there
+    already and is not added twice. Private napari API: any failure leaves the menu as it is.
+    """
+    try:
+        from app_model.expressions import parse_expression
+        from app_model.types import CommandRule, MenuItem
+        from napari._app_model import get_app_model
+        from napari._app_model.constants import MenuId
+
+        app = get_app_model()
+        menu = MenuId.LAYERLIST_CONTEXT
+        if any(getattr(getattr(item, "command", None), "id", None) == COMMAND for item in app.menus.get_menu(menu)):
+            return True
+        if COMMAND not in app.commands:  # the plugin is not registered with napari (e.g. disabled)
+            return False
+        app.menus.append_menu_items([(menu, MenuItem(
+            command=CommandRule(id=COMMAND, title=MENU_TITLE), when=parse_expression("active_layer_type == 'image'"),
+            group="8_zfdiffusion"))])
+        return True
+    except Exception:  # noqa: BLE001 - a convenience only; the Layers menu entry is the documented way
+        return False
+
+
+__all__ = ["SegmentWidget", "model_choices", "open_segment_widget", "register_layer_context_menu",
+           "segment_layer"]
