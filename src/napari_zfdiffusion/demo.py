@@ -1,6 +1,6 @@
-"""`make demo`: napari with the slice and EM-patch generators docked and the demo models loaded, or,
-where no display works, the CLI writing a 512x512 slice, nuclei patches with their masks, and PNG
-previews into outputs/.
+"""`make demo`: napari with the slice and EM-patch generators and the Segment widget docked (three
+tabs) and the demo models loaded, or, where no display works, the CLI writing a 512x512 slice,
+nuclei patches with their masks, and PNG previews into outputs/.
 
 Set ZFDIFFUSION_DEMO_HEADLESS=1 to force the command-line path.
 """
@@ -30,15 +30,21 @@ def display_works() -> bool:
 
 def run_gui() -> int:
     import napari
+    from qtpy.QtWidgets import QApplication
 
     from .widgets.em import GenerateEMWidget
     from .widgets.generate import GenerateSlicesWidget
+    from .widgets.segment import SegmentWidget
 
     viewer = napari.Viewer(title="napari-zfdiffusion demo")
     em = viewer.window.add_dock_widget(GenerateEMWidget(viewer), name="Generate EM patches", area="right")
+    seg = viewer.window.add_dock_widget(SegmentWidget(viewer), name="Segment", area="right")
     slices = viewer.window.add_dock_widget(GenerateSlicesWidget(viewer), name="Generate slices", area="right")
-    try:  # two tabs, "Generate slices" in front (Qt's own call on napari's main window)
-        viewer.window._qt_window.tabifyDockWidget(em, slices)
+    try:  # three tabs, "Generate slices" in front (Qt's own call on napari's main window)
+        viewer.window._qt_window.tabifyDockWidget(em, seg)
+        viewer.window._qt_window.tabifyDockWidget(seg, slices)
+        QApplication.processEvents()  # the tab bar exists only after a layout pass; then bring one forward
+        slices.raise_()
     except AttributeError:
         pass
     napari.run()
