@@ -37,3 +37,32 @@ def rss_mb() -> float | None:
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def proc_memory_mb(pid: int | str = "self") -> dict[str, float]:
+    """Memory of a process from ``/proc/PID/status``, in MB: VmRSS (resident now), VmHWM (its peak),
+    RssAnon (heap, stacks: the process's own memory), RssFile (pages of mapped files, e.g. memory-mapped
+    TIFFs: page cache the kernel can drop) and RssShmem. ``{}`` where there is no /proc (macOS, Windows)
+    or the process has ended. Another process can read these, e.g. to sample a child's memory."""
+    out: dict[str, float] = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+            out[key] = int(value.split()[0]) / 1024  # kB
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS, so that the next phase's peak can be
+    read on its own (Linux >= 4.0: ``/proc/self/clear_refs``). False where it cannot be done; the
+    peak then includes what came before. (``resource.getrusage``'s ru_maxrss is not reset.)"""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
