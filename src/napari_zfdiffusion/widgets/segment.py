@@ -10,7 +10,8 @@ take the model's defaults, and a folder of another kind is answered by a notific
 load in the worker on the first job and stay cached.
 
 Results: a Labels layer "<layer> labels" (int32 instance labels, numbered across the stack) with the
-source layer's scale and translation, and optionally an Image layer "<layer> probability" (the
+source layer's scale and translation, drawn as outlines (contour 0 in the layer controls fills them),
+and optionally an Image layer "<layer> probability" (the
 foreground probability, float32 in [0, 1]). It is added *hidden*: with additive blending and the
 magma colormap it would brighten the whole image and hide the objects; tick its eye to compare it
 with the labels when choosing a threshold. Both carry the provenance in ``metadata["zfdiffusion"]``.
@@ -237,6 +238,7 @@ class SegmentWidget(JobWidget):
                                                 colormap="magma", blending="additive", contrast_limits=(0, 1),
                                                 visible=False, metadata=meta, **place))
         labels = self._viewer.add_labels(result.labels, name=f"{source.name} labels", metadata=meta, **place)
+        labels.contour = 1  # outlines, as for generated masks: the image stays visible, so the fit can be judged
         added.append(labels)
         layers = self._viewer.layers
         if source in layers:  # just above the source in the layer list, the labels on top
