@@ -219,8 +219,8 @@ def as_planes(image, name: str = "the image") -> tuple[np.ndarray, bool, list[st
             "and Image > Split, or with numpy/tifffile.")
     if min(arr.shape[-2:]) < 8:
         raise UserInputError(f"{name} is {arr.shape[-2]}x{arr.shape[-1]} pixels: too small to segment (8x8 at least).")
-    if np.issubdtype(arr.dtype, np.floating):
-        check_finite(arr if arr.size < 2**26 else arr[:: max(1, arr.shape[0] // 64)], name)
+    if np.issubdtype(arr.dtype, np.floating) and arr.size <= 2**24:
+        check_finite(arr, name)  # big stacks are checked plane by plane as they are read
     two_d = arr.ndim == 2
     return (arr[None] if two_d else arr), two_d, notices
 
@@ -263,13 +263,21 @@ class Segmenter:
     def has_interior(self) -> bool:
         return "interior" in self.outputs
 
-    def normalise(self, plane: np.ndarray) -> tuple[np.ndarray, bool]:
-        """A plane in [-1, 1] as the model saw in training, and whether it was constant."""
-        plane = np.asarray(plane, np.float32)
-        lo, hi = np.percentile(plane, [self.norm.low, self.norm.high])
+    def normalise(self, plane: np.ndarray, name: str = "the image") -> tuple[np.ndarray, bool]:
+        """A plane in [-1, 1] as the model saw in training (percentiles computed once, one float32
+        copy, in place), and whether it was constant. NaN or infinite values are refused."""
+        out = np.array(plane, dtype=np.float32)
+        if not np.isfinite(out).all():
+            check_finite(out, name)
+        lo, hi = (float(v) for v in np.percentile(out, [self.norm.low, self.norm.high]))
         if not hi > lo:
-            return np.zeros_like(plane), True
-        return self.norm.apply(plane) * 2.0 - 1.0, False
+            out[...] = 0.0
+            return out, True
+        out -= lo
+        out *= 2.0 / (hi - lo)
+        out -= 1.0
+        np.clip(out, -1.0, 1.0, out=out)
+        return out, False
 
     def _fn(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
@@ -294,7 +302,7 @@ class Segmenter:
         from .sampling import Progress
 
         for k in range(n):
-            plane, constant = self.normalise(planes[k])
+            plane, constant = self.normalise(planes[k], f"plane {k}" if n > 1 else "the image")
             if constant:
                 result[k] = 0.0
                 if notices is not None:
@@ -305,7 +313,7 @@ class Segmenter:
                     def cb(p, k=k):
                         callback(Progress("tiles", k * p.total + p.step, n * p.total))
                 predict_tiled(self._fn, plane, tile=tile, overlap=overlap, out_channels=c, batch=batch,
-                              callback=cb, out=result[k:k + 1])
+                              callback=cb, out=result[k:k + 1], align=self.net.multiple)
             if callback is not None and constant:
                 callback(Progress("tiles", k + 1, n))
         return result

@@ -17,18 +17,23 @@ from .errors import UserInputError
 from .sampling import Progress, ProgressCallback
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
     """Start offsets of tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` shared.
 
-    The last tile is moved back to end at ``length`` exactly; a length shorter than one tile gives [0].
+    The last tile ends at ``length`` rounded up to a multiple of ``align``. With ``align`` > 1 (and
+    ``tile`` a multiple of it) every start is a multiple of ``align``: a network that downsamples by
+    ``align`` then sees each tile on the same grid as the whole image, and the plane is padded by
+    reflection to that multiple exactly as :class:`.segment.ResUNet` pads a whole image.
+    A length up to one tile gives [0].
     """
     if tile <= overlap:
         raise UserInputError(f"the tile ({tile}) must be larger than the overlap ({overlap}).")
-    if length <= tile:
+    padded = -(-length // align) * align
+    if padded <= tile:
         return [0]
-    step = tile - overlap
-    starts = list(range(0, length - tile, step))
-    starts.append(length - tile)
+    step = max(align, (tile - overlap) // align * align)
+    starts = list(range(0, padded - tile, step))
+    starts.append(padded - tile)
     return starts
 
 
@@ -70,13 +75,16 @@ def predict_tiled(
     batch: int = 4,
     out: np.ndarray | None = None,
     callback: ProgressCallback | None = None,
+    align: int = 1,
 ) -> np.ndarray:
     """Run ``fn`` over a 2D image (Y, X) or a stack (N, Y, X) of float32 planes, tile by tile.
 
     ``fn`` takes a (B, 1, tile, tile) float32 tensor and returns (B, out_channels, tile, tile).
     Returns float32 of shape (N, out_channels, Y, X) (no N for a 2D input; no channel axis when
-    ``out_channels`` is 1). Planes smaller than a tile are padded by reflection (or edge values).
-    ``out``: an array (e.g. ``np.lib.format.open_memmap``) of that shape to write into.
+    ``out_channels`` is 1). Planes are padded by reflection where tiles reach past them (planes
+    smaller than a tile; aligned tiles, see :func:`tile_starts`).
+    ``out``: an array (e.g. ``np.lib.format.open_memmap``) of that shape to write into; it is also
+    the accumulator, so memory beyond it is one batch of tiles and one padded plane.
     ``callback`` gets one :class:`Progress` per batch of tiles; raising from it stops the job.
     """
     arr = np.asarray(image)
@@ -92,17 +100,16 @@ def predict_tiled(
     result = np.zeros(shape, np.float32) if out is None else out
     if tuple(result.shape) != shape:
         raise ValueError(f"out has shape {tuple(result.shape)}, expected {shape}")
-    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    ys, xs = tile_starts(h, tile, overlap, align), tile_starts(w, tile, overlap, align)
+    hp, wp = ys[-1] + tile, xs[-1] + tile  # the padded plane the tiles cover
     boxes = [(y, x) for y in ys for x in xs]
     total = n * len(boxes)
     done = 0
     # The blend weight of a tile is an outer product of a row ramp and a column ramp that depend only
     # on the tile's row and column: so the sum of the weights is an outer product too, and the output
-    # itself is the accumulator. Memory beyond the output: one batch of tiles (and one padded plane
-    # for a plane smaller than a tile).
-    ph, pw = max(0, tile - h), max(0, tile - w)
-    norm_y = np.zeros(h + ph, np.float32)
-    norm_x = np.zeros(w + pw, np.float32)
+    # itself is the accumulator.
+    norm_y = np.zeros(hp, np.float32)
+    norm_x = np.zeros(wp, np.float32)
     for y in ys:
         norm_y[y:y + tile] += _ramp(tile, overlap, y == 0, y + tile >= h)
     for x0 in xs:
@@ -110,13 +117,10 @@ def predict_tiled(
     inv_y, inv_x = 1.0 / norm_y[:h], 1.0 / norm_x[:w]
     for k in range(n):
         plane = arr[k].astype(np.float32, copy=False)
-        if ph or pw:
-            mode = "reflect" if ph < h and pw < w else "edge"
-            plane = np.pad(plane, ((0, ph), (0, pw)), mode=mode)
-            acc = np.zeros((out_channels, h + ph, w + pw), np.float32)
-        else:
-            acc = result[k]
-            acc[...] = 0.0
+        if hp > h or wp > w:
+            plane = np.pad(plane, ((0, hp - h), (0, wp - w)), mode="reflect" if min(h, w) > 1 else "edge")
+        acc = result[k]
+        acc[...] = 0.0
         for i in range(0, len(boxes), batch):
             chunk = boxes[i:i + batch]
             x = torch.from_numpy(np.stack([plane[y:y + tile, x0:x0 + tile] for y, x0 in chunk]))[:, None]
@@ -124,14 +128,13 @@ def predict_tiled(
                 pred = fn(x).float().cpu().numpy()
             for (y, x0), p in zip(chunk, pred):
                 weight = blend_weight(tile, overlap, (y == 0, y + tile >= h, x0 == 0, x0 + tile >= w))
-                acc[:, y:y + tile, x0:x0 + tile] += p * weight
+                y1, x1 = min(y + tile, h), min(x0 + tile, w)
+                acc[:, y:y1, x0:x1] += (p * weight)[:, : y1 - y, : x1 - x0]
             done += len(chunk)
             if callback is not None:
                 callback(Progress("tiles", done, total))
-        if ph or pw:
-            result[k] = acc[:, :h, :w]
         for r in range(0, h, 256):  # divide by the summed weights, a band of rows at a time
-            result[k, :, r:r + 256] *= inv_y[r:r + 256, None] * inv_x[None, :]
+            acc[:, r:r + 256] *= inv_y[r:r + 256, None] * inv_x[None, :]
     if out_channels == 1:
         result = result[:, 0]
     return result[0] if two_d else result
