@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import errors, make_blobs
 
 pytest.importorskip("napari")
@@ -46,7 +45,7 @@ def widget(make_napari_viewer, tiny_segmenter):
 
 
 def test_controls_follow_the_model_card(widget, tiny_segmenter, notes):
-    viewer, w = widget
+    _, w = widget
     assert w.model.value == str(tiny_segmenter)
     # the tiny model's card: tile 64, overlap 16, threshold 0.5, min size 16, with an interior output
     assert (w.tile.value, w.overlap.value, w.threshold.value, w.min_size.value) == (64, 16, 0.5, 16)
@@ -98,7 +97,7 @@ def test_segment_a_2d_layer(widget, tmp_path, notes):
 
 def test_segment_a_stack_with_the_probability_map(widget, tmp_path, notes):
     viewer, w = widget
-    stack, truth = blob_images(tmp_path, n=3, shape=(80, 72), seed=2)
+    stack, _ = blob_images(tmp_path, n=3, shape=(80, 72), seed=2)
     src = viewer.add_image(stack, name="stack", scale=(2.0, 1.0, 1.0))
     viewer.add_image(np.zeros((16, 16), np.float32), name="other")  # above it in the list
     w.add_probability.value = True
@@ -286,7 +285,11 @@ def test_layer_command_in_the_layers_menu_and_the_right_click_menu(make_napari_v
     from napari._app_model import get_app_model
     from napari._app_model.context import get_context
 
-    from napari_zfdiffusion.widgets.segment import MENU_TITLE, SegmentWidget, register_layer_context_menu
+    from napari_zfdiffusion.widgets.segment import (
+        MENU_TITLE,
+        SegmentWidget,
+        register_layer_context_menu,
+    )
 
     viewer = make_napari_viewer()
     app = get_app_model()
