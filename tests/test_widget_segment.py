@@ -121,6 +121,17 @@ def test_segment_a_stack_with_the_probability_map(widget, tmp_path, notes):
     assert viewer.layers.selection.active is labels and w.layer.value is src
 
 
+def test_source_layer_deleted_while_running(widget, tmp_path, notes):
+    viewer, w = widget
+    img, _ = blob_images(tmp_path)
+    src = viewer.add_image(img[0], name="cells")
+    w.segment()
+    viewer.layers.remove(src)  # the job has the data; its result still arrives
+    assert w.wait(60)
+    assert errors(notes) == []
+    assert [layer.name for layer in viewer.layers] == ["cells labels"] and w.layer.value is None
+
+
 def test_a_constant_plane_gives_a_notice(widget, notes):
     viewer, w = widget
     w.segment(viewer.add_image(np.full((48, 48), 7, np.uint16), name="flat"))

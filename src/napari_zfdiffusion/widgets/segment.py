@@ -249,11 +249,11 @@ class SegmentWidget(JobWidget):
         labels.contour = 1  # outlines, as for generated masks: the image stays visible, so the fit can be judged
         added.append(labels)
         layers = self._viewer.layers
-        if source in layers:  # just above the source in the layer list, the labels on top
-            for i, layer in enumerate(added):
-                layers.move(layers.index(layer), layers.index(source) + 1 + i)
         layers.selection.active = labels
-        self.select_layer(source)  # a second press segments the source again, not the probability
+        if source in layers:  # the source may have been deleted while the job ran
+            for i, layer in enumerate(added):  # just above the source in the layer list, the labels on top
+                layers.move(layers.index(layer), layers.index(source) + 1 + i)
+            self.select_layer(source)  # a second press segments the source again, not the probability
         for note in result.notices:
             show_info(f"zfdiffusion: {note}")
         shape = result.labels.shape
