@@ -56,11 +56,32 @@ def test_controls_follow_the_model_card(widget, tiny_segmenter, notes):
     assert errors(notes) == []
 
 
-def test_no_model_installed_says_what_to_do(make_napari_viewer, notes):
+def test_the_demo_model_comes_first_and_is_chosen(make_napari_viewer, tiny_segmenter, tiny_paired, notes):
+    import shutil
+
+    from napari_zfdiffusion.core.store import user_models_dir
+    from napari_zfdiffusion.widgets.segment import DEMO_MODEL, model_choices
+
+    for name in ("aaa-unet", DEMO_MODEL):  # user models (the real demo is bundled; the order is the same)
+        shutil.copytree(tiny_segmenter, user_models_dir() / name)
+    shutil.copytree(tiny_paired, user_models_dir() / "a-latent")  # another kind: not listed
+    choices = model_choices()
+    labels = [label for label, _ in choices]
+    assert labels[0].startswith(f"{DEMO_MODEL} (") and "a-latent (user)" not in labels
+    assert [v for v in labels if v.endswith("(user)")] == [f"{DEMO_MODEL} (user)", "aaa-unet (user)"]
     viewer = make_napari_viewer()
-    w = _dock(viewer)  # ZFDIFFUSION_HOME is empty and no segmentation model is bundled in the test
-    if w.model.value is not None:
-        pytest.skip("a segmentation model is installed")
+    w = _dock(viewer)
+    assert w.model.value == choices[0][1] and "model not usable" not in w.info.value
+    assert errors(notes) == []
+
+
+def test_no_model_installed_says_what_to_do(make_napari_viewer, notes, monkeypatch):
+    from napari_zfdiffusion.widgets import segment
+
+    monkeypatch.setattr(segment, "model_choices", list)  # as if nuclei-unet-demo were not bundled
+    viewer = make_napari_viewer()
+    w = _dock(viewer)
+    assert w.model.value is None and w.info.value.startswith("no model")
     assert "no model" in w.info.value and not w.segment_button.enabled
     viewer.add_image(np.zeros((32, 32), np.float32), name="img")
     w.segment()
