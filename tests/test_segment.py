@@ -273,3 +273,21 @@ def test_corrupted_weights(seg, tmp_path):
 
 def test_the_network_class_is_registered():
     assert ResUNet.config_name == "config.json"
+
+
+def test_progress_counts_tiles_over_the_stack_with_a_constant_plane(seg, blob_image):
+    stack = np.stack([blob_image[0], np.zeros_like(blob_image[0]), blob_image[0]])
+    seen = []
+    seg.segment(stack, tile=64, overlap=16, callback=seen.append)
+    assert len({p.total for p in seen}) == 1
+    assert [p.step for p in seen] == sorted(p.step for p in seen) and seen[-1].step == seen[-1].total
+
+
+def test_probability_not_kept_when_not_asked(seg, blob_image):
+    r = seg.segment(blob_image[0], tile=64, overlap=16, probability=False)
+    assert r.probability is None and r.n_objects > 0
+
+
+def test_errors_name_the_image(seg):
+    with pytest.raises(UserInputError, match="cells.tif has 4 dimensions"):
+        seg.segment(np.zeros((2, 2, 40, 40)), name="cells.tif")

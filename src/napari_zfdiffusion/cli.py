@@ -231,7 +231,7 @@ def cmd_segment(a) -> int:
                 if a.prob_out else None)
         res = seg.segment(image, tile=a.tile, overlap=a.overlap, threshold=a.threshold, min_size=a.min_size,
                           batch=a.batch, use_interior=not a.no_interior, labels_out=labels, prob_out=prob,
-                          callback=bar, source=str(a.input))
+                          probability=False, callback=bar, source=str(a.input), name=a.input.name)
         # the full provenance is known only now: rewrite the description in place (same length or shorter)
     _write_description(out, {**prov, **res.provenance, "content": "instance labels"})
     if a.prob_out:

@@ -227,10 +227,11 @@ def as_planes(image, name: str = "the image") -> tuple[np.ndarray, bool, list[st
 
 @dataclass
 class SegResult:
-    """Instance labels (int32) and foreground probability (float32), 2D or (N, Y, X) like the input."""
+    """Instance labels (int32) and foreground probability (float32, or None when not kept), 2D or
+    (N, Y, X) like the input."""
 
     labels: np.ndarray
-    probability: np.ndarray
+    probability: np.ndarray | None
     provenance: dict
     notices: list[str] = field(default_factory=list)
 
@@ -284,68 +285,82 @@ class Segmenter:
             return torch.sigmoid(self.net(x.to(self.device)).float())
 
     def predict(self, image, *, tile: int = 256, overlap: int = 32, batch: int = 4, out: np.ndarray | None = None,
-                callback: ProgressCallback | None = None, notices: list[str] | None = None) -> np.ndarray:
+                callback: ProgressCallback | None = None, notices: list[str] | None = None,
+                name: str = "the image") -> np.ndarray:
         """Probabilities (N, C, Y, X) float32 for (N, Y, X) planes (see :func:`as_planes`), tiled.
 
         ``out``: an array of that shape to write into (e.g. a memory map). Constant planes give zeros.
+        Progress counts tiles over the whole stack (a constant plane counts its tiles at once).
         """
-        planes, _, more = as_planes(image)
+        from .sampling import Progress
+        from .tiling import tile_starts
+
+        planes, _, more = as_planes(image, name)
         if notices is not None:
             notices.extend(more)
         n, h, w = planes.shape
         c = self.net.config.out_channels
-        result = np.zeros((n, c, h, w), np.float32) if out is None else out
         if overlap >= tile:
             raise UserInputError(f"the overlap ({overlap}) must be smaller than the tile ({tile}).")
         if tile % self.net.multiple or tile < 32:
             raise UserInputError(f"the tile must be a multiple of {self.net.multiple} and at least 32, got {tile}.")
-        from .sampling import Progress
-
+        if overlap < 0:
+            raise UserInputError(f"the overlap must be 0 or more, got {overlap}.")
+        result = np.zeros((n, c, h, w), np.float32) if out is None else out
+        per = len(tile_starts(h, tile, overlap, self.net.multiple)) * len(tile_starts(w, tile, overlap,
+                                                                                      self.net.multiple))
         for k in range(n):
-            plane, constant = self.normalise(planes[k], f"plane {k}" if n > 1 else "the image")
+            plane, constant = self.normalise(planes[k], f"{name}, plane {k}" if n > 1 else name)
             if constant:
                 result[k] = 0.0
                 if notices is not None:
-                    notices.append(f"plane {k} is constant: no objects" if n > 1 else "the image is constant: no objects")
-            else:
-                cb = None
+                    notices.append(f"plane {k} is constant: no objects" if n > 1 else f"{name} is constant: no objects")
                 if callback is not None:
-                    def cb(p, k=k):
-                        callback(Progress("tiles", k * p.total + p.step, n * p.total))
-                predict_tiled(self._fn, plane, tile=tile, overlap=overlap, out_channels=c, batch=batch,
-                              callback=cb, out=result[k:k + 1], align=self.net.multiple)
-            if callback is not None and constant:
-                callback(Progress("tiles", k + 1, n))
+                    callback(Progress("tiles", (k + 1) * per, n * per))
+                continue
+            cb = None
+            if callback is not None:
+                def cb(p, k=k):
+                    callback(Progress("tiles", k * per + p.step, n * per))
+            predict_tiled(self._fn, plane, tile=tile, overlap=overlap, out_channels=c, batch=batch,
+                          callback=cb, out=result[k:k + 1], align=self.net.multiple)
         return result
 
     def segment(self, image, *, tile: int = 256, overlap: int = 32, threshold: float = 0.5, min_size: int = 16,
-                batch: int = 4, use_interior: bool = True, prob_out: np.ndarray | None = None,
-                labels_out: np.ndarray | None = None, callback: ProgressCallback | None = None,
-                source: str = "") -> SegResult:
+                batch: int = 4, use_interior: bool = True, probability: bool = True,
+                prob_out: np.ndarray | None = None, labels_out: np.ndarray | None = None,
+                callback: ProgressCallback | None = None, source: str = "", name: str = "the image") -> SegResult:
         """Segment a 2D image or a (N, Y, X) stack/time series: labels per plane, numbered across the stack.
 
         ``prob_out`` / ``labels_out``: arrays of the input's shape (e.g. memory maps) to write into.
+        ``probability`` False (and no ``prob_out``): the probability map is not kept (memory: one
+        plane's worth instead of the stack's). ``name`` names the image in error messages.
         """
+        from .sampling import Progress
+
         if not 0.0 < threshold < 1.0:
             raise UserInputError(f"the threshold must be between 0 and 1, got {threshold}.")
         if min_size < 0:
             raise UserInputError(f"the minimum object size must be 0 or more, got {min_size}.")
-        planes, two_d, notices = as_planes(image)
+        planes, two_d, notices = as_planes(image, name)
         n, h, w = planes.shape
-        prob = np.zeros((n, h, w), np.float32) if prob_out is None else prob_out.reshape(n, h, w)
+        keep = probability or prob_out is not None
+        prob = None
+        if keep:
+            prob = np.zeros((n, h, w), np.float32) if prob_out is None else prob_out.reshape(n, h, w)
         labels = np.zeros((n, h, w), np.int32) if labels_out is None else labels_out.reshape(n, h, w)
         interior = use_interior and self.has_interior
         next_id = 0
         for k in range(n):
             def cb(p, k=k):
                 if callback is not None:
-                    from .sampling import Progress
-
                     callback(Progress("tiles", k * p.total + p.step, n * p.total))
-            p = self.predict(planes[k], tile=tile, overlap=overlap, batch=batch, callback=cb, notices=notices)[0]
-            prob[k] = p[0]
+            p = self.predict(planes[k], tile=tile, overlap=overlap, batch=batch, callback=cb, notices=notices,
+                             name=f"{name}, plane {k}" if n > 1 else name)[0]
+            if keep:
+                prob[k] = p[0]
             lab = instances(p[0], p[1] if interior else None, threshold=threshold, min_size=min_size)
-            labels[k] = np.where(lab > 0, lab + next_id, 0)
+            labels[k] = np.where(lab > 0, lab + next_id, 0) if next_id else lab
             next_id += int(lab.max())
         prov = {
             "kind": "zfdiffusion-segmentation", "model": self.name, "model_path": str(self.path),
@@ -356,7 +371,7 @@ class Segmenter:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         if two_d:
-            return SegResult(labels[0], prob[0], prov, notices)
+            return SegResult(labels[0], None if prob is None else prob[0], prov, notices)
         return SegResult(labels, prob, prov, notices)
 
 

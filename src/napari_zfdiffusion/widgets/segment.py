@@ -220,7 +220,7 @@ class SegmentWidget(JobWidget):
             seg = get_model(Segmenter, model, device)
             token.check()
             try:
-                return seg, seg.segment(data, **params, callback=callback, source=source)
+                return seg, seg.segment(data, **params, probability=keep, callback=callback, source=source)
             except UserInputError as e:  # the core speaks of "the image": say which layer
                 raise UserInputError(f"layer '{name}': {e}") from None
 
