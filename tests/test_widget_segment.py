@@ -369,3 +369,18 @@ def test_layer_command_without_an_image_layer(make_napari_viewer, notes):
     msgs = errors(notes)
     assert len(msgs) == 1 and "Image layer" in msgs[0]
     assert not viewer.window.dock_widgets
+
+
+def test_labels_layers_save_with_their_provenance(tmp_path):
+    import npe2
+
+    from napari_zfdiffusion._writer import write_image_tiff
+    from napari_zfdiffusion.core.io import read_provenance
+
+    pm = npe2.PluginManifest.from_distribution("napari-zfdiffusion")
+    assert any(w.layer_types == ["labels"] for w in pm.contributions.writers)
+    lab = np.zeros((2, 16, 16), np.int32)
+    lab[0, 2:5, 2:5] = 1
+    out = write_image_tiff(str(tmp_path / "l.tif"), lab, {"name": "x labels",
+                                                          "metadata": {"zfdiffusion": {"model": "m", "objects": 1}}})
+    assert read_provenance(out[0])["objects"] == 1

@@ -1,4 +1,4 @@
-"""npe2 writer: one image layer to a TIFF whose description holds the zfdiffusion provenance."""
+"""npe2 writer: one image or labels layer to a TIFF whose description holds the zfdiffusion provenance."""
 
 from __future__ import annotations
 
