@@ -291,3 +291,28 @@ def test_probability_not_kept_when_not_asked(seg, blob_image):
 def test_errors_name_the_image(seg):
     with pytest.raises(UserInputError, match="cells.tif has 4 dimensions"):
         seg.segment(np.zeros((2, 2, 40, 40)), name="cells.tif")
+
+
+def test_small_planes_share_a_forward_pass_and_give_the_same_result(seg, blob_image):
+    """A stack of planes no larger than a tile runs ``batch`` planes per pass: same result as one by one."""
+    planes = np.stack([blob_image[0][:64, :64], blob_image[0][64:128, :64], blob_image[0][:64, 64:128]])
+    calls = []
+    fn = seg._fn
+    seg._fn = lambda x: (calls.append(len(x)), fn(x))[1]
+    try:
+        together = seg.segment(planes, tile=64, overlap=16, batch=4)
+    finally:
+        seg._fn = fn
+    assert calls == [3]
+    alone = [seg.segment(p, tile=64, overlap=16) for p in planes]
+    np.testing.assert_allclose(together.probability, np.stack([a.probability for a in alone]), atol=1e-5)
+    assert np.array_equal(together.labels > 0, np.stack([a.labels for a in alone]) > 0)
+
+
+def test_messages_name_the_plane_of_a_stack(seg, blob_image):
+    stack = np.stack([blob_image[0], blob_image[0]]).astype(np.float32)
+    stack[1, 5, 5] = np.nan
+    with pytest.raises(UserInputError, match="plane 1"):
+        seg.segment(stack.reshape(2, 150, 170)[:, :64, :64], tile=64, overlap=16, batch=1)
+    r = seg.segment(np.stack([blob_image[0], np.zeros_like(blob_image[0])]), tile=64, overlap=16)
+    assert "plane 1 is constant: no objects" in r.notices

@@ -200,7 +200,9 @@ def otsu_watershed(image: np.ndarray, *, min_size: int = 16, min_distance: int =
 def as_planes(image, name: str = "the image") -> tuple[np.ndarray, bool, list[str]]:
     """A user's image as (N, Y, X) planes: 2D, a stack or time series; RGB(A) to grayscale.
 
-    Returns (planes, was_2d, notices). 4D/5D arrays, NaNs and tiny images are refused with the reason.
+    Returns (planes, was_2d, notices). 4D/5D arrays and tiny images are refused with the reason; NaNs
+    are refused plane by plane as planes are read (:meth:`Segmenter.normalise`), so a big memory-mapped
+    stack is never read twice.
     """
     from .patches import to_gray
 
@@ -219,8 +221,6 @@ def as_planes(image, name: str = "the image") -> tuple[np.ndarray, bool, list[st
             "and Image > Split, or with numpy/tifffile.")
     if min(arr.shape[-2:]) < 8:
         raise UserInputError(f"{name} is {arr.shape[-2]}x{arr.shape[-1]} pixels: too small to segment (8x8 at least).")
-    if np.issubdtype(arr.dtype, np.floating) and arr.size <= 2**24:
-        check_finite(arr, name)  # big stacks are checked plane by plane as they are read
     two_d = arr.ndim == 2
     return (arr[None] if two_d else arr), two_d, notices
 
@@ -286,14 +286,14 @@ class Segmenter:
 
     def predict(self, image, *, tile: int = 256, overlap: int = 32, batch: int = 4, out: np.ndarray | None = None,
                 callback: ProgressCallback | None = None, notices: list[str] | None = None,
-                name: str = "the image") -> np.ndarray:
+                name: str = "the image", first_plane: int = 0, stack: bool | None = None) -> np.ndarray:
         """Probabilities (N, C, Y, X) float32 for (N, Y, X) planes (see :func:`as_planes`), tiled.
 
         ``out``: an array of that shape to write into (e.g. a memory map). Constant planes give zeros.
-        Progress counts tiles over the whole stack (a constant plane counts its tiles at once).
+        Progress counts tiles over the whole stack. ``first_plane``/``stack``: how to name planes in
+        messages when ``image`` is part of a larger stack.
         """
         from .sampling import Progress
-        from .tiling import tile_starts
 
         planes, _, more = as_planes(image, name)
         if notices is not None:
@@ -307,24 +307,36 @@ class Segmenter:
         if overlap < 0:
             raise UserInputError(f"the overlap must be 0 or more, got {overlap}.")
         result = np.zeros((n, c, h, w), np.float32) if out is None else out
-        per = len(tile_starts(h, tile, overlap, self.net.multiple)) * len(tile_starts(w, tile, overlap,
-                                                                                      self.net.multiple))
-        for k in range(n):
-            plane, constant = self.normalise(planes[k], f"{name}, plane {k}" if n > 1 else name)
-            if constant:
-                result[k] = 0.0
-                if notices is not None:
-                    notices.append(f"plane {k} is constant: no objects" if n > 1 else f"{name} is constant: no objects")
-                if callback is not None:
-                    callback(Progress("tiles", (k + 1) * per, n * per))
-                continue
+        per = self.tiles_per_plane(h, w, tile, overlap)
+        group = self.planes_per_pass(h, w, tile, overlap, batch)
+        for g in range(0, n, group):
+            ks = range(g, min(n, g + group))
+            many = n > 1 if stack is None else stack
+            normed = [self.normalise(planes[k], f"{name}, plane {first_plane + k}" if many else name) for k in ks]
             cb = None
             if callback is not None:
-                def cb(p, k=k):
-                    callback(Progress("tiles", k * per + p.step, n * per))
-            predict_tiled(self._fn, plane, tile=tile, overlap=overlap, out_channels=c, batch=batch,
-                          callback=cb, out=result[k:k + 1], align=self.net.multiple)
+                def cb(p, g=g):
+                    callback(Progress("tiles", g * per + p.step, n * per))
+            predict_tiled(self._fn, np.stack([x for x, _ in normed]), tile=tile, overlap=overlap, out_channels=c,
+                          batch=batch, callback=cb, out=result[g:g + len(ks)], align=self.net.multiple)
+            for k, (_, constant) in zip(ks, normed):
+                if constant:
+                    result[k] = 0.0
+                    if notices is not None:
+                        notices.append(f"plane {first_plane + k} is constant: no objects" if many
+                                       else f"{name} is constant: no objects")
         return result
+
+    def tiles_per_plane(self, h: int, w: int, tile: int, overlap: int) -> int:
+        from .tiling import tile_starts
+
+        m = self.net.multiple
+        return len(tile_starts(h, tile, overlap, m)) * len(tile_starts(w, tile, overlap, m))
+
+    def planes_per_pass(self, h: int, w: int, tile: int, overlap: int, batch: int) -> int:
+        """Planes handled together: several when one plane has fewer tiles than a batch (a stack of
+        small planes, e.g. generated patches, then runs ``batch`` planes per forward pass)."""
+        return max(1, batch // self.tiles_per_plane(h, w, tile, overlap))
 
     def segment(self, image, *, tile: int = 256, overlap: int = 32, threshold: float = 0.5, min_size: int = 16,
                 batch: int = 4, use_interior: bool = True, probability: bool = True,
@@ -351,17 +363,21 @@ class Segmenter:
         labels = np.zeros((n, h, w), np.int32) if labels_out is None else labels_out.reshape(n, h, w)
         interior = use_interior and self.has_interior
         next_id = 0
-        for k in range(n):
-            def cb(p, k=k):
+        group = self.planes_per_pass(h, w, tile, overlap, batch) if tile > overlap >= 0 else 1
+        for g in range(0, n, group):
+            ks = range(g, min(n, g + group))
+
+            def cb(p, g=g):
                 if callback is not None:
-                    callback(Progress("tiles", k * p.total + p.step, n * p.total))
-            p = self.predict(planes[k], tile=tile, overlap=overlap, batch=batch, callback=cb, notices=notices,
-                             name=f"{name}, plane {k}" if n > 1 else name)[0]
-            if keep:
-                prob[k] = p[0]
-            lab = instances(p[0], p[1] if interior else None, threshold=threshold, min_size=min_size)
-            labels[k] = np.where(lab > 0, lab + next_id, 0) if next_id else lab
-            next_id += int(lab.max())
+                    callback(Progress("tiles", g * p.total // len(ks) + p.step, n * p.total // len(ks)))
+            p = self.predict(planes[g:g + len(ks)], tile=tile, overlap=overlap, batch=batch, callback=cb,
+                             notices=notices, name=name, first_plane=g, stack=n > 1)
+            for j, k in enumerate(ks):
+                if keep:
+                    prob[k] = p[j, 0]
+                lab = instances(p[j, 0], p[j, 1] if interior else None, threshold=threshold, min_size=min_size)
+                labels[k] = np.where(lab > 0, lab + next_id, 0) if next_id else lab
+                next_id += int(lab.max())
         prov = {
             "kind": "zfdiffusion-segmentation", "model": self.name, "model_path": str(self.path),
             "tile": tile, "overlap": overlap, "threshold": threshold, "min_size": min_size,

@@ -115,26 +115,37 @@ def predict_tiled(
     for x0 in xs:
         norm_x[x0:x0 + tile] += _ramp(tile, overlap, x0 == 0, x0 + tile >= w)
     inv_y, inv_x = 1.0 / norm_y[:h], 1.0 / norm_x[:w]
-    for k in range(n):
-        plane = arr[k].astype(np.float32, copy=False)
-        if hp > h or wp > w:
-            plane = np.pad(plane, ((0, hp - h), (0, wp - w)), mode="reflect" if min(h, w) > 1 else "edge")
-        acc = result[k]
-        acc[...] = 0.0
-        for i in range(0, len(boxes), batch):
-            chunk = boxes[i:i + batch]
-            x = torch.from_numpy(np.stack([plane[y:y + tile, x0:x0 + tile] for y, x0 in chunk]))[:, None]
-            with torch.no_grad():
-                pred = fn(x).float().cpu().numpy()
-            for (y, x0), p in zip(chunk, pred):
-                weight = blend_weight(tile, overlap, (y == 0, y + tile >= h, x0 == 0, x0 + tile >= w))
-                y1, x1 = min(y + tile, h), min(x0 + tile, w)
-                acc[:, y:y1, x0:x1] += (p * weight)[:, : y1 - y, : x1 - x0]
-            done += len(chunk)
-            if callback is not None:
-                callback(Progress("tiles", done, total))
-        for r in range(0, h, 256):  # divide by the summed weights, a band of rows at a time
-            acc[:, r:r + 256] *= inv_y[r:r + 256, None] * inv_x[None, :]
+    # Tiles are taken plane by plane, and a batch may span planes (small planes of a stack then share
+    # one forward pass). A plane is padded when its first tile is taken and divided by the weight sums
+    # when its last tile is added; at most the planes of one batch are open at a time.
+    jobs = [(k, y, x0) for k in range(n) for y, x0 in boxes]
+    padded: dict[int, np.ndarray] = {}
+
+    def plane_of(k: int) -> np.ndarray:
+        if k not in padded:
+            plane = arr[k].astype(np.float32, copy=False)
+            if hp > h or wp > w:
+                plane = np.pad(plane, ((0, hp - h), (0, wp - w)), mode="reflect" if min(h, w) > 1 else "edge")
+            padded[k] = plane
+            result[k] = 0.0
+        return padded[k]
+
+    for i in range(0, len(jobs), batch):
+        chunk = jobs[i:i + batch]
+        x = torch.from_numpy(np.stack([plane_of(k)[y:y + tile, x0:x0 + tile] for k, y, x0 in chunk]))[:, None]
+        with torch.no_grad():
+            pred = fn(x).float().cpu().numpy()
+        for (k, y, x0), p in zip(chunk, pred):
+            weight = blend_weight(tile, overlap, (y == 0, y + tile >= h, x0 == 0, x0 + tile >= w))
+            y1, x1 = min(y + tile, h), min(x0 + tile, w)
+            result[k, :, y:y1, x0:x1] += (p * weight)[:, : y1 - y, : x1 - x0]
+            if (y, x0) == boxes[-1]:  # the plane's last tile: normalise it, a band of rows at a time
+                for r in range(0, h, 256):
+                    result[k, :, r:r + 256] *= inv_y[r:r + 256, None] * inv_x[None, :]
+                del padded[k]
+        done += len(chunk)
+        if callback is not None:
+            callback(Progress("tiles", done, total))
     if out_channels == 1:
         result = result[:, 0]
     return result[0] if two_d else result
