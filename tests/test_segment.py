@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import make_blobs
 
 from napari_zfdiffusion.core.errors import Cancelled, UserInputError
 from napari_zfdiffusion.core.metrics import match_objects
@@ -19,8 +20,6 @@ from napari_zfdiffusion.core.segment import (
     otsu_watershed,
     targets_from_mask,
 )
-
-from conftest import make_blobs
 
 
 def discs(shape=(64, 64), centres=((20, 20), (20, 44), (46, 30)), r=9):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import make_blobs
 from safetensors.torch import load_file
 
 from napari_zfdiffusion import cli
@@ -19,8 +20,6 @@ from napari_zfdiffusion.core.io import read_provenance
 from napari_zfdiffusion.core.segment import Segmenter
 from napari_zfdiffusion.core.store import WEIGHTS_FILE, list_models, model_kind
 from napari_zfdiffusion.core.train_seg import UnetConfig, train_unet
-
-from conftest import make_blobs
 
 
 def ucfg(**kw) -> UnetConfig:

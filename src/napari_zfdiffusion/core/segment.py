@@ -367,9 +367,9 @@ class Segmenter:
         for g in range(0, n, group):
             ks = range(g, min(n, g + group))
 
-            def cb(p, g=g):
+            def cb(p, g=g, size=len(ks)):
                 if callback is not None:
-                    callback(Progress("tiles", g * p.total // len(ks) + p.step, n * p.total // len(ks)))
+                    callback(Progress("tiles", g * p.total // size + p.step, n * p.total // size))
             p = self.predict(planes[g:g + len(ks)], tile=tile, overlap=overlap, batch=batch, callback=cb,
                              notices=notices, name=name, first_plane=g, stack=n > 1)
             for j, k in enumerate(ks):

@@ -24,7 +24,7 @@ from .data import Normalisation
 from .errors import UserInputError
 from .io import write_json
 from .latent import CARD_FILE
-from .metrics import dice, iou, match_objects
+from .metrics import match_objects
 from .patches import PatchData
 from .sampling import ProgressCallback
 from .segment import KIND, OUTPUTS, SEG_SIZES, ResUNet, build_segmenter, instances
