@@ -397,5 +397,6 @@ def describe(seg: Segmenter) -> str:
     v = card.get("validation") or {}
     data = card.get("training_data") or {}
     figs = f"; held-out Dice {v['dice']:.3f}, IoU {v['iou']:.3f}" if "dice" in v else ""
+    split = data.get("validation")
     return (f"U-Net ({', '.join(card.get('outputs', OUTPUTS))}), trained {card.get('steps', '?')} steps on "
-            f"{data.get('images', '?')} image(s){figs}")
+            f"{data.get('images', '?')} image(s){f' ({split})' if split else ''}{figs}")
