@@ -137,6 +137,14 @@ def main() -> int:
             result["sets"][set_name][mname] = r
             print(f"{set_name:10s} {mname:30s} IoU {r['iou']:.3f} Dice {r['dice']:.3f} P {r['precision']:.3f} "
                   f"R {r['recall']:.3f} F1 {r['f1']:.3f} ({r['seconds']} s)")
+    if gen_labels.is_file() and "real" in segs:
+        # a generated stack, segmented by the U-Net trained on real data, against the generator's own
+        # masks: how well do generated masks fit generated images, by the judgement of a real-trained model?
+        gi = tifffile.imread(a.run / "gen" / "images.tif")[-64:]  # the last 64 of the pairs
+        gpairs = list(zip(gi, tifffile.imread(gen_labels)[-64:]))
+        result["generated_vs_own_masks"] = {m: pooled(gpairs, methods[m]) for m in ("Otsu + watershed", "U-Net real")}
+        for m, r in result["generated_vs_own_masks"].items():
+            print(f"generated  {m:30s} IoU {r['iou']:.3f} Dice {r['dice']:.3f} F1 {r['f1']:.3f} (vs the generator's masks)")
     a.out_json.parent.mkdir(parents=True, exist_ok=True)
     a.out_json.write_text(json.dumps(result, indent=2, default=float) + "\n")
     write_markdown(result, a.out_json.with_suffix(".md"))
@@ -194,13 +202,19 @@ def figures(sets, methods, segs, a) -> None:
     if (gen / "labels.tif").is_file():
         import tifffile
 
-        ims, labs = tifffile.imread(gen / "images.tif")[:6], tifffile.imread(gen / "labels.tif")[:6]
-        fig, axes = pyplot.subplots(1, 6, figsize=(16, 3))
-        for ax, im, lab in zip(axes, ims, labs):
-            ax.imshow(im, cmap="gray", vmin=0, vmax=1)
-            outlines(ax, lab, (0, 1, 1, 1))
+        ims, labs = tifffile.imread(gen / "images.tif")[-6:], tifffile.imread(gen / "labels.tif")[-6:]
+        real = segs.get("real")
+        fig, axes = pyplot.subplots(2 if real else 1, 6, figsize=(16, 6.2 if real else 3), squeeze=False)
+        for i, (im, lab) in enumerate(zip(ims, labs)):
+            axes[0, i].imshow(im, cmap="gray", vmin=0, vmax=1)
+            outlines(axes[0, i], lab, (0, 1, 1, 1))
+            if real:
+                axes[1, i].imshow(im, cmap="gray", vmin=0, vmax=1)
+                outlines(axes[1, i], real.segment(im, min_size=MIN_SIZE).labels, (1, 0.3, 1, 1))
+        for ax in axes.ravel():
             ax.axis("off")
-        fig.suptitle("generated training pairs (nuclei-ldm-demo): image with the outlines of its generated labels")
+        fig.suptitle("generated pairs (nuclei-ldm-demo). Top: the generator's own masks (cyan). "
+                     "Bottom: the U-Net trained on real frames, on the same generated images (magenta)")
         fig.tight_layout()
         fig.savefig(a.figures / "seg_generated_pairs.png", dpi=100)
         pyplot.close(fig)
