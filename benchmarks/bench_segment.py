@@ -186,10 +186,10 @@ def phase(name: str) -> None:
     print(f"@@phase {name}", flush=True)
 
 
-def tile_count(h: int, w: int, tile: int, overlap: int) -> int:
+def tile_count(h: int, w: int, tile: int, overlap: int, align: int = 8) -> int:
     from napari_zfdiffusion.core.tiling import tile_starts
 
-    return len(tile_starts(h, tile, overlap)) * len(tile_starts(w, tile, overlap))
+    return len(tile_starts(h, tile, overlap, align)) * len(tile_starts(w, tile, overlap, align))
 
 
 def child_segment(seg, spec: dict, mem: dict) -> dict:
@@ -254,7 +254,8 @@ def child_tiling(seg, spec: dict, mem: dict) -> dict:
     plane, _ = seg.normalise(np.asarray(read_image_lazy(spec["input"])))
     h, w = plane.shape
     c = seg.net.config.out_channels
-    kw = {"tile": spec["tile"], "overlap": spec["overlap"], "out_channels": c, "batch": spec["batch"]}
+    kw = {"tile": spec["tile"], "overlap": spec["overlap"], "out_channels": c, "batch": spec["batch"],
+          "align": seg.net.multiple}  # as Segmenter.predict does
 
     @torch.no_grad()
     def whole(x: np.ndarray) -> np.ndarray:
