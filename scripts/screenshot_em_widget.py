@@ -16,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _screenshot import ROOT, choose_model, open_viewer, save_screenshot
 
 
 def default_model() -> str | None:
@@ -43,10 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "widget_em.png")
     args = ap.parse_args(argv)
 
-    import napari
-    from napari.utils.notifications import notification_manager
-    from qtpy.QtWidgets import QApplication
-
     from napari_zfdiffusion.core.store import resolve_model
     from napari_zfdiffusion.widgets.em import GenerateEMWidget
 
@@ -54,21 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         print("no latent model found: give --model FOLDER (made by `zfdiffusion train ldm`)", file=sys.stderr)
         return 2
-    errors = []
-    notification_manager.notification_ready.connect(
-        lambda n: errors.append(n.message) if str(n.severity) == "error" else None)
-
-    viewer = napari.Viewer(show=True, title="napari-zfdiffusion")
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    viewer.window._qt_window.resize(w, h)  # no public API for the window size
-    widget = GenerateEMWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Generate EM patches", area="right")
+    viewer, widget, errors = open_viewer(GenerateEMWidget, "Generate EM patches", args.size)
     widget.device.value = args.device
     path = resolve_model(model).expanduser().resolve()  # a name of a bundled/user model, or a folder
-    if str(path) in widget.model.choices:
-        widget.model.value = str(path)
-    else:
-        widget.model_folder.value = path
+    choose_model(widget, path)
     if not widget.can_generate:
         print(f"model '{model}' cannot generate patches: {errors or widget.info.value}", file=sys.stderr)
         return 1
@@ -93,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     patches = next(layer for layer in viewer.layers if layer.name.startswith("EM patches") and layer.visible)
     viewer.layers.selection.active = patches
     viewer.reset_view(layers=[patches])  # the patches, not the larger (hidden) sample image
-    for _ in range(20):
-        QApplication.processEvents()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.out), canvas_only=False)
+    save_screenshot(viewer, args.out)
     print(f"wrote {args.out} ({patches.name}, {widget.status.value}; model: {widget.info.value})")
     viewer.close()
     return 0

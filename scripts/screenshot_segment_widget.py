@@ -17,7 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _screenshot import ROOT, choose_model, open_viewer, save_screenshot
+
 HELA = "Fluo_Hela_02_img.tif"
 
 
@@ -46,10 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "widget_segment.png")
     args = ap.parse_args(argv)
 
-    import napari
     import numpy as np
-    from napari.utils.notifications import notification_manager
-    from qtpy.QtWidgets import QApplication
 
     from napari_zfdiffusion.core.errors import UserInputError
     from napari_zfdiffusion.core.store import resolve_model
@@ -62,20 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserInputError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    errors = []
-    notification_manager.notification_ready.connect(
-        lambda n: errors.append(n.message) if str(n.severity) == "error" else None)
-
-    viewer = napari.Viewer(show=True, title="napari-zfdiffusion")
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    viewer.window._qt_window.resize(w, h)  # no public API for the window size
-    widget = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Segment", area="right")
+    viewer, widget, errors = open_viewer(SegmentWidget, "Segment", args.size)
     widget.device.value = args.device
-    if str(path) in widget.model.choices:
-        widget.model.value = str(path)
-    else:
-        widget.model_folder.value = path
+    choose_model(widget, path)
     if errors:
         print(f"model '{args.model}' cannot segment: {errors}", file=sys.stderr)
         return 1
@@ -94,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer.dims.set_current_step(0, 0)
     viewer.reset_view()
     viewer.camera.zoom *= args.zoom
-    for _ in range(20):
-        QApplication.processEvents()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.out), canvas_only=False)
+    save_screenshot(viewer, args.out)
     print(f"wrote {args.out} ({widget.status.value}; model: {widget.info.value})")
     viewer.close()
     return 0

@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _screenshot import ROOT, choose_model, open_viewer, save_screenshot
 
 
 def default_model() -> str | None:
@@ -40,10 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "widget_generate.png")
     args = ap.parse_args(argv)
 
-    import napari
-    from napari.utils.notifications import notification_manager
-    from qtpy.QtWidgets import QApplication
-
     from napari_zfdiffusion.core.store import resolve_model
     from napari_zfdiffusion.widgets.generate import GenerateSlicesWidget
 
@@ -51,20 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         print("no bundled model found: give --model FOLDER", file=sys.stderr)
         return 2
-    errors = []
-    notification_manager.notification_ready.connect(
-        lambda n: errors.append(n.message) if str(n.severity) == "error" else None)
-
-    viewer = napari.Viewer(show=True, title="napari-zfdiffusion")
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    viewer.window._qt_window.resize(w, h)  # no public API for the window size
-    widget = GenerateSlicesWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Generate slices", area="right")
-    path = resolve_model(model)  # a name of a bundled/user model, or a folder
-    if str(path) in widget.model.choices:
-        widget.model.value = str(path)
-    else:
-        widget.model_folder.value = path.expanduser().resolve()
+    viewer, widget, errors = open_viewer(GenerateSlicesWidget, "Generate slices", args.size)
+    choose_model(widget, resolve_model(model))  # a name of a bundled/user model, or a folder
     if widget._cascade is None:
         print(f"model '{model}' could not be loaded: {errors}", file=sys.stderr)
         return 1
@@ -81,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generation failed: {errors}", file=sys.stderr)
         return 1
     viewer.reset_view()
-    for _ in range(20):
-        QApplication.processEvents()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.out), canvas_only=False)
+    save_screenshot(viewer, args.out)
     print(f"wrote {args.out} ({viewer.layers[-1].name}, {widget.status.value})")
     viewer.close()
     return 0

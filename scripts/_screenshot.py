@@ -1,0 +1,51 @@
+"""Helpers the widget screenshot scripts share: a napari window with one widget docked, choosing its
+model, saving the whole window.
+
+napari and Qt are imported inside the functions, so that a script's ``--help`` does not load them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def open_viewer(widget_cls, dock_name: str, size: str):
+    """A shown napari viewer of ``size`` ("WxH") with ``widget_cls(viewer)`` docked on the right as
+    ``dock_name``; also the list the messages of error notifications are appended to from now on.
+
+    Returns ``(viewer, widget, errors)``.
+    """
+    import napari
+    from napari.utils.notifications import notification_manager
+
+    errors: list[str] = []
+    notification_manager.notification_ready.connect(
+        lambda n: errors.append(n.message) if str(n.severity) == "error" else None)
+
+    viewer = napari.Viewer(show=True, title="napari-zfdiffusion")
+    w, h = (int(v) for v in size.lower().split("x"))
+    viewer.window._qt_window.resize(w, h)  # no public API for the window size
+    widget = widget_cls(viewer)
+    viewer.window.add_dock_widget(widget, name=dock_name, area="right")
+    return viewer, widget, errors
+
+
+def choose_model(widget, path: Path) -> None:
+    """Select the model folder ``path`` in the widget: from its model list if it is there, else
+    through its "or folder" field."""
+    if str(path) in widget.model.choices:
+        widget.model.value = str(path)
+    else:
+        widget.model_folder.value = path.expanduser().resolve()
+
+
+def save_screenshot(viewer, out: Path) -> None:
+    """Let Qt settle, then write the whole window (not only the canvas) to ``out``."""
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(20):
+        QApplication.processEvents()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(out), canvas_only=False)
