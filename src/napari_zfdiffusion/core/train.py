@@ -29,28 +29,18 @@ LOSSES = ("l1", "l2", "v")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(loop.TrainOptions):
     stage: str = "base"
     size: str = "small"
-    steps: int = 20000
-    batch_size: int = 16
-    lr: float = 2e-4
-    warmup: int = 200
     loss: str = "v"
     p_uncond: float = 0.15
-    ema_decay: float = 0.999
-    checkpoint_every: int = 500
-    log_every: int = 50
     crop: int | None = None
     noise_aug_max: float = 0.3
-    seed: int = 0
     depth_classes: int | None = None
     z_step_um: float | None = None
     augment: bool = True
     norm_low: float = 1.0
     norm_high: float = 99.8
-    data_credit: str = ""
-    data_licence: str = ""
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -59,8 +49,7 @@ class TrainConfig:
             raise UserInputError(f"unknown loss '{self.loss}': choose one of {', '.join(LOSSES)}.")
         if self.size not in SIZES:
             raise UserInputError(f"unknown model size '{self.size}': choose one of {', '.join(SIZES)}.")
-        if self.steps < 1 or self.batch_size < 1:
-            raise UserInputError("--steps and --batch-size must be at least 1.")
+        self.check_common()
         if not 0 <= self.p_uncond < 1:
             raise UserInputError("--p-uncond must be in [0, 1).")
 
@@ -226,9 +215,7 @@ def _train(data, out: Path, cfg: TrainConfig, dev: torch.device, di: loop.DistIn
     def export(ema, step, losses, secs, world):
         _export(out, ema, cfg, step, losses, ds, secs, world)
 
-    lc = loop.LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, ema_decay=cfg.ema_decay,
-                         checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, seed=cfg.seed,
-                         desc=f"train {cfg.stage}")
+    lc = cfg.loop_config(f"train {cfg.stage}")
     summary = loop.run(model, loss_fn=loss_fn, export=export, cfg=lc, dev=dev, di=di, state_path=state_path,
                        saved=saved, show_progress=show_progress, callback=callback)
     return {"stage": cfg.stage, **summary, "model": str(out / cfg.stage)}

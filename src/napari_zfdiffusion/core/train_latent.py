@@ -33,24 +33,15 @@ from .store import WEIGHTS_FILE, save_unet
 
 
 @dataclass
-class VaeConfig:
-    size: str = "small"
-    steps: int = 20000
+class VaeConfig(loop.TrainOptions):
     batch_size: int = 8
-    lr: float = 2e-4
-    warmup: int = 200
+    size: str = "small"
     beta: float = 1e-4
     latent_channels: int = 4
     patch_size: int = 256
     crop: int | None = None
-    ema_decay: float = 0.999
-    checkpoint_every: int = 500
-    log_every: int = 50
-    seed: int = 0
     norm_low: float = 1.0
     norm_high: float = 99.8
-    data_credit: str = ""
-    data_licence: str = ""
 
     def validate(self) -> None:
         if self.size not in VAE_SIZES:
@@ -61,20 +52,10 @@ class VaeConfig:
 
 
 @dataclass
-class LdmConfig:
+class LdmConfig(loop.TrainOptions):
     size: str = "small"
-    steps: int = 20000
-    batch_size: int = 16
-    lr: float = 2e-4
-    warmup: int = 200
     loss: str = "v"
     bank: int = 4096
-    ema_decay: float = 0.999
-    checkpoint_every: int = 500
-    log_every: int = 50
-    seed: int = 0
-    data_credit: str = ""
-    data_licence: str = ""
 
     @property
     def crop(self) -> None:
@@ -91,19 +72,13 @@ class LdmConfig:
 
 
 def _common_checks(cfg) -> None:
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise UserInputError("--steps and --batch-size must be at least 1.")
+    cfg.check_common()
     crop = getattr(cfg, "crop", None)
     patch = getattr(cfg, "patch_size", None)
     if patch is not None and patch < 16:
         raise UserInputError(f"--patch-size must be at least 16, got {patch}.")
     if crop is not None and (crop < 16 or (patch and crop > patch)):
         raise UserInputError(f"--crop must be between 16 and the patch size, got {crop}.")
-
-
-def _loop_config(cfg, desc: str) -> loop.LoopConfig:
-    return loop.LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, ema_decay=cfg.ema_decay,
-                           checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, seed=cfg.seed, desc=desc)
 
 
 def _run(fn, device: str, *args):
@@ -211,7 +186,7 @@ def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_p
             "training_data": _data_card(data, cfg), "plugin_version": __version__,
         })
 
-    summary = loop.run(vae, loss_fn=loss_fn, export=export, cfg=_loop_config(cfg, "train vae"), dev=dev, di=di,
+    summary = loop.run(vae, loss_fn=loss_fn, export=export, cfg=cfg.loop_config("train vae"), dev=dev, di=di,
                        state_path=state_path, saved=saved, show_progress=show_progress, callback=callback,
                        validate=validate)
     return {"what": "vae", **summary, "model": str(out), "validation": dict(last_val)}
@@ -325,6 +300,6 @@ def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks,
             "training_data": _data_card(data, cfg), "plugin_version": __version__,
         })
 
-    summary = loop.run(model, loss_fn=loss_fn, export=export, cfg=_loop_config(cfg, "train ldm"), dev=dev, di=di,
+    summary = loop.run(model, loss_fn=loss_fn, export=export, cfg=cfg.loop_config("train ldm"), dev=dev, di=di,
                        state_path=state_path, saved=saved, show_progress=show_progress, callback=callback)
     return {"what": "ldm", **summary, "model": str(out)}

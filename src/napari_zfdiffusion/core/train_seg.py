@@ -30,30 +30,25 @@ from .sampling import ProgressCallback
 from .segment import KIND, OUTPUTS, SEG_SIZES, ResUNet, build_segmenter, instances
 from .store import save_unet
 from .tiling import predict_tiled
-from .train_latent import _common_checks, _loop_config, _run
+from .train_latent import _common_checks, _run
 
 
 @dataclass
-class UnetConfig:
-    size: str = "small"
+class UnetConfig(loop.TrainOptions):
     steps: int = 4000
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int = 100
+    ema_decay: float = 0.99
+    size: str = "small"
     crop: int = 128
     interior: bool = True
     extra_fraction: float = 0.5
     val_fraction: float = 0.2
-    ema_decay: float = 0.99
-    checkpoint_every: int = 500
-    log_every: int = 50
-    seed: int = 0
     norm_low: float = 1.0
     norm_high: float = 99.8
     tile: int = 256
     overlap: int = 32
-    data_credit: str = ""
-    data_licence: str = ""
 
     def validate(self) -> None:
         if self.size not in SEG_SIZES:
@@ -207,7 +202,7 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
             "plugin_version": __version__,
         })
 
-    summary = loop.run(net, loss_fn=loss_fn, export=export, cfg=_loop_config(cfg, "train unet"), dev=dev, di=di,
+    summary = loop.run(net, loss_fn=loss_fn, export=export, cfg=cfg.loop_config("train unet"), dev=dev, di=di,
                        state_path=state_path, saved=saved, show_progress=show_progress, callback=callback,
                        validate=validate)
     return {"what": "unet", **summary, "model": str(out), "validation": dict(last_val)}

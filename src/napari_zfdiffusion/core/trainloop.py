@@ -74,6 +74,32 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 @dataclass
+class TrainOptions:
+    """The options every training command shares (each command's config adds its own and may
+    change these defaults)."""
+
+    steps: int = 20000
+    batch_size: int = 16
+    lr: float = 2e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    data_credit: str = ""
+    data_licence: str = ""
+
+    def loop_config(self, desc: str) -> LoopConfig:
+        return LoopConfig(steps=self.steps, lr=self.lr, warmup=self.warmup, ema_decay=self.ema_decay,
+                          checkpoint_every=self.checkpoint_every, log_every=self.log_every, seed=self.seed,
+                          desc=desc)
+
+    def check_common(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise UserInputError("--steps and --batch-size must be at least 1.")
+
+
+@dataclass
 class LoopConfig:
     steps: int
     lr: float
