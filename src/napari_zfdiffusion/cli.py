@@ -193,7 +193,8 @@ def cmd_train_unet(a) -> int:
     cfg = UnetConfig(size=a.size, steps=a.steps, batch_size=a.batch_size, lr=a.lr, crop=a.crop,
                      interior=not a.no_interior, extra_fraction=a.extra_fraction, val_fraction=a.val_fraction,
                      ema_decay=a.ema_decay, checkpoint_every=a.checkpoint_every, seed=a.seed, tile=a.tile,
-                     overlap=a.overlap, data_credit=a.credit, data_licence=a.licence)
+                     overlap=a.overlap, intensity_aug=not a.no_intensity_aug, data_credit=a.credit,
+                     data_licence=a.licence)
     s = train_unet(a.images, a.masks, a.out, cfg, extra_images=a.extra_images, extra_masks=a.extra_masks,
                    val_images=a.val_images, val_masks=a.val_masks, device=a.device, resume=a.resume,
                    show_progress=not a.quiet)
@@ -376,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--val-fraction", type=float, default=0.2, help="share of --images held out for validation")
     un.add_argument("--no-interior", action="store_true",
                     help="predict the foreground only (labels by connected components; touching objects merge)")
+    un.add_argument("--no-intensity-aug", action="store_true",
+                    help="no random background offset / contrast / gamma / noise in training (on by default)")
     un.add_argument("--tile", type=int, default=256, help="tile side for validation and the card's default")
     un.add_argument("--overlap", type=int, default=32)
     un.set_defaults(func=cmd_train_unet)

@@ -3,7 +3,8 @@ generated pairs (``zfdiffusion em generate --masks-out``), or on a mix of both.
 
 Runs in the one training loop (:mod:`.trainloop`: EMA, atomic checkpoints, exact resume,
 DistributedDataParallel under ``torchrun``). Data are random crops with flips and rotations
-(:class:`.patches.PatchData` with segmentation targets: foreground and interior). With
+(:class:`.patches.PatchData` with segmentation targets: foreground and interior) and random
+intensity changes (background offset, contrast, gamma, noise; :func:`augment_intensity`). With
 ``extra_images`` (e.g. generated pairs) a fixed fraction of every batch comes from them. At every
 checkpoint the EMA model segments the whole held-out images, tile by tile as in use, and foreground
 IoU, Dice and per-object F1 at IoU 0.5 go in the log and the card.
@@ -49,6 +50,7 @@ class UnetConfig(loop.TrainOptions):
     norm_high: float = 99.8
     tile: int = 256
     overlap: int = 32
+    intensity_aug: bool = True
 
     def validate(self) -> None:
         if self.size not in SEG_SIZES:
@@ -62,6 +64,21 @@ class UnetConfig(loop.TrainOptions):
             raise UserInputError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserInputError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}.")
+
+
+def augment_intensity(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random intensity changes of a batch of images in [-1, 1] (B, 1, H, W), one draw per image:
+    background offset, contrast, gamma and Gaussian noise, so that the model does not learn one
+    microscope's background level (percentile normalisation maps it differently per image)."""
+    b = x.shape[0]
+    u = (x + 1) / 2
+    offset = torch.empty(b, 1, 1, 1).uniform_(-0.05, 0.2, generator=g)
+    scale = torch.empty(b, 1, 1, 1).uniform_(0.6, 1.3, generator=g)
+    gamma = torch.exp(torch.empty(b, 1, 1, 1).uniform_(-0.4, 0.4, generator=g))
+    sigma = torch.empty(b, 1, 1, 1).uniform_(0.0, 0.04, generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    u = u.clamp(0, 1) ** gamma * scale + offset + sigma * noise
+    return (u.clamp(0, 1) * 2 - 1).to(x.dtype)
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -168,10 +185,11 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
             parts.append(data.random_crops(cfg.batch_size - n_extra, cfg.crop, g))
         if n_extra:
             parts.append(extra.random_crops(n_extra, cfg.crop, g))
-        x = torch.cat(parts).to(dev)
-        target = (x[:, 1:1 + n_out] + 1) / 2
+        x = torch.cat(parts)
+        image = augment_intensity(x[:, :1], g) if cfg.intensity_aug else x[:, :1]
+        target = (x[:, 1:1 + n_out] + 1).to(dev) / 2
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x[:, :1])
+            logits = model(image.to(dev))
         return seg_loss(logits.float(), target)
 
     last_val: dict = {}
