@@ -49,9 +49,13 @@ def main() -> None:
         card["quality"] = quality
     bench = _load(a.bench)
     speed = ""
-    for case in bench.get("cases", []) if isinstance(bench.get("cases"), list) else []:
-        if case.get("name") and case.get("mpix_per_s"):
-            speed += f"* {case['name']}: {case['mpix_per_s']:.2f} megapixels/s\n"
+    threads = bench.get("settings", {}).get("threads")
+    for case in bench.get("cases", []):
+        med = case.get("median", {})
+        if med.get("job_s"):
+            what = "x".join(str(v) for v in case["shape"])
+            speed += (f"* {what}: {med['job_s']:.1f} s, {case['megapixels'] / med['job_s']:.2f} megapixels/s "
+                      f"(CPU, {threads or '?'} threads)\n")
     (a.model / "model.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     text = f"""# {name}
 
@@ -71,7 +75,8 @@ foreground seeded by the interiors. Made by `zfdiffusion train unet` and
 ## Training
 
 {stage.get('steps_done', '?')} steps, batch {stage.get('batch_size', '?')} random {stage.get('crop', '?')}x{stage.get('crop', '?')}
-crops with flips and rotations, AdamW lr {stage.get('lr', '?')}, EMA {stage.get('ema_decay', '?')}, on a CPU
+crops with flips, rotations and random intensity changes (background offset, contrast,
+gamma, noise), AdamW lr {stage.get('lr', '?')}, EMA {stage.get('ema_decay', '?')}, on a CPU
 ({stage.get('train_seconds', 0) / 60:.0f} min, torch {stage.get('torch', '?')}). Loss: BCE on both outputs + soft Dice on
 the foreground. Percentile normalisation per plane (1st to 99.8th percentile).
 
@@ -89,6 +94,9 @@ Full tables, the generated-to-real experiment and figures: docs/evaluation.md (S
 ## Speed
 
 {speed or 'See docs/benchmarks.md (Segmentation).'}
+Tile 256, overlap 32, batch 4, whole job (normalisation, tiles, watershed, memory-mapped outputs);
+docs/benchmarks.md (Segmentation).
+
 ## Limits
 
 Trained on one cell line, one microscope and automatic masks. Expect to retrain (`zfdiffusion
