@@ -66,3 +66,27 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def write_results(json_path, result: dict, md: str) -> None:
+    """Write a benchmark's results: ``json_path`` (JSON) and the same name with ``.md`` (markdown)."""
+    import json
+    from pathlib import Path
+
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path.with_suffix(".md").write_text(md)
+    print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+
+
+def run_main(main) -> None:
+    """Run a benchmark's ``main()`` as a script: its return code, or a one-line error for bad input."""
+    import sys
+
+    from napari_zfdiffusion.core.errors import UserInputError
+
+    try:
+        sys.exit(main())
+    except UserInputError as e:
+        sys.exit(f"error: {e}")

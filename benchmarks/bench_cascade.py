@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _machine import cpu_model, peak_rss_mb, rss_mb, sync  # benchmarks/_machine.py
+from _machine import cpu_model, peak_rss_mb, rss_mb, run_main, sync, write_results  # benchmarks/_machine.py
 from napari_zfdiffusion.core.cascade import Cascade
 from napari_zfdiffusion.core.store import resolve_model
 
@@ -205,16 +204,9 @@ def main(argv=None) -> int:
     res_dir = a.out / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     stem = "bench_cascade" + (f"_{a.tag}" if a.tag else "")
-    (res_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (res_dir / f"{stem}.md").write_text(md)
-    print(f"wrote {res_dir / stem}.json and .md")
+    write_results(res_dir / f"{stem}.json", result, md)
     return 0
 
 
 if __name__ == "__main__":
-    from napari_zfdiffusion.core.errors import UserInputError
-
-    try:
-        sys.exit(main())
-    except UserInputError as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from _machine import cpu_model, peak_rss_mb, rss_mb, sync  # benchmarks/_machine.py
+from _machine import cpu_model, peak_rss_mb, rss_mb, run_main, sync, write_results  # benchmarks/_machine.py
 from napari_zfdiffusion.core.latent import LatentModel
 from napari_zfdiffusion.core.sampling import DEFAULT_SAMPLER, SAMPLERS
 
@@ -192,17 +191,9 @@ def main(argv=None) -> int:
     md = markdown(result)
     print()
     print(md)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    a.out.with_suffix(".md").write_text(md)
-    print(f"wrote {a.out} and {a.out.with_suffix('.md')}")
+    write_results(a.out, result, md)
     return 0
 
 
 if __name__ == "__main__":
-    from napari_zfdiffusion.core.errors import UserInputError
-
-    try:
-        sys.exit(main())
-    except UserInputError as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

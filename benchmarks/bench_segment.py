@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _machine import cpu_model, proc_memory_mb, reset_peak_rss, sync  # benchmarks/_machine.py
+from _machine import cpu_model, proc_memory_mb, reset_peak_rss, run_main, sync, write_results  # benchmarks/_machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "weights" / "nuclei-unet-demo"
@@ -593,17 +593,9 @@ def main(argv=None) -> int:
     md = markdown(result)
     print()
     print(md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{out}.md").write_text(md)
-    print(f"wrote {out}.json and {out}.md")
+    write_results(f"{out}.json", result, md)
     return 0
 
 
 if __name__ == "__main__":
-    from napari_zfdiffusion.core.errors import UserInputError
-
-    try:
-        sys.exit(main())
-    except UserInputError as e:
-        sys.exit(f"error: {e}")
+    run_main(main)
