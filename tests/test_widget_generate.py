@@ -218,3 +218,11 @@ def test_writer_through_napari(make_napari_viewer, tmp_path):
     paths = layer.save(str(tmp_path / "x.tif"), plugin="napari-zfdiffusion")
     assert paths == [str(tmp_path / "x.tif")]
     assert read_provenance(paths[0])["seed"] == 3
+
+
+def test_the_bundled_demo_is_chosen_when_the_widget_opens(make_napari_viewer, notes):
+    from napari_zfdiffusion.widgets.generate import GenerateSlicesWidget
+
+    w = GenerateSlicesWidget(make_napari_viewer())
+    assert w.model.value is not None and w.model.value.endswith("zf-cascade-demo")
+    assert w.generate_button.enabled and [m for s, m in notes if s == "error"] == []

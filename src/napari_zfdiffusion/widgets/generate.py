@@ -105,7 +105,10 @@ class GenerateSlicesWidget(JobWidget):
         self.generate_button.changed.connect(lambda *_: self.generate())
         self.upsample_button.changed.connect(lambda *_: self.upsample_selected())
         self.cancel_button.changed.connect(lambda *_: self.cancel())
-        self._load_model_info()
+        if self._models:  # the demo model (or the first one) is ready to use; reading its card is quick
+            self.model.value = self._models[0][1]
+        else:
+            self._load_model_info()
 
     # ------------------------------------------------------------ model
     def _load_model_info(self, *_) -> None:
