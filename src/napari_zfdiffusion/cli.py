@@ -256,6 +256,32 @@ def _write_description(path, provenance: dict) -> None:
         tf.pages[0].tags["ImageDescription"].overwrite(json.dumps(provenance, default=str))
 
 
+def cmd_dataset(a) -> int:
+    import os
+
+    from .core.cascade import Cascade
+    from .core.dataset import SliceSpec, make_slices, parse_depths
+    from .core.device import resolve_device
+    from .core.errors import UserInputError
+
+    if a.per_depth < 1:
+        raise UserInputError(f"--per-depth must be at least 1, got {a.per_depth}.")
+    device = resolve_device(a.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    cas = Cascade.load(a.model, device)
+    resolution = cas.check_resolution(a.resolution)
+    spec = SliceSpec(model=cas.name, depths=parse_depths(a.depths, cas.n_classes), n_per_depth=a.per_depth,
+                     seed=a.seed,
+                     resolution=resolution, guidance=a.guidance, steps=a.steps, sr_steps=a.sr_steps,
+                     sampler=a.sampler, sr_guidance=a.sr_guidance, noise_aug=a.noise_aug)
+    s = make_slices(cas, spec, a.out, show_progress=not a.quiet)
+    rate = f", {s['items_per_s']} items/s" if s["items_per_s"] else ""
+    print(f"rank {s['rank']}/{s['world']}: made {s['made']} of its {s['mine']} items in {s['seconds']} s{rate}; "
+          f"data set {'complete' if s['complete'] else 'not complete yet'} ({s['total']} items) in {a.out}")
+    return 0
+
+
 def cmd_fetch(a) -> int:
     from .core.fetch import SOURCES, fetch, prepare_cho, prepare_em
 
@@ -293,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--depth", type=int, default=None, help="depth class (default: from the file's provenance)")
     u.add_argument("--out", type=Path, required=True)
     u.set_defaults(func=cmd_upsample)
+
+    ds = sub.add_parser("dataset", help="fill a folder with generated slices: resumable, parallel under torchrun")
+    _add_sampling(ds)
+    ds.add_argument("--depths", default="all", help="depth classes: 0-4, 1,3,5 or all (default)")
+    ds.add_argument("--per-depth", type=int, required=True,
+                    help="slices per depth (slice j has seed SEED + j); not --n: torchrun would take that for itself")
+    ds.add_argument("--guidance", type=float, default=3.0)
+    ds.add_argument("--out", type=Path, required=True, help="data set folder (one TIFF per item + manifest)")
+    ds.set_defaults(func=cmd_dataset)
 
     m = sub.add_parser("models", help="list bundled and user models")
     m.set_defaults(func=cmd_models)
