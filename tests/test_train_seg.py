@@ -247,3 +247,12 @@ def test_segmentation_models_are_listed(tiny_segmenter, monkeypatch, tmp_path):
     shutil.copytree(tiny_segmenter, user_models_dir() / "my-unet")
     kinds = {m.name: m.kind for m in list_models()}
     assert kinds["my-unet"] == "segmentation"
+
+
+def test_cli_segment_takes_its_defaults_from_the_model_card(tiny_segmenter, tmp_path, capsys):
+    """The tiny model's card says tile 64 and overlap 16 (the widget reads the same card)."""
+    imgs, _ = make_blobs(tmp_path / "d", n=1)
+    assert cli.main(["-q", "segment", "--model", str(tiny_segmenter), "--in", str(next(imgs.iterdir())),
+                     "--out", str(tmp_path / "l.tif"), "--device", "cpu"]) == 0
+    prov = read_provenance(tmp_path / "l.tif")
+    assert (prov["tile"], prov["overlap"], prov["threshold"], prov["min_size"]) == (64, 16, 0.5, 16)

@@ -215,6 +215,9 @@ def cmd_segment(a) -> int:
     if a.prob_out:
         check_writable(a.prob_out)
     seg = Segmenter.load(a.model, a.device)
+    for key, fallback in (("tile", 256), ("overlap", 32), ("threshold", 0.5), ("min_size", 16)):
+        if getattr(a, key) is None:  # as the widget does: the model's own defaults
+            setattr(a, key, type(fallback)(seg.card.get(key, fallback)))
     image = read_image_lazy(a.input)
     planes, two_d, _ = as_planes(image, a.input.name)  # checks the shape before any output is created
     shape = planes.shape[1:] if two_d else planes.shape
@@ -423,10 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--in", dest="input", type=Path, required=True, help="TIFF or PNG: 2D, or (N, Y, X)")
     sg.add_argument("--out", type=Path, required=True, help="instance labels TIFF (int32, same shape)")
     sg.add_argument("--prob-out", type=Path, default=None, help="also write the foreground probability TIFF")
-    sg.add_argument("--tile", type=int, default=256)
-    sg.add_argument("--overlap", type=int, default=32)
-    sg.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold")
-    sg.add_argument("--min-size", type=int, default=16, help="smallest object in pixels")
+    sg.add_argument("--tile", type=int, default=None, help="tile side (default: the model card's, 256 for the demo)")
+    sg.add_argument("--overlap", type=int, default=None, help="pixels shared by neighbouring tiles (card; 32)")
+    sg.add_argument("--threshold", type=float, default=None, help="foreground probability threshold (card; 0.5)")
+    sg.add_argument("--min-size", type=int, default=None, help="smallest object in pixels (card; 16)")
     sg.add_argument("--batch", type=int, default=4, help="tiles per forward pass")
     sg.add_argument("--no-interior", action="store_true", help="connected components instead of the watershed")
     sg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
