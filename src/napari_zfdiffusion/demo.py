@@ -1,6 +1,6 @@
 """`make demo`: napari with the slice and EM-patch generators and the Segment widget docked (three
 tabs) and the demo models loaded, or, where no display works, the CLI writing a 512x512 slice,
-nuclei patches with their masks, and PNG previews into outputs/.
+nuclei patches with their masks, PNG previews, and the HeLa sample with its U-Net labels into outputs/.
 
 Set ZFDIFFUSION_DEMO_HEADLESS=1 to force the command-line path.
 """
@@ -67,8 +67,19 @@ def run_cli(out_dir: Path = Path("outputs")) -> int:
     print("and four 256x256 nuclei patches with their masks (latent diffusion, 50 steps; seconds)")
     rc = main(["em", "generate", "--model", "nuclei-ldm-demo", "--n", "4", "--steps", "50", "--seed", "0",
                "--out", str(patches), "--masks-out", str(labels), "--preview", str(prev)])
+    if rc != 0:
+        return rc
+    print(f"\nthe patches: {patches.resolve()}\ntheir masks: {labels.resolve()}\nthe preview: {prev.resolve()}\n")
+    import tifffile
+
+    from ._sample_data import hela_nuclei
+
+    hela, hela_labels = out_dir / "demo_hela.tif", out_dir / "demo_hela_labels.tif"
+    tifffile.imwrite(hela, hela_nuclei()[0][0])
+    print("and the real HeLa sample (4 frames) segmented by the U-Net (nuclei-unet-demo; seconds)")
+    rc = main(["segment", "--model", "nuclei-unet-demo", "--in", str(hela), "--out", str(hela_labels)])
     if rc == 0:
-        print(f"\nthe patches: {patches.resolve()}\ntheir masks: {labels.resolve()}\nthe preview: {prev.resolve()}")
+        print(f"\nthe frames: {hela.resolve()}\ntheir labels: {hela_labels.resolve()}")
     return rc
 
 
