@@ -100,6 +100,21 @@ def make_tiny_latent(path: Path, paired: bool = False, patch: int = 32) -> Path:
     return path
 
 
+def torchrun_cli(*args: str, procs: int = 2, timeout: int = 300):
+    """``zfdiffusion ARGS`` under ``torchrun --standalone --nproc_per_node PROCS`` on the CPU, one thread
+    per process; fails the test, with the output, unless it exits 0. Returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+           "-m", "napari_zfdiffusion.cli", "-q", *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
 def make_tiny_segmenter(path: Path, steps: int = 80, interior: bool = True) -> Path:
     """A tiny segmentation U-Net trained for a few seconds on blobs: it finds the bright discs."""
     from napari_zfdiffusion.core.train_seg import UnetConfig, train_unet

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import tifffile
@@ -14,6 +11,8 @@ from napari_zfdiffusion import cli
 from napari_zfdiffusion.core.cascade import Cascade
 from napari_zfdiffusion.core.dataset import DATASET_FILE, MANIFEST_FILE
 from napari_zfdiffusion.core.io import read_provenance
+
+from conftest import torchrun_cli
 
 
 def run(model, out, *extra):
@@ -89,12 +88,8 @@ def test_a_full_disk_leaves_no_half_written_item(tiny_cascade, tmp_path, capsys,
 
 def test_two_processes_under_torchrun_make_exactly_the_requested_set(tiny_cascade, tmp_path):
     out = tmp_path / "ds"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "napari_zfdiffusion.cli", "-q", "dataset", "--model", str(tiny_cascade), "--per-depth", "3",
-           "--depths", "all", "--resolution", "64", "--steps", "2", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun_cli("dataset", "--model", tiny_cascade, "--per-depth", "3", "--depths", "all", "--resolution", "64",
+                 "--steps", "2", "--device", "cpu", "--out", out)
     files = sorted(p.name for p in (out / "items").iterdir())
     expected = sorted(f"slice_d{d:03d}_{j:06d}.tif" for d in range(3) for j in range(3))
     assert files == expected  # the union is the requested set, no duplicates, nothing else

@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import make_blobs
 
 from napari_zfdiffusion.core.errors import Cancelled, UserInputError
 from napari_zfdiffusion.core.metrics import match_objects
 from napari_zfdiffusion.core.segment import (
-    ResUNet,
     Segmenter,
     as_planes,
     build_segmenter,
@@ -20,6 +18,8 @@ from napari_zfdiffusion.core.segment import (
     otsu_watershed,
     targets_from_mask,
 )
+
+from conftest import make_blobs
 
 
 def discs(shape=(64, 64), centres=((20, 20), (20, 44), (46, 30)), r=9):
@@ -268,10 +268,6 @@ def test_corrupted_weights(seg, tmp_path):
     (bad / "unet" / WEIGHTS_FILE).write_bytes(b"not weights")
     with pytest.raises(UserInputError, match="corrupted"):
         Segmenter.load(bad)
-
-
-def test_the_network_class_is_registered():
-    assert ResUNet.config_name == "config.json"
 
 
 def test_progress_counts_tiles_over_the_stack_with_a_constant_plane(seg, blob_image):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from napari_zfdiffusion.core.sampling import make_scheduler
 from napari_zfdiffusion.core.store import WEIGHTS_FILE, load_unet
 from napari_zfdiffusion.core.train import TrainConfig, train_stage
 
-from conftest import make_stacks
+from conftest import make_stacks, torchrun_cli
 
 
 def cfg(stage="base", **kw) -> TrainConfig:
@@ -234,12 +231,8 @@ def test_bad_training_options(stacks, tmp_path, field, value, match):
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(stacks, tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "napari_zfdiffusion.cli", "-q", "train", "cascade", "--data", str(stacks), "--out", str(out),
-           "--stage", "base", "--size", "tiny", "--steps", "3", "--batch-size", "2", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun_cli("train", "cascade", "--data", stacks, "--out", out, "--stage", "base", "--size", "tiny",
+                        "--steps", "3", "--batch-size", "2", "--device", "cpu")
     assert proc.stdout.count("trained base: 3 steps") == 1  # rank 0 reports, rank 1 stays quiet
     info = json.loads((out / "base" / "stage.json").read_text())
     assert info["training"]["world_size"] == 2 and info["training"]["steps_done"] == 3

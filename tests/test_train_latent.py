@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from napari_zfdiffusion.core.latent import Autoencoder, LatentModel
 from napari_zfdiffusion.core.store import WEIGHTS_FILE, model_kind
 from napari_zfdiffusion.core.train_latent import LdmConfig, VaeConfig, train_ldm, train_vae
 
-from conftest import make_blobs, make_tiny_cascade
+from conftest import make_blobs, make_tiny_cascade, torchrun_cli
 
 
 def vcfg(**kw) -> VaeConfig:
@@ -138,12 +135,8 @@ def test_cli_masks_out_needs_a_paired_model(tiny_latent, tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_two_processes_train_the_autoencoder(tmp_path):
     imgs, _ = make_blobs(tmp_path / "d", n=4)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "napari_zfdiffusion.cli", "-q", "train", "vae", "--images", str(imgs), "--out", str(tmp_path / "v"),
-           "--size", "tiny", "--steps", "3", "--batch-size", "2", "--patch-size", "32", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun_cli("train", "vae", "--images", imgs, "--out", tmp_path / "v", "--size", "tiny", "--steps", "3",
+                        "--batch-size", "2", "--patch-size", "32", "--device", "cpu")
     assert proc.stdout.count("trained autoencoder: 3 steps") == 1
     info = json.loads((tmp_path / "v" / "vae" / "stage.json").read_text())
     assert info["training"]["world_size"] == 2

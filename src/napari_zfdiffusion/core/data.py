@@ -30,11 +30,15 @@ class Normalisation:
     per: str = "stack"
 
     def apply(self, arr: np.ndarray) -> np.ndarray:
-        arr = np.asarray(arr, dtype=np.float32)
-        lo, hi = (float(v) for v in np.percentile(arr, [self.low, self.high]))
+        """``arr`` mapped to [0, 1], as a new float32 array (one copy, then in place: big planes cost
+        one plane of memory)."""
+        out = np.array(arr, dtype=np.float32)
+        lo, hi = (float(v) for v in np.percentile(out, [self.low, self.high]))
         if not hi > lo:
             hi = lo + 1.0
-        return np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        out -= lo
+        out /= hi - lo
+        return np.clip(out, 0.0, 1.0, out=out)
 
     def to_dict(self) -> dict:
         return {"method": "percentile", **asdict(self)}

@@ -265,20 +265,23 @@ class Segmenter:
         return "interior" in self.outputs
 
     def normalise(self, plane: np.ndarray, name: str = "the image") -> tuple[np.ndarray, bool]:
-        """A plane in [-1, 1] as the model saw in training (percentiles computed once, one float32
-        copy, in place), and whether it was constant. NaN or infinite values are refused."""
-        out = np.array(plane, dtype=np.float32)
-        if not np.isfinite(out).all():
-            check_finite(out, name)
-        lo, hi = (float(v) for v in np.percentile(out, [self.norm.low, self.norm.high]))
-        if not hi > lo:
-            out[...] = 0.0
-            return out, True
-        out -= lo
-        out *= 2.0 / (hi - lo)
+        """A plane in [-1, 1] exactly as training normalised it (``norm.apply(x) * 2 - 1``, in place),
+        and whether nothing in it rises above the background (a constant plane). NaN or infinite
+        values are refused."""
+        check_finite(plane, name)
+        out = self.norm.apply(plane)
+        constant = not out.any()
+        out *= 2.0
         out -= 1.0
-        np.clip(out, -1.0, 1.0, out=out)
-        return out, False
+        return out, constant
+
+    def check_tiling(self, tile: int, overlap: int) -> None:
+        if overlap < 0:
+            raise UserInputError(f"the overlap must be 0 or more, got {overlap}.")
+        if overlap >= tile:
+            raise UserInputError(f"the overlap ({overlap}) must be smaller than the tile ({tile}).")
+        if tile % self.net.multiple or tile < 32:
+            raise UserInputError(f"the tile must be a multiple of {self.net.multiple} and at least 32, got {tile}.")
 
     def _fn(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
@@ -300,18 +303,13 @@ class Segmenter:
             notices.extend(more)
         n, h, w = planes.shape
         c = self.net.config.out_channels
-        if overlap >= tile:
-            raise UserInputError(f"the overlap ({overlap}) must be smaller than the tile ({tile}).")
-        if tile % self.net.multiple or tile < 32:
-            raise UserInputError(f"the tile must be a multiple of {self.net.multiple} and at least 32, got {tile}.")
-        if overlap < 0:
-            raise UserInputError(f"the overlap must be 0 or more, got {overlap}.")
+        self.check_tiling(tile, overlap)
+        many = n > 1 if stack is None else stack
         result = np.zeros((n, c, h, w), np.float32) if out is None else out
         per = self.tiles_per_plane(h, w, tile, overlap)
         group = self.planes_per_pass(h, w, tile, overlap, batch)
         for g in range(0, n, group):
             ks = range(g, min(n, g + group))
-            many = n > 1 if stack is None else stack
             normed = [self.normalise(planes[k], f"{name}, plane {first_plane + k}" if many else name) for k in ks]
             cb = None
             if callback is not None:
@@ -354,6 +352,7 @@ class Segmenter:
             raise UserInputError(f"the threshold must be between 0 and 1, got {threshold}.")
         if min_size < 0:
             raise UserInputError(f"the minimum object size must be 0 or more, got {min_size}.")
+        self.check_tiling(tile, overlap)
         planes, two_d, notices = as_planes(image, name)
         n, h, w = planes.shape
         keep = probability or prob_out is not None
@@ -363,7 +362,7 @@ class Segmenter:
         labels = np.zeros((n, h, w), np.int32) if labels_out is None else labels_out.reshape(n, h, w)
         interior = use_interior and self.has_interior
         next_id = 0
-        group = self.planes_per_pass(h, w, tile, overlap, batch) if tile > overlap >= 0 else 1
+        group = self.planes_per_pass(h, w, tile, overlap, batch)
         for g in range(0, n, group):
             ks = range(g, min(n, g + group))
 

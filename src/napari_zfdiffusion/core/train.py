@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from .. import __version__
 from . import trainloop as loop
 from .data import DepthDataset, Normalisation, augment, depth_bins, random_crop_pair, resize, square
-from .device import resolve_device
 from .errors import UserInputError
 from .models import SIZES, build_model
 from .sampling import DEFAULT_SCHEDULE, ProgressCallback, make_scheduler
@@ -155,14 +154,10 @@ def train_stage(data, out: str | Path, cfg: TrainConfig, *, device: str = "auto"
     """
     cfg.validate()
     out = Path(out)
-    dev, di = loop.setup(resolve_device(device))
-    try:
-        return _train(data, out, cfg, dev, di, resume, show_progress, callback)
-    finally:
-        loop.teardown(di)
+    return loop.launch(_train, device, data, out, cfg, resume, show_progress, callback)
 
 
-def _train(data, out: Path, cfg: TrainConfig, dev: torch.device, di: loop.DistInfo, resume: bool,
+def _train(dev: torch.device, di: loop.DistInfo, data, out: Path, cfg: TrainConfig, resume: bool,
            show_progress: bool, callback) -> dict:
     norm = Normalisation(cfg.norm_low, cfg.norm_high)
     ds = DepthDataset.from_paths(data, depth_classes=cfg.depth_classes, norm=norm)

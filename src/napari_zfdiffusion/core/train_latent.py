@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from .. import __version__
 from . import trainloop as loop
 from .data import Normalisation, to_unit
-from .device import resolve_device
 from .errors import UserInputError
 from .io import write_json
 from .latent import CARD_FILE, VAE_SIZES, build_autoencoder, downsampling, load_vae, read_card, weights_sha256
@@ -81,14 +80,6 @@ def _common_checks(cfg) -> None:
         raise UserInputError(f"--crop must be between 16 and the patch size, got {crop}.")
 
 
-def _run(fn, device: str, *args):
-    dev, di = loop.setup(resolve_device(device))
-    try:
-        return fn(dev, di, *args)
-    finally:
-        loop.teardown(di)
-
-
 def _data_card(data: PatchData, cfg) -> dict:
     return {**data.describe(), "credit": cfg.data_credit, "licence": cfg.data_licence}
 
@@ -125,7 +116,7 @@ def train_vae(images, out: str | Path, cfg: VaeConfig, *, masks=None, device: st
               show_progress: bool = True, callback: ProgressCallback | None = None) -> dict:
     """Train (or resume) a KL autoencoder on crops of ``images`` (and ``masks``) into the folder ``out``."""
     cfg.validate()
-    return _run(_train_vae, device, images, Path(out), cfg, masks, resume, show_progress, callback)
+    return loop.launch(_train_vae, device, images, Path(out), cfg, masks, resume, show_progress, callback)
 
 
 def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_progress, callback) -> dict:
@@ -217,7 +208,7 @@ def train_ldm(vae_dir, images, out: str | Path, cfg: LdmConfig, *, masks=None, d
               resume: bool = False, show_progress: bool = True, callback: ProgressCallback | None = None) -> dict:
     """Train (or resume) a latent diffusion UNet in the space of the autoencoder ``vae_dir``."""
     cfg.validate()
-    return _run(_train_ldm, device, Path(vae_dir), images, Path(out), cfg, masks, resume, show_progress, callback)
+    return loop.launch(_train_ldm, device, Path(vae_dir), images, Path(out), cfg, masks, resume, show_progress, callback)
 
 
 def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks, resume, show_progress,

@@ -31,7 +31,6 @@ from .sampling import ProgressCallback
 from .segment import KIND, OUTPUTS, SEG_SIZES, ResUNet, build_segmenter, instances
 from .store import save_unet
 from .tiling import predict_tiled
-from .train_latent import _common_checks, _run
 
 
 @dataclass
@@ -55,7 +54,7 @@ class UnetConfig(loop.TrainOptions):
     def validate(self) -> None:
         if self.size not in SEG_SIZES:
             raise UserInputError(f"unknown model size '{self.size}': choose one of {', '.join(SEG_SIZES)}.")
-        _common_checks(self)
+        self.check_common()
         if self.crop < 32 or self.crop % 16:
             raise UserInputError(f"--crop must be a multiple of 16 and at least 32, got {self.crop}.")
         if not 0.0 <= self.extra_fraction <= 1.0:
@@ -143,7 +142,7 @@ def train_unet(images, masks, out: str | Path, cfg: UnetConfig, *, extra_images=
         raise UserInputError("give --extra-images and --extra-masks together.")
     if (val_images is None) != (val_masks is None):
         raise UserInputError("give --val-images and --val-masks together.")
-    return _run(_train_unet, device, images, masks, Path(out), cfg, extra_images, extra_masks, val_images,
+    return loop.launch(_train_unet, device, images, masks, Path(out), cfg, extra_images, extra_masks, val_images,
                 val_masks, resume, show_progress, callback)
 
 

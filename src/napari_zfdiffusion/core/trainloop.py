@@ -69,6 +69,17 @@ def teardown(di: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+def launch(fn, device, *args):
+    """``fn(dev, di, *args)`` inside the process group (under torchrun) on this rank's device."""
+    from .device import resolve_device
+
+    dev, di = setup(resolve_device(device))
+    try:
+        return fn(dev, di, *args)
+    finally:
+        teardown(di)
+
+
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
 
