@@ -17,6 +17,10 @@ peak distance tuned for the best object F1 on the *training* frames 0-15, as the
 each U-Net, with labels from the interior watershed and, as an ablation of the interior output, by
 connected components of the foreground alone. Every method uses minimum object size 16 px.
 
+Also: tiled prediction (tile 256, overlap 32 and 64) against one whole-image pass on HeLa frame 17.
+``--tag _no_intensity_aug`` with a run trained by ``UNET_EXTRA=--no-intensity-aug
+scripts/train_demo_unet.sh`` reproduces the first, failed models.
+
 Figures (pooled over the test images of a set): foreground IoU and Dice; objects matched at IoU > 0.5
 give precision, recall and F1 (and the mean IoU of the matched pairs). Writes
 ``docs/results/seg_eval.json``, ``docs/results/seg_eval.md`` and figures ``docs/images/seg_*.png``.
@@ -72,7 +76,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-json", type=Path, default=ROOT / "docs" / "results" / "seg_eval.json")
     ap.add_argument("--figures", type=Path, default=ROOT / "docs" / "images")
+    ap.add_argument("--tag", default="", help="suffix for the result and figure names, e.g. _no_intensity_aug")
     a = ap.parse_args()
+    if a.tag:
+        a.out_json = a.out_json.with_name(f"{a.out_json.stem}{a.tag}.json")
 
     import tifffile
     import torch
@@ -145,12 +152,36 @@ def main() -> int:
         result["generated_vs_own_masks"] = {m: pooled(gpairs, methods[m]) for m in ("Otsu + watershed", "U-Net real")}
         for m, r in result["generated_vs_own_masks"].items():
             print(f"generated  {m:30s} IoU {r['iou']:.3f} Dice {r['dice']:.3f} F1 {r['f1']:.3f} (vs the generator's masks)")
+    if "real" in segs:
+        result["tiling_vs_whole"] = tiling_check(segs["real"], hela[17])
+        for ov, r in result["tiling_vs_whole"].items():
+            print(f"tiled (overlap {ov}) vs whole pass on HeLa frame 17: mean |diff| {r['mean_abs']:.1e}, "
+                  f"max {r['max_abs']:.3f}, mask pixels flipped {r['flipped_percent']:.4f} %")
     a.out_json.parent.mkdir(parents=True, exist_ok=True)
     a.out_json.write_text(json.dumps(result, indent=2, default=float) + "\n")
     write_markdown(result, a.out_json.with_suffix(".md"))
     figures(sets, methods, segs, a)
     print(f"wrote {a.out_json}, {a.out_json.with_suffix('.md')} and figures in {a.figures}")
     return 0
+
+
+def tiling_check(seg, image, overlaps=(32, 64)) -> dict:
+    """Tiled prediction (tile 256, as in use) against one whole-image pass of the same network."""
+    import torch
+
+    from napari_zfdiffusion.core.tiling import predict_tiled
+
+    plane, _ = seg.normalise(image)
+    with torch.no_grad():
+        whole = seg._fn(torch.from_numpy(plane)[None, None]).numpy()[0]
+    out = {}
+    for ov in overlaps:
+        tiled = predict_tiled(seg._fn, plane, tile=256, overlap=ov, out_channels=whole.shape[0],
+                              align=seg.net.multiple)
+        d = np.abs(tiled - whole)
+        out[ov] = {"mean_abs": float(d.mean()), "max_abs": float(d.max()),
+                   "flipped_percent": float(((tiled[0] >= 0.5) != (whole[0] >= 0.5)).mean() * 100)}
+    return out
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -196,7 +227,7 @@ def figures(sets, methods, segs, a) -> None:
         for ax in axes:
             ax.axis("off")
         fig.tight_layout()
-        fig.savefig(a.figures / f"seg_{set_name}.png", dpi=110)
+        fig.savefig(a.figures / f"seg_{set_name}{a.tag}.png", dpi=110)
         pyplot.close(fig)
     gen = a.run / "gen"
     if (gen / "labels.tif").is_file():
@@ -216,7 +247,7 @@ def figures(sets, methods, segs, a) -> None:
         fig.suptitle("generated pairs (nuclei-ldm-demo). Top: the generator's own masks (cyan). "
                      "Bottom: the U-Net trained on real frames, on the same generated images (magenta)")
         fig.tight_layout()
-        fig.savefig(a.figures / "seg_generated_pairs.png", dpi=100)
+        fig.savefig(a.figures / f"seg_generated_pairs{a.tag}.png", dpi=100)
         pyplot.close(fig)
 
 

@@ -5,7 +5,8 @@
 #   synth/  (b) generated pairs only
 #   mixed/  (c) frames 0-15 + generated pairs, half of each batch
 # Frames 16-19 are held out everywhere (validation and test). Usage: scripts/train_demo_unet.sh [RUN_DIR]
-# (env STEPS, N_GEN, DEVICE). The three U-Nets train side by side, one thread each on a CPU;
+# (env STEPS, N_GEN, DEVICE, UNET_EXTRA: more `train unet` options, e.g. --no-intensity-aug).
+# The three U-Nets train side by side, one thread each on a CPU;
 # `--resume` continues a killed run, and finished pairs are not generated again.
 set -euo pipefail
 RUN=${1:-runs/seg}
@@ -30,7 +31,7 @@ tifffile.imwrite(out / "images.tif", tifffile.imread(img)[16:])
 tifffile.imwrite(out / "masks.tif", tifffile.imread(msk)[16:])
 PYEOF
 unet=(--size small --crop 128 --batch-size 8 --lr 1e-3 --ema-decay 0.99 --steps "$STEPS" --checkpoint-every 250
-      --device "$DEVICE" --resume --licence "BSD-3-Clause")
+      --device "$DEVICE" --resume --licence "BSD-3-Clause" ${UNET_EXTRA:-})
 if [ ! -f "$RUN/gen/labels.tif" ]; then
   "${CLI[@]}" em generate --model nuclei-ldm-demo --n "$N_GEN" --steps 50 --seed 1000 --batch 8 --device "$DEVICE" \
       --out "$RUN/gen/images.tif" --masks-out "$RUN/gen/labels.tif" --preview "$RUN/gen/preview.png" > "$RUN/gen.log" 2>&1
