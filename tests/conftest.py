@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 
-def make_tiny_cascade(path: Path, n_classes: int = 3, stages=("base", "sr128", "sr256", "sr512")) -> Path:
-    """A cascade folder of randomly initialised tiny models: right shapes, fast, meaningless images."""
+def make_tiny_cascade(path: Path, n_classes: int = 3, stages=("base", "sr128", "sr256", "sr512"),
+                      continuity: bool = False) -> Path:
+    """A cascade folder of randomly initialised tiny models: right shapes, fast, meaningless images.
+    ``continuity``: a volume model (every stage also takes the previous plane)."""
     import torch
 
     from napari_zfdiffusion.core.io import write_json
@@ -27,9 +29,12 @@ def make_tiny_cascade(path: Path, n_classes: int = 3, stages=("base", "sr128", "
     torch.manual_seed(0)
     for st in stages:
         res, lres = STAGES[st]
-        model = build_model("base" if st == "base" else "sr", "tiny", resolution=res, num_classes=n_classes)
+        model = build_model("base" if st == "base" else "sr", "tiny", resolution=res, num_classes=n_classes,
+                            prev_channels=int(continuity))
+        if continuity:  # a learned, non-zero "has previous plane" signal, as after training
+            torch.nn.init.normal_(model.prev_embedding.weight, std=0.5)
         save_unet(model, path / st, {"stage": st, "resolution": res, "input_resolution": lres,
-                                     "schedule": dict(DEFAULT_SCHEDULE)})
+                                     "schedule": dict(DEFAULT_SCHEDULE), "prev_channels": int(continuity)})
     return path
 
 

@@ -3,6 +3,16 @@
 Each super-resolution stage sees the previous stage's image, bilinearly upsampled and
 concatenated as a channel, noised to a known level (noise conditioning augmentation) with that
 level given to the model, and the depth class. All stages sample through :func:`sampling.denoise`.
+
+**Volumes** (:meth:`Cascade.generate_volume`): a cascade trained with ``--continuity`` also takes
+the previous plane of the same volume at every stage. Planes are made top to bottom, each through
+the whole cascade, conditioned on the plane above at the same resolution. Guidance is a chain::
+
+    eps = e(no depth, no prev) + w (e(depth, no prev) - e(no depth, no prev))
+                               + c (e(depth, prev)    - e(depth, no prev))
+
+so ``c = 0`` makes each plane independently (a slice per depth) and ``c = 1`` follows the plane
+above as trained; ``w`` is the depth guidance of :meth:`Cascade.generate`.
 """
 
 from __future__ import annotations
@@ -164,7 +174,9 @@ class Cascade:
         return int(resolution)
 
     # ---------------------------------------------------------------- sampling
-    def _stage_conditions(self, stage: Stage, depth: int, n: int, lowres: torch.Tensor | None, level: float):
+    def _stage_conditions(self, stage: Stage, depth: int, n: int, lowres: torch.Tensor | None, level: float,
+                          prev: torch.Tensor | None = None) -> list[dict]:
+        """Least to most conditioned: [no depth, depth] or, with ``prev``, [.., depth + previous plane]."""
         model = self._model(stage)
         dev = self.device
         cond = {"class_labels": torch.full((n,), depth, dtype=torch.long, device=dev)}
@@ -174,13 +186,22 @@ class Cascade:
             for c in (cond, uncond):
                 c["cond"] = lowres
                 c["noise_level"] = lvl
-        return [uncond, cond]
+        if prev is None:
+            return [uncond, cond]
+        none = torch.zeros(n, dtype=torch.long, device=dev)
+        for c in (cond, uncond):
+            c.update(prev=torch.zeros_like(prev), has_prev=none)
+        return [uncond, cond, {**cond, "prev": prev, "has_prev": torch.ones_like(none)}]
 
     def _run(self, names: list[str], depth: int, n: int, gens, *, lowres: torch.Tensor | None,
              guidance: float, sr_guidance: float, sampler: str, steps: int, sr_steps: int,
-             noise_aug: float, callback: ProgressCallback | None, keep: bool) -> tuple[torch.Tensor, dict]:
+             noise_aug: float, callback: ProgressCallback | None, prev: dict[int, torch.Tensor] | None = None,
+             continuity: float = 0.0, label: str = "", first_stage: int = 0,
+             n_stages: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Take ``n`` samples through the stages ``names``; returns the last output and every stage's
+        output by resolution (model space). ``prev``: the plane above, by resolution (volumes)."""
         x = lowres
-        inter = {}
+        outs = {}
         for k, name in enumerate(names):
             stage = self.stages[name]
             model = self._model(stage)
@@ -189,16 +210,17 @@ class Cascade:
             if x is not None:
                 up = resize(x, res).clamp(-1, 1)
                 up = noise_augment(up, noise_aug, schedule_alphas(stage.schedule), gens)
+            above = prev.get(res) if prev is not None else None
+            weights = [guidance if name == "base" else sr_guidance] + ([continuity] if above is not None else [])
             x = denoise(
-                model, (n, 1, res, res), conditions=self._stage_conditions(stage, depth, n, up, noise_aug),
-                guidance=[guidance if name == "base" else sr_guidance], sampler=sampler,
+                model, (n, 1, res, res), conditions=self._stage_conditions(stage, depth, n, up, noise_aug, above),
+                guidance=weights, sampler=sampler,
                 steps=steps if name == "base" else sr_steps, schedule=stage.schedule, gens=gens,
-                device=self.device, dtype=self.dtype, callback=callback, stage=name,
-                stage_index=k, n_stages=len(names),
+                device=self.device, dtype=self.dtype, callback=callback, stage=f"{label}{name}",
+                stage_index=first_stage + k, n_stages=n_stages or len(names),
             ).clamp(-1, 1)
-            if keep:
-                inter[res] = to_unit(x[:, 0])
-        return x, inter
+            outs[res] = x
+        return x, outs
 
     def _provenance(self, **kw) -> dict:
         return {
@@ -227,15 +249,85 @@ class Cascade:
             raise UserInputError(f"the number of samples must be at least 1, got {n!r}.")
         names = [s.name for s in self.stages.values() if s.resolution <= resolution]
         gens = generators(seed, n)
-        x, inter = self._run(names, depth, n, gens, lowres=None, guidance=guidance, sr_guidance=sr_guidance,
-                             sampler=sampler, steps=steps, sr_steps=sr_steps, noise_aug=noise_aug,
-                             callback=callback, keep=keep_intermediates)
+        x, outs = self._run(names, depth, n, gens, lowres=None, guidance=guidance, sr_guidance=sr_guidance,
+                            sampler=sampler, steps=steps, sr_steps=sr_steps, noise_aug=noise_aug, callback=callback)
+        inter = {r: to_unit(o[:, 0]) for r, o in outs.items()} if keep_intermediates else {}
         prov = self._provenance(
             depth=depth, depth_label=self.depth_label(depth), guidance=guidance, sr_guidance=sr_guidance,
             seed=seed, seeds=[seed + i for i in range(n)], sampler=sampler, steps=steps, sr_steps=sr_steps,
             noise_aug=noise_aug, resolution=resolution, stages=names,
         )
         return Result(to_unit(x[:, 0]), prov, inter)
+
+    @property
+    def continuity(self) -> bool:
+        """Whether every stage takes the previous plane (trained with ``--continuity``): a volume model."""
+        return all(int(st.info.get("prev_channels", 0)) > 0 for st in self.stages.values())
+
+    def generate_volume(self, depths, *, guidance: float = 3.0, continuity_guidance: float = 1.0,
+                        resolution: int | None = None, seed: int = 0, first_plane=None,
+                        first_plane_normalised: bool = False, sampler: str = DEFAULT_SAMPLER, steps: int = 25,
+                        sr_steps: int | None = None, sr_guidance: float = 1.0,
+                        noise_aug: float = DEFAULT_NOISE_AUG, callback: ProgressCallback | None = None,
+                        on_plane=None) -> Result:
+        """A (Z, R, R) volume over ``depths`` (consecutive, e.g. ``"0-4"`` or a tuple), top to bottom.
+
+        Each plane goes through the whole cascade, every stage conditioned on the plane above at
+        that stage's resolution (``continuity_guidance`` weighs it; 0 = planes made independently).
+        ``first_plane``: a user's 2D plane for the first depth (square, at least R on a side); the
+        rest of the volume continues from it. ``on_plane(k, image)`` is called as each plane is done.
+        All randomness comes from one generator seeded with ``seed``.
+        """
+        from .volume import first_plane_tensor, parse_depth_range
+
+        if isinstance(depths, str):
+            depths = parse_depth_range(depths, self.n_classes)
+        depths = tuple(self.check_depth(d) for d in depths)
+        if not depths or any(b != a + 1 for a, b in zip(depths, depths[1:])):
+            raise UserInputError(f"depths {list(depths)} must be consecutive depth classes, top to bottom.")
+        guidance = check_guidance(guidance)
+        continuity_guidance = check_guidance(continuity_guidance, "continuity guidance")
+        sr_guidance = check_guidance(sr_guidance, "super-resolution guidance")
+        steps = check_steps(steps)
+        sr_steps = check_steps(sr_steps if sr_steps is not None else steps)
+        noise_aug = check_noise_aug(noise_aug)
+        resolution = self.check_resolution(resolution)
+        if continuity_guidance != 0 and not self.continuity:
+            raise UserInputError(
+                f"'{self.name}' is not a volume model (its stages do not take the previous plane): use continuity "
+                "guidance 0 for independent planes, or train one with `zfdiffusion train cascade --continuity`.")
+        names = [s.name for s in self.stages.values() if s.resolution <= resolution]
+        above: dict[int, torch.Tensor] | None = None
+        planes: list[np.ndarray] = []
+        todo = list(depths)
+        if first_plane is not None:
+            top = first_plane_tensor(first_plane, resolution, self.normalisation,
+                                     normalise=not first_plane_normalised).to(self.device)
+            above = {self.stages[n].resolution: resize(top, self.stages[n].resolution) for n in names}
+            planes.append(to_unit(above[resolution][0, 0]))
+            if on_plane is not None:
+                on_plane(0, planes[0])
+            todo = todo[1:]
+        gens = generators(seed, 1)
+        n_total = len(todo) * len(names)
+        for k, depth in enumerate(todo):
+            z = len(planes)
+            _, outs = self._run(
+                names, depth, 1, gens, lowres=None, guidance=guidance, sr_guidance=sr_guidance, sampler=sampler,
+                steps=steps, sr_steps=sr_steps, noise_aug=noise_aug, callback=callback,
+                prev=above if continuity_guidance != 0 else None, continuity=continuity_guidance,
+                label=f"plane {z + 1}/{len(depths)} ", first_stage=k * len(names), n_stages=n_total)
+            above = outs
+            planes.append(to_unit(outs[resolution][0, 0]))
+            if on_plane is not None:
+                on_plane(z, planes[-1])
+        prov = self._provenance(
+            operation="volume", depths=list(depths), depth_labels=[self.depth_label(d) for d in depths],
+            guidance=guidance, continuity_guidance=continuity_guidance, sr_guidance=sr_guidance, seed=seed,
+            sampler=sampler, steps=steps, sr_steps=sr_steps, noise_aug=noise_aug, resolution=resolution,
+            stages=names, first_plane_given=first_plane is not None, z_step_um=self.card.get("z_step_um"),
+        )
+        return Result(np.stack(planes), prov)
 
     def upsample(self, image: np.ndarray, depth: int, *, resolution: int | None = None, seed: int = 0,
                  sampler: str = DEFAULT_SAMPLER, steps: int = 25, sr_guidance: float = 1.0,
@@ -284,8 +376,7 @@ class Cascade:
         n = lows.shape[0]
         gens = generators(seed, n)
         x, _ = self._run(names, depth, n, gens, lowres=lows, guidance=1.0, sr_guidance=sr_guidance,
-                         sampler=sampler, steps=steps, sr_steps=steps, noise_aug=noise_aug,
-                         callback=callback, keep=False)
+                         sampler=sampler, steps=steps, sr_steps=steps, noise_aug=noise_aug, callback=callback)
         prov = self._provenance(
             operation="upsample", depth=depth, depth_label=self.depth_label(depth), sr_guidance=sr_guidance,
             seed=seed, sampler=sampler, steps=steps, noise_aug=noise_aug, resolution=resolution,

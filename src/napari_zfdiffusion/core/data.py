@@ -215,14 +215,14 @@ class DepthDataset:
         return idx[(self.specimen % world) == rank]
 
 
-def random_crop_pair(hr: torch.Tensor, lr: torch.Tensor, crop: int, gen: torch.Generator):
-    """The same random crop of two aligned (B, C, H, W) tensors."""
-    h, w = hr.shape[-2:]
+def random_crop(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tensor:
+    """One random crop of a (B, C, H, W) tensor (stack aligned images as channels to crop them alike)."""
+    h, w = x.shape[-2:]
     if crop >= min(h, w):
-        return hr, lr
+        return x
     y = int(torch.randint(0, h - crop + 1, (1,), generator=gen))
-    x = int(torch.randint(0, w - crop + 1, (1,), generator=gen))
-    return hr[..., y:y + crop, x:x + crop], lr[..., y:y + crop, x:x + crop]
+    x0 = int(torch.randint(0, w - crop + 1, (1,), generator=gen))
+    return x[..., y:y + crop, x0:x0 + crop]
 
 
 def to_unit(x: torch.Tensor | np.ndarray) -> np.ndarray:

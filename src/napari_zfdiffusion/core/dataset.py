@@ -2,16 +2,22 @@
 
 ``zfdiffusion dataset`` fills ``OUT/`` with one TIFF per item (``items/``), each carrying its own
 provenance, plus ``dataset.json`` (what the data set is: model, settings, the item list's rule) and,
-once every item exists, ``manifest.jsonl`` (one line per item: file, depth, seed).
+once every item exists, ``manifest.jsonl`` (one line per item: file, seed, depth(s), provenance).
+
+Items are **slices** (:class:`SliceSpec`: N per depth) or **volumes** (:class:`VolumeSpec`: N
+(Z, Y, X) volumes over a depth range, each plane conditioned on the one above).
 
 * **One TIFF per item**, written under a temporary name and renamed (:func:`.io.write_tiff`): a
-  killed run or a full disk never leaves a half-written item, and any program reads the result.
+  killed run or a full disk never leaves a half-written item, and any program (Fiji, napari,
+  tifffile) reads the result. An item is small (a 5-plane 512 px volume is 5 MB), so a chunked
+  format (OME-Zarr: a folder of chunks per item, which cannot be renamed into place as one file)
+  would add a dependency and a failure mode for no gain; the manifest indexes the items instead.
 * **Resume** by skipping items whose file exists: run the same command again.
 * **Parallel**: under ``torchrun --nproc_per_node N`` (or several nodes) item ``k`` is made by rank
   ``k % WORLD_SIZE``; the items are fixed by the command, not by who makes them, so the union is
   exactly the requested set whatever the number of processes.
-* **Reproducible**: item ``j`` of depth ``d`` is sample 0 of ``zfdiffusion generate --depth d
-  --seed SEED+j`` with the same settings.
+* **Reproducible**: slice ``j`` of depth ``d`` is sample 0 of ``zfdiffusion generate --depth d
+  --seed SEED+j``, and volume ``j`` is ``zfdiffusion volume --seed SEED+j``, with the same settings.
 """
 
 from __future__ import annotations
@@ -32,8 +38,23 @@ MANIFEST_FILE = "manifest.jsonl"
 
 
 @dataclass(frozen=True)
+class Item:
+    """One file of a data set: its name under ``items/`` and what the manifest says about it."""
+
+    name: str
+    seed: int
+    depth: int | None = None  # slices
+
+    def manifest(self) -> dict:
+        d = {"file": f"items/{self.name}", "seed": self.seed}
+        if self.depth is not None:
+            d["depth"] = self.depth
+        return d
+
+
+@dataclass(frozen=True)
 class SliceSpec:
-    """What a data set of slices is: every field is checked again on resume."""
+    """A data set of slices, ``n_per_depth`` per depth: every field is checked again on resume."""
 
     model: str
     depths: tuple[int, ...]
@@ -47,16 +68,54 @@ class SliceSpec:
     sr_guidance: float = 1.0
     noise_aug: float = 0.1
 
-    def items(self) -> list[tuple[int, int]]:
-        """(depth, j) for every item, in a fixed order."""
-        return [(d, j) for d in self.depths for j in range(self.n_per_depth)]
+    def items(self) -> list[Item]:
+        """Every item, in a fixed order: item j of depth d has seed SEED + j."""
+        return [Item(self.filename(d, j), self.seed + j, d) for d in self.depths for j in range(self.n_per_depth)]
 
     @staticmethod
     def filename(depth: int, j: int) -> str:
         return f"slice_d{depth:03d}_{j:06d}.tif"
 
+    def make(self, cascade, item: Item):
+        res = cascade.generate(item.depth, guidance=self.guidance, resolution=self.resolution, n=1, seed=item.seed,
+                               sampler=self.sampler, steps=self.steps, sr_steps=self.sr_steps,
+                               sr_guidance=self.sr_guidance, noise_aug=self.noise_aug)
+        return res.images[0], res.provenance
+
     def to_dict(self) -> dict:
         return {"kind": "zfdiffusion-dataset", "format_version": 1, "items": "slices", **asdict(self),
+                "depths": list(self.depths)}
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """A data set of ``n_volumes`` (Z, Y, X) volumes over consecutive ``depths``; volume j has seed SEED + j."""
+
+    model: str
+    depths: tuple[int, ...]
+    n_volumes: int
+    seed: int = 0
+    resolution: int | None = None
+    guidance: float = 3.0
+    continuity_guidance: float = 1.0
+    steps: int = 25
+    sr_steps: int | None = None
+    sampler: str = "dpmsolver++"
+    sr_guidance: float = 1.0
+    noise_aug: float = 0.1
+
+    def items(self) -> list[Item]:
+        return [Item(f"volume_{j:06d}.tif", self.seed + j) for j in range(self.n_volumes)]
+
+    def make(self, cascade, item: Item):
+        res = cascade.generate_volume(self.depths, guidance=self.guidance,
+                                      continuity_guidance=self.continuity_guidance, resolution=self.resolution,
+                                      seed=item.seed, sampler=self.sampler, steps=self.steps,
+                                      sr_steps=self.sr_steps, sr_guidance=self.sr_guidance, noise_aug=self.noise_aug)
+        return res.images, res.provenance
+
+    def to_dict(self) -> dict:
+        return {"kind": "zfdiffusion-dataset", "format_version": 1, "items": "volumes", **asdict(self),
                 "depths": list(self.depths)}
 
 
@@ -107,8 +166,8 @@ def check_folder(out: Path, spec_dict: dict) -> None:
     write_json(path, {**spec_dict, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "plugin_version": __version__})
 
 
-def make_slices(cascade, spec: SliceSpec, out: str | Path, *, show_progress: bool = True,
-                callback: ProgressCallback | None = None) -> dict:
+def make_items(cascade, spec: SliceSpec | VolumeSpec, out: str | Path, *, show_progress: bool = True,
+               callback: ProgressCallback | None = None) -> dict:
     """Generate this rank's share of ``spec`` into ``out``; skip items that exist. Returns a summary."""
     from .sampling import Progress
 
@@ -123,8 +182,8 @@ def make_slices(cascade, spec: SliceSpec, out: str | Path, *, show_progress: boo
             time.sleep(0.2)
         check_folder(out, spec_dict)
     items = spec.items()
-    mine = [(k, d, j) for k, (d, j) in enumerate(items) if k % world == rank]
-    todo = [(k, d, j) for k, d, j in mine if not (out / "items" / spec.filename(d, j)).is_file()]
+    mine = [it for k, it in enumerate(items) if k % world == rank]
+    todo = [it for it in mine if not (out / "items" / it.name).is_file()]
     bar = None
     if show_progress:
         from tqdm.auto import tqdm
@@ -132,12 +191,10 @@ def make_slices(cascade, spec: SliceSpec, out: str | Path, *, show_progress: boo
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="item", dynamic_ncols=True,
                    desc=f"dataset{f' rank {rank}/{world}' if world > 1 else ''}")
     t0 = time.perf_counter()
-    for i, (_, d, j) in enumerate(todo):
-        res = cascade.generate(d, guidance=spec.guidance, resolution=spec.resolution, n=1, seed=spec.seed + j,
-                               sampler=spec.sampler, steps=spec.steps, sr_steps=spec.sr_steps,
-                               sr_guidance=spec.sr_guidance, noise_aug=spec.noise_aug)
-        prov = {**res.provenance, "dataset": str(out), "item": spec.filename(d, j), "rank": rank, "world": world}
-        write_tiff(out / "items" / spec.filename(d, j), res.images[0], prov)
+    for i, it in enumerate(todo):
+        image, prov = spec.make(cascade, it)
+        prov = {**prov, "dataset": str(out), "item": it.name, "rank": rank, "world": world}
+        write_tiff(out / "items" / it.name, image, prov)
         if bar is not None:
             bar.update(1)
         if callback is not None:
@@ -151,16 +208,19 @@ def make_slices(cascade, spec: SliceSpec, out: str | Path, *, show_progress: boo
             "total": len(items)}
 
 
-def write_manifest(out: Path, spec: SliceSpec) -> bool:
-    """``manifest.jsonl`` (file, depth, seed per item) once every item exists; True if complete."""
-    lines = []
-    for d, j in spec.items():
-        name = spec.filename(d, j)
-        if not (out / "items" / name).is_file():
-            return False
-        lines.append(json.dumps({"file": f"items/{name}", "depth": d, "seed": spec.seed + j}))
-    from .io import atomic_write
+def write_manifest(out: Path, spec: SliceSpec | VolumeSpec) -> bool:
+    """``manifest.jsonl`` (file, seed, depth and the item's own provenance) once every item exists;
+    True if complete."""
+    from .io import atomic_write, read_provenance
 
+    items = spec.items()
+    if not all((out / "items" / it.name).is_file() for it in items):
+        return False
+    lines = []
+    for it in items:
+        prov = read_provenance(out / "items" / it.name)
+        prov.pop("dataset", None)  # the folder it was made in; the manifest lives there
+        lines.append(json.dumps({**it.manifest(), "provenance": prov}, default=str))
     text = "\n".join(lines) + "\n"
     atomic_write(out / MANIFEST_FILE, lambda tmp: tmp.write_text(text))
     return True

@@ -3,6 +3,11 @@
 The loop itself (EMA, checkpoints, exact resume, DDP) is :mod:`.trainloop`; this module supplies
 the cascade's batches, losses and model cards.
 * Losses: ``l1`` on epsilon (as in the original work), ``l2`` on epsilon, ``v`` (v-prediction, MSE).
+* ``continuity``: volume models. Each training plane also gets the plane above it (same specimen,
+  same crop and flips), lightly noised, or none at all with probability ``p_noprev`` (and always
+  for the top plane), so a sampler can weigh depth and continuity guidance separately.
+* ``init_from``: start from another cascade's stage (e.g. the bundled slice model) instead of
+  random weights; a slice model is extended with a zero-initialised previous-plane input.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from . import trainloop as loop
-from .data import DepthDataset, Normalisation, augment, depth_bins, random_crop_pair, resize, square
+from .data import DepthDataset, Normalisation, augment, depth_bins, random_crop, resize, square
 from .errors import UserInputError
 from .models import SIZES, build_model
 from .sampling import DEFAULT_SCHEDULE, ProgressCallback, make_scheduler
@@ -40,6 +45,10 @@ class TrainConfig(loop.TrainOptions):
     augment: bool = True
     norm_low: float = 1.0
     norm_high: float = 99.8
+    continuity: bool = False
+    p_noprev: float = 0.2
+    prev_noise_max: float = 0.1
+    init_from: str | None = None
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -51,6 +60,10 @@ class TrainConfig(loop.TrainOptions):
         self.check_common()
         if not 0 <= self.p_uncond < 1:
             raise UserInputError("--p-uncond must be in [0, 1).")
+        if not 0 <= self.p_noprev < 1:
+            raise UserInputError("--p-noprev must be in [0, 1).")
+        if not 0 <= self.prev_noise_max <= 1:
+            raise UserInputError("--prev-noise-max must be in [0, 1].")
 
 
 def depth_class_cards(n_planes: int, n_classes: int, z_step_um: float | None) -> list[dict]:
@@ -101,25 +114,33 @@ def _update_cascade_card(out: Path, ds: DepthDataset, cfg: TrainConfig) -> dict:
 
 
 def _batch(ds: DepthDataset, idx: torch.Tensor, cfg: TrainConfig, g: torch.Generator):
+    """Targets (B, 1, res, res), the upsampled low-res input (or None) and, for continuity models,
+    the previous plane (zeros where there is none) with its (B,) presence flag."""
     res, lres = STAGES[cfg.stage]
     offsets = torch.rand(len(idx), generator=g)
-    hr, lr = [], []
+    hr, lr, prev, has_prev = [], [], [], []
     for j, i in enumerate(idx.tolist()):
         spec, z = int(ds.specimen[i]), i % ds.n_planes
-        sq = square(ds.raw[spec][z], float(offsets[j]) if cfg.augment else None)[None, None]
+        off = float(offsets[j]) if cfg.augment else None
+        sq = square(ds.raw[spec][z], off)[None, None]
         hr.append(resize(sq, res)[0])
         if lres:
             lr.append(resize(resize(sq, lres), res)[0])
-    x = torch.stack(hr)
-    cond = torch.stack(lr) if lres else None
-    if cfg.augment:
-        both = x if cond is None else torch.cat([x, cond], dim=1)
+        if cfg.continuity:
+            has_prev.append(z > 0)
+            prev.append(resize(square(ds.raw[spec][z - 1], off)[None, None], res)[0] if z > 0
+                        else torch.zeros_like(hr[-1]))
+    parts = [torch.stack(hr)] + ([torch.stack(lr)] if lres else []) + ([torch.stack(prev)] if prev else [])
+    both = torch.cat(parts, dim=1)
+    if cfg.augment:  # the same flips for the target and its conditions
         both = augment(both, g)
-        x, cond = (both, None) if cond is None else (both[:, :1], both[:, 1:])
-    if cond is not None:
+    if lres:
         crop = cfg.crop or DEFAULT_CROP[cfg.stage]
-        x, cond = random_crop_pair(x, cond, crop, g)
-    return x, cond
+        both = random_crop(both, crop, g)
+    x, rest = both[:, :1], both[:, 1:]
+    cond = rest[:, :1] if lres else None
+    p = rest[:, -1:] if cfg.continuity else None
+    return x, cond, p, (torch.tensor(has_prev, dtype=torch.long) if cfg.continuity else None)
 
 
 def _export(out: Path, ema, cfg: TrainConfig, step: int, losses: list[float], ds: DepthDataset,
@@ -131,6 +152,7 @@ def _export(out: Path, ema, cfg: TrainConfig, step: int, losses: list[float], ds
         "input_resolution": lres,
         "schedule": {**DEFAULT_SCHEDULE, "prediction_type": "v_prediction" if cfg.loss == "v" else "epsilon"},
         "default_noise_aug": 0.1 if lres else None,
+        "prev_channels": 1 if cfg.continuity else 0,
         "training": {
             **asdict(cfg),
             "steps_done": step,
@@ -144,6 +166,23 @@ def _export(out: Path, ema, cfg: TrainConfig, step: int, losses: list[float], ds
         "plugin_version": __version__,
     }
     save_unet(ema, out / cfg.stage, info)
+
+
+def _init_model(cfg: TrainConfig):
+    """The stage ``cfg.stage`` of the cascade ``cfg.init_from``, extended to take the previous plane."""
+    from .models import add_prev_channel
+    from .store import load_unet, resolve_model
+
+    folder = resolve_model(cfg.init_from) / cfg.stage
+    if not (folder / STAGE_FILE).is_file():
+        raise UserInputError(f"--init-from '{cfg.init_from}' has no {cfg.stage} stage to start from.")
+    parent = read_json(folder / STAGE_FILE).get("schedule", {}).get("prediction_type", "epsilon")
+    mine = "v_prediction" if cfg.loss == "v" else "epsilon"
+    if parent != mine:
+        raise UserInputError(f"--init-from '{cfg.init_from}' {cfg.stage} predicts {parent}, but --loss {cfg.loss} "
+                             f"trains {mine}: use --loss {'v' if parent == 'v_prediction' else 'l1 or l2'}.")
+    model = load_unet(folder).train()
+    return add_prev_channel(model) if cfg.continuity else model
 
 
 def train_stage(data, out: str | Path, cfg: TrainConfig, *, device: str = "auto", resume: bool = False,
@@ -176,18 +215,25 @@ def _train(dev: torch.device, di: loop.DistInfo, data, out: Path, cfg: TrainConf
         from .models import ZfUNet
 
         model = ZfUNet.from_config(loop.model_config(saved))
+    elif cfg.init_from:
+        model = _init_model(cfg)
     else:
         torch.manual_seed(cfg.seed)  # the same initial weights with or without --resume
         model = build_model("base" if cfg.stage == "base" else "sr", cfg.size, resolution=res,
-                            num_classes=ds.n_classes)
+                            num_classes=ds.n_classes, prev_channels=1 if cfg.continuity else 0)
     if model.config.num_classes != ds.n_classes:
-        raise UserInputError("the saved training state has a different number of depth classes than this data.")
+        what = f"'{cfg.init_from}' ({cfg.stage})" if cfg.init_from and saved is None else "the saved training state"
+        raise UserInputError(f"{what} has {model.config.num_classes} depth classes, but this data gives "
+                             f"{ds.n_classes}: train on the same planes (or --depth-classes).")
+    if bool(model.config.prev_channels) != cfg.continuity:
+        raise UserInputError("the saved training state was made with" + ("out" if cfg.continuity else "")
+                             + " --continuity: resume with the same setting, or use another --out.")
     shard = ds.shard(di.rank, di.world)
     amp = dev.type == "cuda"
 
     def loss_fn(net, step: int, g: torch.Generator) -> torch.Tensor:
         idx = shard[torch.randint(0, len(shard), (cfg.batch_size,), generator=g)]
-        x0, lowres = _batch(ds, idx, cfg, g)
+        x0, lowres, prev, has_prev = _batch(ds, idx, cfg, g)
         labels = ds.classes[idx].clone()
         drop = torch.rand(len(idx), generator=g) < cfg.p_uncond
         labels[drop] = ds.n_classes
@@ -200,6 +246,13 @@ def _train(dev: torch.device, di: loop.DistInfo, data, out: Path, cfg: TrainConf
             a = alphas[(level * (len(alphas) - 1)).round().long()].view(-1, 1, 1, 1)
             lowres = a.sqrt() * lowres + (1 - a).sqrt() * torch.randn(lowres.shape, generator=g)
             kwargs.update(cond=lowres.to(dev), noise_level=level.to(dev))
+        if prev is not None:
+            keep = has_prev.bool() & (torch.rand(len(idx), generator=g) >= cfg.p_noprev)
+            level = torch.rand(len(idx), generator=g) * cfg.prev_noise_max
+            a = alphas[(level * (len(alphas) - 1)).round().long()].view(-1, 1, 1, 1)
+            prev = a.sqrt() * prev + (1 - a).sqrt() * torch.randn(prev.shape, generator=g)
+            prev = prev * keep.view(-1, 1, 1, 1)
+            kwargs.update(prev=prev.to(dev), has_prev=keep.long().to(dev))
         target = noise_sched.get_velocity(x0, noise, t) if cfg.loss == "v" else noise
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             pred = net(xt.to(dev), t.to(dev), **kwargs)
