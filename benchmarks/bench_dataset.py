@@ -2,6 +2,8 @@
 """Items per second of ``zfdiffusion dataset`` with 1 and with N processes (torchrun), from scratch.
 
     .venv/bin/python benchmarks/bench_dataset.py --procs 1,2 --threads-per-proc 1 --resolution 64 --per-depth 8
+    .venv/bin/python benchmarks/bench_dataset.py --n-volumes 4 --resolution 64 \
+        --out docs/results/bench_dataset_volumes.json
 
 Each run fills a fresh temporary folder with the same data set and is timed end to end (process
 start, model load, generation, writing). Writes ``--out`` (.json and .md).
@@ -26,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def one_run(procs: int, threads: int, a, folder: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     args = ["-m", "napari_zfdiffusion.cli", "-q", "dataset", "--model", a.model, "--depths", a.depths,
-            "--per-depth", str(a.per_depth), "--resolution", str(a.resolution), "--steps", str(a.steps),
+            *(["--n-volumes", str(a.n_volumes)] if a.n_volumes else ["--per-depth", str(a.per_depth)]),
+            "--resolution", str(a.resolution), "--steps", str(a.steps),
             "--device", a.device, "--out", str(folder)]
     cmd = [sys.executable, *args] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *args]
@@ -47,6 +50,7 @@ def main() -> int:
     p.add_argument("--threads-per-proc", type=int, default=1)
     p.add_argument("--depths", default="all")
     p.add_argument("--per-depth", type=int, default=8)
+    p.add_argument("--n-volumes", type=int, default=None, help="volumes (over --depths) instead of slices")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--device", default="cpu")
@@ -63,7 +67,9 @@ def main() -> int:
               "rows": rows}
     md = "\n".join([
         f"# `zfdiffusion dataset` throughput ({a.device}, {cpu_model()})", "",
-        f"{a.model}, depths {a.depths}, {a.per_depth} per depth, resolution {a.resolution}, {a.steps} steps; "
+        f"{a.model}, depths {a.depths}, "
+        + (f"{a.n_volumes} volumes" if a.n_volumes else f"{a.per_depth} per depth")
+        + f", resolution {a.resolution}, {a.steps} steps; "
         "end to end (start, load, generate, write).", "",
         "| processes | threads each | items | seconds | items / s |", "|---|---|---|---|---|",
         *[f"| {r['processes']} | {r['threads_per_process']} | {r['items']} | {r['seconds']} | {r['items_per_s']} |"
