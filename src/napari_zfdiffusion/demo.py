@@ -1,5 +1,5 @@
-"""`make demo`: napari with the slice and EM-patch generators and the Segment widget docked (three
-tabs) and the demo models loaded, or, where no display works, the CLI writing a 512x512 slice,
+"""`make demo`: napari with the slice, volume and EM-patch generators and the Segment widget docked
+(four tabs) and the demo models loaded, or, where no display works, the CLI writing a 512x512 slice,
 nuclei patches with their masks, PNG previews, and the HeLa sample with its U-Net labels into outputs/.
 
 Set ZFDIFFUSION_DEMO_HEADLESS=1 to force the command-line path.
@@ -35,14 +35,17 @@ def run_gui() -> int:
     from .widgets.em import GenerateEMWidget
     from .widgets.generate import GenerateSlicesWidget
     from .widgets.segment import SegmentWidget
+    from .widgets.volume import GenerateVolumeWidget
 
     viewer = napari.Viewer(title="napari-zfdiffusion demo")
     em = viewer.window.add_dock_widget(GenerateEMWidget(viewer), name="Generate EM patches", area="right")
     seg = viewer.window.add_dock_widget(SegmentWidget(viewer), name="Segment", area="right")
+    volume = viewer.window.add_dock_widget(GenerateVolumeWidget(viewer), name="Generate volume", area="right")
     slices = viewer.window.add_dock_widget(GenerateSlicesWidget(viewer), name="Generate slices", area="right")
-    try:  # three tabs, "Generate slices" in front (Qt's own call on napari's main window)
+    try:  # four tabs, "Generate slices" in front (Qt's own call on napari's main window)
         viewer.window._qt_window.tabifyDockWidget(em, seg)
-        viewer.window._qt_window.tabifyDockWidget(seg, slices)
+        viewer.window._qt_window.tabifyDockWidget(seg, volume)
+        viewer.window._qt_window.tabifyDockWidget(volume, slices)
         QApplication.processEvents()  # the tab bar exists only after a layout pass; then bring one forward
         slices.raise_()
     except AttributeError:

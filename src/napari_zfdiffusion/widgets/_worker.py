@@ -17,8 +17,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
 from magicgui.widgets import Container
 from napari.qt.threading import create_worker
 from napari.utils import progress
@@ -28,12 +29,17 @@ from qtpy.QtCore import QObject, Signal
 from ..core.cascade import Cascade
 from ..core.errors import Cancelled, CancelToken, UserInputError
 from ..core.sampling import Progress
-from ..core.store import resolve_model
+from ..core.store import list_models, resolve_model
+
+if TYPE_CHECKING:
+    from napari.layers import Image
 
 _CACHE: OrderedDict[tuple[type, str, str], object] = OrderedDict()
 _CACHE_SIZE = 2  # (model, device) pairs kept per model class: enough to switch back and forth
 _LOCK = threading.Lock()
 MAX_SEED = 2**31 - 1
+DEMO_CASCADE = "zf-cascade-demo"  # the bundled slice cascade, chosen when a cascade widget opens
+PROVENANCE_KEY = "zfdiffusion"  # layer.metadata[PROVENANCE_KEY]: how a layer was made
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
@@ -81,6 +87,21 @@ def get_cascade(model: str, device: str) -> Cascade:
     return get_model(Cascade, model, device)
 
 
+def cascade_choices() -> list[tuple[str, str]]:
+    """(label, folder) for each cascade model, bundled first; the demo cascade first of all."""
+    entries = [m for m in list_models() if m.kind == "cascade"]
+    entries.sort(key=lambda m: (m.name != DEMO_CASCADE, m.source != "bundled"))
+    return [(f"{m.name} ({m.source})", str(m.path)) for m in entries]
+
+
+def checked_cascade(model: str, device: str) -> Cascade:
+    """:func:`get_cascade`, refusing a model without depth classes (a UserInputError that says so)."""
+    cascade = get_cascade(model, device)
+    if not cascade.depth_classes:
+        raise UserInputError(f"model '{cascade.name}' lists no depth classes in its cascade.json.")
+    return cascade
+
+
 def clear_cache() -> None:
     with _LOCK:
         _CACHE.clear()
@@ -90,6 +111,13 @@ class ProgressRelay(QObject):
     """Carries :class:`Progress` from the worker thread to the GUI thread (a queued signal)."""
 
     progress = Signal(object)
+
+
+class ItemRelay(QObject):
+    """Carries partial results (a finished plane, ...) from the worker thread to the GUI thread (a queued
+    signal). Create it in the GUI thread; items arrive in the order sent, before the job's end."""
+
+    item = Signal(object)
 
 
 def step_callback(token: CancelToken, relay: ProgressRelay) -> Callable[[Progress], None]:
@@ -190,6 +218,32 @@ def start_job(
     worker.finished.connect(finished)
     worker.start()
     return Job(worker, token, pbar, relay)
+
+
+def generated_provenance(layer) -> dict | None:
+    """The provenance of a layer this plugin made (values already in [0, 1]), else None."""
+    prov = layer.metadata.get(PROVENANCE_KEY)
+    if isinstance(prov, dict) and str(prov.get("kind", "")).startswith("zfdiffusion"):
+        return prov
+    return None
+
+
+def layer_image(layer: Image, purpose: str) -> np.ndarray:
+    """The data of a grayscale Image layer, 2D (Y, X) or a stack (N, Y, X) (the full-resolution level of
+    a multiscale one); a UserInputError naming ``purpose`` (e.g. "upsampling") for anything else."""
+    if layer.rgb:
+        raise UserInputError(f"'{layer.name}' is an RGB image: {purpose} takes one grayscale channel. "
+                             "Split its channels (right-click > Split RGB) and select one.")
+    data = layer.data[0] if layer.multiscale else layer.data
+    if data.ndim not in (2, 3):
+        raise UserInputError(f"'{layer.name}' has shape {tuple(data.shape)}: {purpose} takes a 2D image "
+                             "(Y, X) or a stack (N, Y, X).")
+    return data
+
+
+def shown_plane(viewer, layer: Image, data: np.ndarray) -> int:
+    """The index of the plane of a (N, Y, X) layer that the viewer shows now."""
+    return int(np.clip(round(layer.world_to_data(viewer.dims.point)[0]), 0, data.shape[0] - 1))
 
 
 def error_message(exc: BaseException) -> str:
@@ -294,5 +348,6 @@ class JobWidget(Container):
         return self._job is None
 
 
-__all__ = ["MAX_SEED", "Job", "JobWidget", "ProgressRelay", "cached_model", "clear_cache", "error_message",
-           "get_cascade", "get_model", "start_job", "step_callback"]
+__all__ = ["DEMO_CASCADE", "MAX_SEED", "PROVENANCE_KEY", "ItemRelay", "Job", "JobWidget", "ProgressRelay",
+           "cached_model", "cascade_choices", "checked_cascade", "clear_cache", "error_message", "generated_provenance",
+           "get_cascade", "get_model", "layer_image", "shown_plane", "start_job", "step_callback"]

@@ -32,23 +32,27 @@ from napari.utils.notifications import show_error
 from ..core.device import available_devices
 from ..core.errors import UserInputError
 from ..core.sampling import DEFAULT_SAMPLER, SAMPLERS
-from ..core.store import list_models
-from ._worker import MAX_SEED, JobWidget, error_message, get_cascade
+from ._worker import (
+    DEMO_CASCADE,
+    MAX_SEED,
+    PROVENANCE_KEY,
+    JobWidget,
+    cascade_choices,
+    checked_cascade,
+    error_message,
+    generated_provenance,
+    get_cascade,
+    layer_image,
+    shown_plane,
+)
 
 if TYPE_CHECKING:
     import napari
 
     from ..core.cascade import Cascade
 
-DEMO_MODEL = "zf-cascade-demo"
-PROVENANCE_KEY = "zfdiffusion"
-
-
-def model_choices() -> list[tuple[str, str]]:
-    """(label, folder) for each cascade model, bundled first; the demo model first of all."""
-    entries = [m for m in list_models() if m.kind == "cascade"]
-    entries.sort(key=lambda m: (m.name != DEMO_MODEL, m.source != "bundled"))
-    return [(f"{m.name} ({m.source})", str(m.path)) for m in entries]
+DEMO_MODEL = DEMO_CASCADE
+model_choices = cascade_choices  # (label, folder) for each cascade model, the demo first
 
 
 class GenerateSlicesWidget(JobWidget):
@@ -119,9 +123,7 @@ class GenerateSlicesWidget(JobWidget):
             self.status.value = "no model: choose a folder"
             return
         try:
-            cascade = get_cascade(self.model.value, self.device.value)
-            if not cascade.depth_classes:
-                raise UserInputError(f"model '{cascade.name}' lists no depth classes in its cascade.json.")
+            cascade = checked_cascade(self.model.value, self.device.value)
         except Exception as e:  # noqa: BLE001 - any bad folder becomes a message
             self.resolution.reset_choices()
             self.status.value = "model not usable"
@@ -172,24 +174,20 @@ class GenerateSlicesWidget(JobWidget):
         if not isinstance(layer, Image):
             show_error("select an Image layer to upsample (click it in the layer list).")
             return
-        if layer.rgb:
-            show_error(f"'{layer.name}' is an RGB image: upsampling takes one grayscale channel. "
-                       "Split its channels (right-click > Split RGB) and select one.")
-            return
-        data = layer.data[0] if layer.multiscale else layer.data
-        if data.ndim not in (2, 3):
-            show_error(f"'{layer.name}' has shape {tuple(data.shape)}: upsampling takes a 2D image "
-                       "(Y, X) or a stack (N, Y, X).")
+        try:
+            data = layer_image(layer, "upsampling")
+        except UserInputError as e:
+            show_error(str(e))
             return
         if data.ndim == 3 and not self.all_planes.value:
-            plane = int(np.clip(round(layer.world_to_data(self._viewer.dims.point)[0]), 0, data.shape[0] - 1))
+            plane = shown_plane(self._viewer, layer, data)
             data = data[plane]
             name = f"{layer.name} [plane {plane}] x{self.resolution.value}"
         else:
             name = f"{layer.name} x{self.resolution.value}"
         image = np.asarray(data)
-        prov = layer.metadata.get(PROVENANCE_KEY)
-        ours = isinstance(prov, dict) and str(prov.get("kind", "")).startswith("zfdiffusion") and "depth" in prov
+        prov = generated_provenance(layer)
+        ours = prov is not None and "depth" in prov
         depth = int(prov["depth"]) if ours else int(self.depth.value)
         model, device = self.model.value, self.device.value
         kw = {"resolution": self.resolution.value, "seed": int(self.seed.value), "sampler": self.sampler.value,

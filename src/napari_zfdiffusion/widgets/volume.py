@@ -1,0 +1,317 @@
+"""Dock widget: generate a (Z, Y, X) volume plane by plane with a depth cascade.
+
+The widget gathers parameters, starts a worker (:mod:`._worker`) and fills one layer; all computing
+is :meth:`Cascade.generate_volume` from the GUI-free core.
+
+One 3D Image layer "volume d<first>-<last> s<seed>" of zeros (Z, R, R) is added when a job starts.
+Each plane is sent from the worker thread, as soon as it is done, through a queued signal
+(:class:`ItemRelay`): the GUI thread writes it into the layer and moves the viewer to it. At the end
+the layer gets the provenance in ``metadata["zfdiffusion"]``. Cancel (or an error) keeps the planes
+made so far, in a layer renamed "... (cancelled, k/Z planes)"; with none made, the layer goes.
+
+"Start from layer": the plane shown now of a 2D or (N, Y, X) Image layer becomes the first plane,
+and the rest of the volume continues from it. A layer made by this plugin is taken as already in
+[0, 1]; any other layer is normalised like the training data. A model trained without
+``--continuity`` makes each plane on its own (continuity guidance 0, its control disabled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.layers import Image
+from napari.utils.notifications import show_error, show_info
+
+from ..core.device import available_devices
+from ..core.errors import UserInputError
+from ..core.sampling import Progress
+from ._worker import (
+    MAX_SEED,
+    PROVENANCE_KEY,
+    ItemRelay,
+    JobWidget,
+    cascade_choices,
+    checked_cascade,
+    error_message,
+    generated_provenance,
+    get_cascade,
+    layer_image,
+    shown_plane,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+    from ..core.cascade import Cascade
+
+CONTINUITY_TIP = ("weight of the plane above: 0 = planes made independently, 1 = follow the plane above "
+                  "as trained, >1 = stronger")
+NO_CONTINUITY_TIP = ("this model is not a volume model (trained without --continuity): each plane is made "
+                     "on its own (continuity guidance 0). Train one with `zfdiffusion train cascade "
+                     "--continuity`.")
+
+
+@dataclass
+class _Run:
+    """The volume being made: its layer, its size and how many planes have arrived."""
+
+    layer: Image
+    name: str
+    n_planes: int
+    request: dict
+    done: int = 0
+
+
+class GenerateVolumeWidget(JobWidget):
+    """Generate a volume over a range of depth classes, each plane conditioned on the one above.
+
+    Job handling (start, progress, cancel, errors, :meth:`wait`) comes from :class:`JobWidget`.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer, labels=True)
+        self._cascade: Cascade | None = None
+        self._run: _Run | None = None
+        self._planes = ItemRelay()  # (run, k, plane) from the worker thread, queued to the GUI thread
+        self._planes.item.connect(self._on_plane)
+
+        self._models = cascade_choices()
+        # Choices are callables: napari calls reset_choices() on dock widgets whenever layers change.
+        self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True,
+                              tooltip="bundled and user cascade models (`zfdiffusion models`)")
+        self.model_folder = FileEdit(label="or folder", mode="d", nullable=True,
+                                     tooltip="a cascade model folder made by `zfdiffusion train cascade`")
+        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.first_depth = SpinBox(label="first depth", min=0, max=0, tooltip="the top plane's depth class")
+        self.first_meaning = Label(label="", value="")
+        self.last_depth = SpinBox(label="last depth", min=0, max=0, tooltip="the bottom plane's depth class")
+        self.last_meaning = Label(label="", value="")
+        self.resolution = ComboBox(label="resolution", choices=self._resolutions)
+        self.guidance = FloatSpinBox(label="depth guidance", value=3.0, min=0.0, max=50.0, step=0.5,
+                                     tooltip="0 = unconditional, 1 = conditional, >1 = stronger depth")
+        self.continuity = FloatSpinBox(label="continuity guidance", value=1.0, min=0.0, max=50.0, step=0.25,
+                                       tooltip=CONTINUITY_TIP)
+        self.steps = SpinBox(label="steps", value=25, min=1, max=1000, tooltip="steps per stage and plane")
+        self.seed = SpinBox(label="seed", value=0, min=0, max=MAX_SEED)
+        self.new_seed_button = PushButton(text="New seed")
+        self.start_layer = ComboBox(label="start from layer", choices=self._image_layers, nullable=True,
+                                    tooltip="none: generate the first plane too. An Image layer: its plane "
+                                            "shown now is the first plane, and the volume continues from it")
+        self.start_layer.null_string = "none"
+        self.start_layer.reset_choices()
+        self.generate_button = PushButton(text="Generate")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress_bar = ProgressBar(label="progress", value=0, min=0, max=1000)
+        self.status = Label(label="status", value="")
+        seed_row = Container(layout="horizontal", labels=False, label="seed",
+                             widgets=[self.seed, self.new_seed_button])
+        seed_row.margins = (0, 0, 0, 0)
+        buttons = Container(layout="horizontal", labels=False, label="",
+                            widgets=[self.generate_button, self.cancel_button])
+        buttons.margins = (0, 0, 0, 0)
+        self.extend([self.model, self.model_folder, self.device, self.first_depth, self.first_meaning,
+                     self.last_depth, self.last_meaning, self.resolution, self.guidance, self.continuity,
+                     self.steps, seed_row, self.start_layer, buttons, self.progress_bar, self.status])
+        self.status.native.setWordWrap(True)
+
+        self.model.changed.connect(self._load_model_info)
+        self.device.changed.connect(self._load_model_info)
+        self.model_folder.changed.connect(self._on_folder)
+        self.first_depth.changed.connect(self._on_first_depth)
+        self.last_depth.changed.connect(self._on_last_depth)
+        self.new_seed_button.changed.connect(self.new_seed)
+        self.generate_button.changed.connect(lambda *_: self.generate())
+        self.cancel_button.changed.connect(lambda *_: self.cancel())
+        if self._models:  # the demo model (or the first one) is ready to use; reading its card is quick
+            self.model.value = self._models[0][1]
+        else:
+            self._load_model_info()
+
+    # ------------------------------------------------------------ model
+    def _load_model_info(self, *_) -> None:
+        """Read the chosen model's cards (small JSON): depth classes, resolutions, volume or not."""
+        self._cascade = None
+        self.generate_button.enabled = False
+        if self.model.value is None:
+            self.status.value = "no model: choose a folder"
+            return
+        try:
+            cascade = checked_cascade(self.model.value, self.device.value)
+        except Exception as e:  # noqa: BLE001 - any bad folder becomes a message
+            self.resolution.reset_choices()
+            self.status.value = "model not usable"
+            show_error(error_message(e))
+            return
+        self._cascade = cascade
+        top = cascade.n_classes - 1
+        self.first_depth.max = self.last_depth.max = top
+        self.first_depth.value, self.last_depth.value = 0, top
+        self.resolution.reset_choices()
+        self.resolution.value = cascade.resolutions[-1]
+        self._show_depth_meaning()
+        if cascade.continuity:
+            if not self.continuity.enabled:  # was forced to 0 by a model without continuity
+                self.continuity.value = 1.0
+            self.continuity.enabled = True
+            self.continuity.tooltip = CONTINUITY_TIP
+            kind = "volume model"
+        else:
+            self.continuity.value = 0.0
+            self.continuity.enabled = False
+            self.continuity.tooltip = NO_CONTINUITY_TIP
+            kind = "not a volume model: independent planes"
+        self.status.value = f"{cascade.name}: {cascade.n_classes} depth classes, up to " \
+                            f"{cascade.resolutions[-1]} ({kind})"
+        self._set_running(self._job is not None)
+
+    def _resolutions(self, *_) -> list[int]:
+        return [] if self._cascade is None else self._cascade.resolutions
+
+    def _image_layers(self, *_) -> list[tuple[str, Image]]:
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _on_first_depth(self, *_) -> None:
+        self.last_depth.value = max(self.last_depth.value, self.first_depth.value)  # the range goes down
+        self._show_depth_meaning()
+
+    def _on_last_depth(self, *_) -> None:
+        self.first_depth.value = min(self.first_depth.value, self.last_depth.value)
+        self._show_depth_meaning()
+
+    def _show_depth_meaning(self, *_) -> None:
+        c = self._cascade
+        if c is None:
+            return
+        for spin, label in ((self.first_depth, self.first_meaning), (self.last_depth, self.last_meaning)):
+            if spin.value < c.n_classes:
+                label.value = c.depth_label(spin.value)
+
+    # ------------------------------------------------------------ parameters
+    def params(self) -> dict:
+        """The parameters as :meth:`Cascade.generate_volume` takes them (without the first plane)."""
+        return {"depths": tuple(range(int(self.first_depth.value), int(self.last_depth.value) + 1)),
+                "guidance": float(self.guidance.value), "continuity_guidance": float(self.continuity.value),
+                "resolution": self.resolution.value, "seed": int(self.seed.value), "steps": int(self.steps.value)}
+
+    def _first_plane(self) -> tuple[dict, dict]:
+        """The first plane from "start from layer": (arguments for the core, what to record)."""
+        layer = self.start_layer.value
+        if layer is None:
+            return {}, {}
+        data = layer_image(layer, "starting a volume")
+        index = shown_plane(self._viewer, layer, data) if data.ndim == 3 else None
+        plane = np.asarray(data[index] if index is not None else data)
+        prov = generated_provenance(layer)
+        source = {"source_layer": layer.name, "source_plane": index}
+        if prov is not None:
+            source["source"] = prov
+        return {"first_plane": plane, "first_plane_normalised": prov is not None}, source
+
+    # ------------------------------------------------------------ jobs
+    def _set_running(self, running: bool) -> None:
+        self.generate_button.enabled = not running and self._cascade is not None
+        self.cancel_button.enabled = running
+
+    def generate(self, **overrides) -> None:
+        """Start a volume with the widget's parameters (``overrides`` replace some of them)."""
+        if self._job is not None:
+            show_info("a job is running: wait for it or press Cancel.")
+            return
+        if self._cascade is None:
+            show_error("choose a usable model first (or a model folder).")
+            return
+        params = {**self.params(), **overrides}
+        try:
+            first, source = self._first_plane()
+        except UserInputError as e:
+            show_error(str(e))
+            return
+        params.update(first)
+        depths = tuple(params["depths"])
+        res = int(params["resolution"])
+        name = f"volume d{depths[0]}-{depths[-1]} s{params['seed']}" if depths else "volume"
+        layer = self._viewer.add_image(np.zeros((max(len(depths), 1), res, res), np.float32), name=name,
+                                       contrast_limits=(0, 1), colormap="gray")
+        request = {k: v for k, v in params.items() if k not in ("first_plane", "depths")}
+        request.update(depths=list(depths), model=self.model.value, **source)
+        run = self._run = _Run(layer, layer.name, len(depths), request)
+        model, device = self.model.value, self.device.value
+        relay = self._planes
+
+        def job(callback, token):
+            return get_cascade(model, device).generate_volume(
+                **params, callback=callback, on_plane=lambda k, image: relay.item.emit((run, k, image)))
+
+        self.progress_bar.value = 0
+        self._start(job, "generating a volume", self._on_volume)
+
+    def _on_plane(self, item) -> None:
+        """A finished plane (GUI thread): into the layer, and the viewer moves to it."""
+        run, k, image = item
+        if run is not self._run or run.layer not in self._viewer.layers:
+            return  # a plane of an earlier job, or the layer was deleted meanwhile
+        layer = run.layer
+        layer.data[k] = image
+        run.done = max(run.done, k + 1)
+        axis = self._viewer.dims.ndim - layer.ndim
+        self._viewer.dims.set_point(axis, layer.data_to_world((k, 0, 0))[0])
+        layer.refresh()
+        self.status.value = f"plane {k + 1}/{run.n_planes} done"
+
+    def _on_progress(self, p: Progress) -> None:
+        super()._on_progress(p)
+        self.progress_bar.value = int(min(p.fraction, 1.0) * self.progress_bar.max)
+
+    def _on_volume(self, result) -> None:
+        run, self._run = self._run, None
+        result.provenance.update({k: v for k, v in run.request.items()
+                                  if k.startswith("source") or k == "first_plane_normalised"})
+        if run.layer in self._viewer.layers:
+            if run.layer.data.shape == result.images.shape:
+                np.copyto(run.layer.data, result.images)  # the same planes: no new layer data, no reset
+            else:
+                run.layer.data = result.images.astype(np.float32, copy=False)
+            run.layer.metadata[PROVENANCE_KEY] = result.provenance
+            run.layer.refresh()
+        self.progress_bar.value = self.progress_bar.max
+        self.status.value = f"added '{run.layer.name}' ({run.n_planes} planes)"
+
+    def _keep_partial(self, why: str) -> str:
+        """After a cancel or an error: keep the planes made so far (or drop an empty layer); a message."""
+        run, self._run = self._run, None
+        if run is None or run.layer not in self._viewer.layers:
+            return "nothing was added"
+        if run.done == 0:
+            self._viewer.layers.remove(run.layer)
+            return "nothing was added"
+        run.layer.data = run.layer.data[: run.done]
+        run.layer.name = f"{run.name} ({why}, {run.done}/{run.n_planes} planes)"
+        run.layer.metadata[PROVENANCE_KEY] = {"kind": "zfdiffusion.cascade", "operation": "volume",
+                                              "complete": False, "planes_done": run.done, **run.request}
+        return f"kept {run.done}/{run.n_planes} planes in '{run.layer.name}'"
+
+    def _on_cancel(self) -> None:
+        kept = self._keep_partial("cancelled")
+        self.status.value = f"cancelled: {kept}"
+        show_info(f"zfdiffusion: cancelled; {kept}.")
+
+    def _on_error(self, exc: BaseException) -> None:
+        kept = self._keep_partial("failed")
+        super()._on_error(exc)
+        if not kept.startswith("nothing"):
+            self.status.value = f"failed: {kept}"
+
+
+__all__ = ["GenerateVolumeWidget"]
