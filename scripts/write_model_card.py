@@ -1,8 +1,10 @@
 """Write MODEL_CARD.md (and the `quality` field of cascade.json) for a cascade model folder.
 
 Facts come from the folder's own JSON (data, depth classes, normalisation, steps, loss, time) and,
-when present, from docs/results/cascade_eval.json (measured depth fidelity) and
-docs/results/bench_cascade.json (speed). Usage: python scripts/write_model_card.py MODEL_DIR [--name N]
+when present, from docs/results/cascade_eval.json (measured depth fidelity),
+docs/results/volume_eval.json (plane-to-plane agreement of volumes, for a model trained with
+``--continuity``) and docs/results/bench_cascade.json (speed).
+Usage: python scripts/write_model_card.py MODEL_DIR [--name N] [--parent SLICE_MODEL_DIR]
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ def main() -> None:
     ap.add_argument("model", type=Path)
     ap.add_argument("--name", default=None)
     ap.add_argument("--eval", type=Path, default=ROOT / "docs/results/cascade_eval.json")
+    ap.add_argument("--volume-eval", type=Path, default=ROOT / "docs/results/volume_eval.json")
+    ap.add_argument("--parent", type=Path, default=None,
+                    help="the slice cascade the stages were fine-tuned from (--init-from), for the step counts")
     a = ap.parse_args()
     card = _load(a.model / "cascade.json")
     if a.name:
@@ -40,8 +45,16 @@ def main() -> None:
                                    for g, r in mem.get("generated", {}).items()}},
             "evaluated_at_commit": ev.get("git_commit"),
         }
+    volume = all(_load(a.model / st / "stage.json").get("prev_channels", 0)
+                 for st in ("base", "sr128", "sr256", "sr512") if (a.model / st / "stage.json").is_file())
     card["description"] = ("Demo depth cascade (64 -> 128 -> 256 -> 512) trained on CPU on real CHO nuclei "
-                           "z-stacks, a public stand-in for zebrafish brain depth planes.")
+                           "z-stacks, a public stand-in for zebrafish brain depth planes."
+                           + (" It also makes volumes: every stage takes the plane above." if volume else ""))
+    vev = _load(a.volume_eval) if volume else {}
+    if vev:
+        card.setdefault("quality", {})["volume_neighbour_correlation"] = {
+            name: r["neighbour_correlation"]["mean"] for name, r in vev["sets"].items()}
+        card["quality"]["volume_evaluated_at_commit"] = vev.get("git_commit")
     (a.model / "cascade.json").write_text(json.dumps(card, indent=2) + "\n")
     rows = []
     for st in ("base", "sr128", "sr256", "sr512"):
@@ -51,11 +64,16 @@ def main() -> None:
         tr = info.get("training", {})
         cfg = _load(a.model / st / "config.json")
         size = (a.model / st / "diffusion_pytorch_model.safetensors").stat().st_size / 2**20
+        steps, minutes = str(tr.get("steps_done")), (tr.get("train_seconds") or 0) / 60
+        parent = _load(a.parent / st / "stage.json").get("training", {}) if a.parent else {}
+        if parent:
+            steps = f"{parent.get('steps_done')} + {steps} (volume)"
+            minutes += (parent.get("train_seconds") or 0) / 60
         rows.append(
             f"| {st} | {info.get('input_resolution') or '-'} -> {info['resolution']} | "
-            f"{tuple(cfg.get('block_out_channels', ()))} | {size:.1f} MB | {tr.get('steps_done')} | "
+            f"{tuple(cfg.get('block_out_channels', ()))} | {size:.1f} MB | {steps} | "
             f"{tr.get('batch_size')} | {tr.get('loss')} | {tr.get('final_loss_ema', 0):.4f} | "
-            f"{(tr.get('train_seconds') or 0) / 60:.0f} min |"
+            f"{minutes:.0f} min |"
         )
     norm = card.get("normalisation", {})
     classes = "\n".join(f"| {d['index']} | {d['label']} |" for d in card.get("depth_classes", []))
@@ -76,6 +94,30 @@ def main() -> None:
                     f"held-out real planes {nn['real_heldout']:.3f}; generated "
                     + ", ".join(f"guidance {k[11:]}: {v:.3f}" for k, v in nn.items() if k.startswith("generated"))
                     + ". Generated planes are no closer to the training set than new real planes are.\n")
+    volumes = ""
+    if volume:
+        volumes = """## Volumes
+
+Every stage also takes the plane above (the previous plane of the same volume, at the stage's
+resolution). The stages were fine-tuned from the slice-only cascade (`--continuity --init-from`,
+`scripts/train_demo_volume.sh`) on consecutive planes of the same 16 stacks, with the plane above
+lightly noised (up to 0.1 of the schedule) and dropped with probability 0.2 (always absent at the
+top plane), so depth and continuity guidance can be set separately. Continuity guidance 0 makes
+independent planes: the model is then a slice model.
+"""
+        if vev:
+            st = vev["settings"]
+            vrows = "\n".join(
+                f"| {name} | {r['neighbour_correlation']['mean']:.3f} | {r['neighbour_ssim']['mean']:.3f} | "
+                f"{r['depth']['accuracy']:.2f} |" for name, r in vev["sets"].items())
+            volumes += f"""
+Plane-to-plane agreement at {st['resolution']} px ({st['n_volumes']} generated volumes per row, depths
+{st['depths'][0]}-{st['depths'][-1]}, depth guidance {st['guidance']}; docs/evaluation.md):
+
+| volumes | neighbour correlation | neighbour SSIM | depth-classifier accuracy |
+|---|---|---|---|
+{vrows}
+"""
     text = f"""# Model card: {card.get('name', a.model.name)}
 
 {card['description']}
@@ -119,6 +161,7 @@ crops (64/96/128 px), conditioned on the bilinearly upsampled low-res image with
 ## Measured quality
 
 {quality}
+{volumes}
 ## Limits
 
 - Trained on 80 real planes of one cell line: generated images are nuclei-like blobs with the

@@ -386,7 +386,8 @@ class Cascade:
 
 
 def describe(cascade: Cascade) -> str:
-    lines = [f"{cascade.name}: resolutions {', '.join(map(str, cascade.resolutions))}"]
+    lines = [f"{cascade.name}: resolutions {', '.join(map(str, cascade.resolutions))}"
+             + ("; volumes (every stage takes the plane above)" if cascade.continuity else "")]
     for i, d in enumerate(cascade.depth_classes):
         lines.append(f"  depth {i}: {d.get('label', '')}")
     return "\n".join(lines)
