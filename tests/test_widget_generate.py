@@ -125,6 +125,23 @@ def test_upsample_a_generated_layer_keeps_its_depth(widget, notes):
     assert prov["stages"] == ["sr128"]
 
 
+def test_upsample_a_plane_of_a_generated_volume_uses_that_planes_depth(widget, notes):
+    viewer, w = widget
+    vol = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
+    prov = {"kind": "zfdiffusion.cascade", "operation": "volume", "depths": [0, 1, 2]}
+    viewer.add_image(vol, name="volume", metadata={"zfdiffusion": prov})
+    viewer.dims.set_current_step(0, 2)
+    w.depth.value = 0
+    w.resolution.value = 128
+    w.upsample_selected()
+    assert w.wait(60)
+    assert errors(notes) == []
+    out = viewer.layers[-1]
+    assert out.name == "volume [plane 2] x128"
+    assert out.metadata["zfdiffusion"]["depth"] == 2  # the plane's own depth, not the widget's
+    assert out.metadata["zfdiffusion"]["source"]["operation"] == "volume"
+
+
 def test_upsample_a_plane_of_a_real_stack(widget, notes):
     from napari_zfdiffusion._sample_data import cho_stack
 

@@ -179,6 +179,7 @@ class GenerateSlicesWidget(JobWidget):
         except UserInputError as e:
             show_error(str(e))
             return
+        plane = None
         if data.ndim == 3 and not self.all_planes.value:
             plane = shown_plane(self._viewer, layer, data)
             data = data[plane]
@@ -187,8 +188,12 @@ class GenerateSlicesWidget(JobWidget):
             name = f"{layer.name} x{self.resolution.value}"
         image = np.asarray(data)
         prov = generated_provenance(layer)
-        ours = prov is not None and "depth" in prov
-        depth = int(prov["depth"]) if ours else int(self.depth.value)
+        ours = prov is not None and ("depth" in prov or "depths" in prov)
+        depth = int(self.depth.value)
+        if ours and "depth" in prov:
+            depth = int(prov["depth"])
+        elif ours and plane is not None and plane < len(prov["depths"]):  # one plane of a generated volume
+            depth = int(prov["depths"][plane])
         model, device = self.model.value, self.device.value
         kw = {"resolution": self.resolution.value, "seed": int(self.seed.value), "sampler": self.sampler.value,
               "steps": int(self.steps.value), "normalise": not ours}
