@@ -124,9 +124,12 @@ def test_init_from_refuses_a_different_prediction_target(tmp_path):
     parent = tmp_path / "slices"
     train_stage(stacks, parent, TrainConfig(stage="base", size="tiny", steps=1, batch_size=2, warmup=1, loss="v"),
                 device="cpu", show_progress=False)
-    with pytest.raises(UserInputError, match="predicts v_prediction.*use --loss v"):
+    with pytest.raises(UserInputError, match="predicts v_prediction.*use --loss v.*--retarget"):
         train_stage(stacks, tmp_path / "v", _tcfg(init_from=str(parent), loss="l1"), device="cpu",
                     show_progress=False)
+    train_stage(stacks, tmp_path / "e", _tcfg(init_from=str(parent), loss="l1", retarget=True), device="cpu",
+                show_progress=False)  # asked for: fine-tuned to the new target
+    assert json.loads((tmp_path / "e" / "base" / "stage.json").read_text())["schedule"]["prediction_type"] == "epsilon"
 
 
 def test_init_from_refuses_other_depth_classes(tmp_path):

@@ -118,7 +118,7 @@ def cmd_train_cascade(a) -> int:
                           p_uncond=a.p_uncond, ema_decay=a.ema_decay, checkpoint_every=a.checkpoint_every,
                           crop=a.crop, seed=a.seed, depth_classes=a.depth_classes, z_step_um=a.z_step_um,
                           data_credit=a.credit, data_licence=a.licence, continuity=a.continuity,
-                          p_noprev=a.p_noprev, init_from=a.init_from, warmup=a.warmup)
+                          p_noprev=a.p_noprev, init_from=a.init_from, retarget=a.retarget, warmup=a.warmup)
         summary = train_stage(a.data, a.out, cfg, device=a.device, resume=a.resume, show_progress=not a.quiet)
         if summary["rank"] == 0:
             print(f"trained {st}: {summary['steps']} steps, loss {summary['loss']:.4f}, {summary['seconds']} s "
@@ -418,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --continuity: probability of dropping the previous plane (for continuity guidance)")
     c.add_argument("--init-from", default=None,
                    help="start from this cascade's stage (model name or folder) instead of random weights")
+    c.add_argument("--retarget", action="store_true",
+                   help="with --init-from: allow a different prediction target than the parent's (e.g. epsilon -> v)")
     c.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
     c.add_argument("--ema-decay", type=float, default=0.999)
     c.add_argument("--checkpoint-every", type=int, default=500)

@@ -49,6 +49,7 @@ class TrainConfig(loop.TrainOptions):
     p_noprev: float = 0.2
     prev_noise_max: float = 0.1
     init_from: str | None = None
+    retarget: bool = False
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -178,9 +179,10 @@ def _init_model(cfg: TrainConfig):
         raise UserInputError(f"--init-from '{cfg.init_from}' has no {cfg.stage} stage to start from.")
     parent = read_json(folder / STAGE_FILE).get("schedule", {}).get("prediction_type", "epsilon")
     mine = "v_prediction" if cfg.loss == "v" else "epsilon"
-    if parent != mine:
+    if parent != mine and not cfg.retarget:
         raise UserInputError(f"--init-from '{cfg.init_from}' {cfg.stage} predicts {parent}, but --loss {cfg.loss} "
-                             f"trains {mine}: use --loss {'v' if parent == 'v_prediction' else 'l1 or l2'}.")
+                             f"trains {mine}: use --loss {'v' if parent == 'v_prediction' else 'l1 or l2'}, or "
+                             "--retarget to fine-tune it to the new target (it needs about 1000 steps to adapt).")
     model = load_unet(folder).train()
     return add_prev_channel(model) if cfg.continuity else model
 
