@@ -26,8 +26,9 @@ def main() -> None:
     ap.add_argument("--name", default=None)
     ap.add_argument("--eval", type=Path, default=ROOT / "docs/results/cascade_eval.json")
     ap.add_argument("--volume-eval", type=Path, default=ROOT / "docs/results/volume_eval.json")
-    ap.add_argument("--parent", type=Path, default=None,
-                    help="the slice cascade the stages were fine-tuned from (--init-from), for the step counts")
+    ap.add_argument("--parent", type=Path, action="append", default=[],
+                    help="a cascade the stages were fine-tuned from (--init-from), oldest first; repeat for a "
+                         "chain. Only for the step counts and training time")
     a = ap.parse_args()
     card = _load(a.model / "cascade.json")
     if a.name:
@@ -65,10 +66,14 @@ def main() -> None:
         cfg = _load(a.model / st / "config.json")
         size = (a.model / st / "diffusion_pytorch_model.safetensors").stat().st_size / 2**20
         steps, minutes = str(tr.get("steps_done")), (tr.get("train_seconds") or 0) / 60
-        parent = _load(a.parent / st / "stage.json").get("training", {}) if a.parent else {}
-        if parent:
-            steps = f"{parent.get('steps_done')} + {steps} (volume)"
-            minutes += (parent.get("train_seconds") or 0) / 60
+        earlier = []
+        for par in a.parent:
+            pinfo = _load(par / st / "stage.json")
+            if pinfo and pinfo != info:  # a stage copied unchanged from a parent is not counted twice
+                earlier.append(str(pinfo.get("training", {}).get("steps_done")))
+                minutes += (pinfo.get("training", {}).get("train_seconds") or 0) / 60
+        if earlier:
+            steps = " + ".join([*earlier, steps])
         rows.append(
             f"| {st} | {info.get('input_resolution') or '-'} -> {info['resolution']} | "
             f"{tuple(cfg.get('block_out_channels', ()))} | {size:.1f} MB | {steps} | "

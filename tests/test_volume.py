@@ -117,6 +117,10 @@ def test_train_a_volume_stage_from_a_slice_model(tmp_path):
     cas = Cascade.load(out, "cpu")
     assert cas.continuity
     assert gen(cas, depths="all").images.shape == (3, 64, 64)
+    # and on from that volume model (loaded from disk, checkpointed along the way)
+    again = train_stage(stacks, tmp_path / "again", _tcfg(init_from=str(out), loss="l2", checkpoint_every=1),
+                        device="cpu", show_progress=False)
+    assert again["steps"] == 3
 
 
 def test_init_from_refuses_a_different_prediction_target(tmp_path):

@@ -226,7 +226,8 @@ def run(
         atomic_torch_save({
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "step": torch.tensor(step), "losses": torch.tensor(losses, dtype=torch.float64),
-            "elapsed": torch.tensor(secs), "model_config": json.dumps(dict(model.config), default=list),
+            "elapsed": torch.tensor(secs), "model_config": json.dumps(
+                {k: v for k, v in model.config.items() if not k.startswith("_")}, default=list),  # no bookkeeping
         }, state_path)
         if validate is not None:  # before export, so the exported card can carry the figures
             rec = {"step": step, "validation": validate(ema, step)}
