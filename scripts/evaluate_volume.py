@@ -78,21 +78,24 @@ def depth_accuracy(clf, vols: np.ndarray, depths: list[int]) -> dict:
 
 
 def fig_xz(path: Path, rows: list[tuple[str, np.ndarray]], stretch: int) -> None:
-    """For each set: the middle plane (XY) with the cut marked, and the XZ view through that row."""
+    """For each set: the middle plane (XY) with the cut marked, and the XZ view through that row (the
+    row with the most signal over the volume, so that the cut crosses nuclei)."""
     plt = _plt()
     n = len(rows)
-    fig, axes = plt.subplots(n, 2, figsize=(9, 2.3 * n + 0.4), gridspec_kw={"width_ratios": [1, 2.2]})
+    fig, axes = plt.subplots(n, 2, figsize=(9, 2.3 * n + 0.4), gridspec_kw={"width_ratios": [1, 1.6]})
     for i, (name, vol) in enumerate(rows):
         z, h, w = vol.shape
-        y = h // 2
+        profile = vol.mean(axis=(0, 2))
+        y = int(np.argmax(np.convolve(profile, np.ones(3) / 3, mode="same")))
         ax = axes[i, 0]
         ax.imshow(vol[z // 2], cmap="gray", vmin=0, vmax=1)
         ax.axhline(y, color="tab:orange", lw=0.8)
         ax.set_title(f"{name}: plane {z // 2} (XY)", fontsize=8)
         ax.axis("off")
         ax = axes[i, 1]
-        ax.imshow(np.repeat(vol[:, y, :], stretch, axis=0), cmap="gray", vmin=0, vmax=1, aspect="auto")
-        ax.set_title(f"XZ through the orange row (z down, {z} planes, each drawn {stretch} px tall)", fontsize=8)
+        ax.imshow(np.repeat(vol[:, y, :], stretch, axis=0), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"XZ through the orange row (z down; each of the {z} planes drawn {stretch} px tall)",
+                     fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([(k + 0.5) * stretch for k in range(z)], [str(k) for k in range(z)], fontsize=6)
     fig.tight_layout()
