@@ -31,6 +31,9 @@ test: $(STAMP)
 
 weights: $(STAMP)
 	scripts/train_demo_cascade.sh runs/zf-cascade-demo && scripts/export_demo.sh runs/zf-cascade-demo
+	# the slice cascade, fine-tuned into the volume model that ships under the same name
+	INIT=runs/zf-cascade-demo scripts/train_demo_volume.sh runs/zf-volume && \
+	  scripts/export_demo.sh runs/zf-volume-v zf-cascade-demo --parent runs/zf-cascade-demo --parent runs/zf-volume
 	scripts/train_demo_em.sh runs/patches
 	scripts/export_patch_demo.sh runs/patches/em-ldm-demo && scripts/export_patch_demo.sh runs/patches/nuclei-ldm-demo
 
