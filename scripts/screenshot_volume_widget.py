@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution", type=int, default=None, help="default: the model's largest")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--3d", dest="three_d", action="store_true", help="show the volume in 3D (default: the last plane)")
+    ap.add_argument("--plane", type=int, default=None, help="show this plane (default: the last one made)")
     ap.add_argument("--size", default="1500x1000", help="window size WxH")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "widget_volume.png")
     args = ap.parse_args(argv)
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if not widget.wait(3600) or errors or not len(viewer.layers):
         print(f"generation failed: {errors}", file=sys.stderr)
         return 1
+    if args.plane is not None:
+        viewer.dims.set_point(0, args.plane)
     if args.three_d:
         viewer.dims.ndisplay = 3
         viewer.camera.angles = (-20, 30, 120)

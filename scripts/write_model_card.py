@@ -20,6 +20,18 @@ def _load(p: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def _memorisation_sentence(nn: dict, mem: dict) -> str:
+    """What the nearest-neighbour distances say, from the numbers (not a fixed claim)."""
+    gen = {k: v for k, v in nn.items() if k.startswith("generated") and v is not None}
+    if all(v >= 0.9 * nn["real_heldout"] for v in gen.values()):
+        return "Generated planes are no closer to the training set than new real planes are."
+    below = [r.get("frac_below_heldout_min", 0) or 0 for g, r in mem.get("generated", {}).items() if g != "0"]
+    return ("Generated planes sit closer to the training set than held-out real planes do (whose cells drift in z), "
+            f"but at guidance 1 and above {max(below, default=0):.0%} are closer than the closest held-out real "
+            "plane" + (": no sign of copies" if max(below, default=0) == 0 else ": look at those pairs")
+            + " (docs/evaluation.md).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", type=Path)
@@ -98,7 +110,33 @@ def main() -> None:
         quality += ("\nMemorisation check (RMS pixel distance to the nearest training view, 64x64, median): "
                     f"held-out real planes {nn['real_heldout']:.3f}; generated "
                     + ", ".join(f"guidance {k[11:]}: {v:.3f}" for k, v in nn.items() if k.startswith("generated"))
-                    + ". Generated planes are no closer to the training set than new real planes are.\n")
+                    + ". " + _memorisation_sentence(nn, mem) + "\n")
+    sr_losses = {_load(a.model / st / "stage.json").get("training", {}).get("loss")
+                 for st in ("sr128", "sr256", "sr512") if (a.model / st / "stage.json").is_file()}
+    targets = ("Base: v-prediction (see Limits); super-resolution stages: epsilon prediction, L1."
+               if sr_losses != {"v"} else
+               "Base: v-prediction; super-resolution stages: first epsilon prediction with L1, then fine-tuned "
+               "to v-prediction together with the volume training (see Limits).")
+    sr_limit = ("- The super-resolution stages saw only 450-1000 steps: they keep the nuclei's shapes and add texture,\n"
+                "  but lift the background to grey (about 0.2 instead of 0) and leave faint noise.")
+    if sr_losses == {"v"}:
+        sr_limit = ("- The super-resolution stages were first trained on epsilon with L1 (450-1000 steps); most of their\n"
+                    "  samples came out grey or as bright noise. Fine-tuned to v-prediction (300-800 steps, with the\n"
+                    "  volume training) their outputs keep the real intensity per depth and a dark background\n"
+                    "  (docs/evaluation.md, Volumes). They are still briefly trained: fine texture is soft.")
+    volume_time = ("" if not volume else
+                   ", then fine-tuned for volumes in about an hour (`scripts/train_demo_volume.sh`, base and "
+                   "super-resolution stages side by side)")
+    base_limit = ("- The base model is small and briefly trained (5000 CPU steps at batch 8): generated planes follow\n"
+                  "  the real brightness profile over depth, but a classifier trained on real planes names their depth\n"
+                  "  only about half as well as for real planes (docs/evaluation.md).")
+    q = card.get("quality", {})
+    if volume and q.get("generated_accuracy_by_guidance") and q.get("real_heldout_accuracy"):
+        best = max(q["generated_accuracy_by_guidance"].values())
+        base_limit = ("- The base model is small and briefly trained (6200 CPU steps at batch 8): generated planes follow\n"
+                      "  the real brightness profile over depth; a classifier trained on real planes names their depth\n"
+                      f"  with accuracy up to {best:.2f}, against {q['real_heldout_accuracy']:.2f} for held-out real "
+                      "planes (docs/evaluation.md).")
     volumes = ""
     if volume:
         volumes = """## Volumes
@@ -128,7 +166,7 @@ Plane-to-plane agreement at {st['resolution']} px ({st['n_volumes']} generated v
 {card['description']}
 
 **This is a demo model.** It was trained on a CPU (2 cores) in about two and a half hours with the project's own
-command, `scripts/train_demo_cascade.sh` (`zfdiffusion train cascade`), on a small public data set.
+command, `scripts/train_demo_cascade.sh` (`zfdiffusion train cascade`), on a small public data set{volume_time}.
 It shows that the pipeline works end to end; how well the depth condition is learned is measured
 below. It is not a zebrafish model. Train your own on your stacks (docs/training.md); on a GPU use `--size base` and more steps.
 
@@ -157,8 +195,7 @@ below. It is not a zebrafish model. Train your own on your stacks (docs/training
 {chr(10).join(rows)}
 
 All stages: diffusers `UNet2DModel` with depth embedding + learned null class (condition dropped with
-probability 0.15 in training), cosine noise schedule (1000 steps), AdamW, EMA 0.999. Base:
-v-prediction (see Limits); super-resolution stages: epsilon prediction, L1.
+probability 0.15 in training), cosine noise schedule (1000 steps), AdamW, EMA 0.999. {targets}
 Base: attention at 16x16 and 8x8. Super-resolution stages: fully convolutional, trained on random
 crops (64/96/128 px), conditioned on the bilinearly upsampled low-res image with noise augmentation
 (level drawn from [0, 0.3] in training; 0.1 at sampling) and its level.
@@ -171,14 +208,11 @@ crops (64/96/128 px), conditioned on the bilinearly upsampled low-res image with
 
 - Trained on 80 real planes of one cell line: generated images are nuclei-like blobs with the
   intensity and blur of each depth, not new biology.
-- The base model is small and briefly trained (5000 CPU steps at batch 8): generated planes follow
-  the real brightness profile over depth, but a classifier trained on real planes names their depth
-  only about half as well as for real planes (docs/evaluation.md).
+{base_limit}
 - Base recipe: 4000 steps of L1 on the noise (epsilon), then 1000 steps fine-tuned to v-prediction.
   The epsilon model left a third of its samples as bright noise; v-prediction removed that (0/16
   failures with every sampler). New models train with `--loss v` by default.
-- The super-resolution stages saw only 450-1000 steps: they keep the nuclei's shapes and add texture,
-  but lift the background to grey (about 0.2 instead of 0) and leave faint noise.
+{sr_limit}
 - Loading uses safetensors only; the folder holds no pickles.
 """
     (a.model / "MODEL_CARD.md").write_text(text)
