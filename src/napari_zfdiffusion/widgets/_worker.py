@@ -348,6 +348,47 @@ class JobWidget(Container):
         return self._job is None
 
 
-__all__ = ["DEMO_CASCADE", "MAX_SEED", "PROVENANCE_KEY", "ItemRelay", "Job", "JobWidget", "ProgressRelay",
+class CascadeJobWidget(JobWidget):
+    """A :class:`JobWidget` that works with a depth cascade: the model choice, reading its cards and
+    the resolutions it reaches. Subclasses also create ``resolution`` (ComboBox with
+    ``choices=self._resolutions``) and ``generate_button``, and fill the rest in ``_load_model_info``."""
+
+    _cascade = None
+
+    def _wire_model(self) -> None:
+        """Follow the model, device and folder choices, and start on the demo model (or the first one)."""
+        self.model.changed.connect(self._load_model_info)
+        self.device.changed.connect(self._load_model_info)
+        self.model_folder.changed.connect(self._on_folder)
+        if self._models:  # reading a model's cards is quick; its weights load on first use
+            self.model.value = self._models[0][1]
+        else:
+            self._load_model_info()
+
+    def _load_cascade(self):
+        """The chosen cascade (cards only), with the resolution set to its highest; or None, with the
+        status and a notification saying why."""
+        self._cascade = None
+        self.generate_button.enabled = False
+        if self.model.value is None:
+            self.status.value = "no model: choose a folder"
+            return None
+        try:
+            cascade = checked_cascade(self.model.value, self.device.value)
+        except Exception as e:  # noqa: BLE001 - any bad folder becomes a message
+            self.resolution.reset_choices()
+            self.status.value = "model not usable"
+            show_error(error_message(e))
+            return None
+        self._cascade = cascade
+        self.resolution.reset_choices()
+        self.resolution.value = cascade.resolutions[-1]
+        return cascade
+
+    def _resolutions(self, *_) -> list[int]:
+        return [] if self._cascade is None else self._cascade.resolutions
+
+
+__all__ = ["DEMO_CASCADE", "MAX_SEED", "PROVENANCE_KEY", "CascadeJobWidget", "ItemRelay", "Job", "JobWidget", "ProgressRelay",
            "cached_model", "cascade_choices", "checked_cascade", "clear_cache", "error_message", "generated_provenance",
            "get_cascade", "get_model", "layer_image", "shown_plane", "start_job", "step_callback"]

@@ -36,10 +36,8 @@ from ._worker import (
     DEMO_CASCADE,
     MAX_SEED,
     PROVENANCE_KEY,
-    JobWidget,
+    CascadeJobWidget,
     cascade_choices,
-    checked_cascade,
-    error_message,
     generated_provenance,
     get_cascade,
     layer_image,
@@ -55,7 +53,7 @@ DEMO_MODEL = DEMO_CASCADE
 model_choices = cascade_choices  # (label, folder) for each cascade model, the demo first
 
 
-class GenerateSlicesWidget(JobWidget):
+class GenerateSlicesWidget(CascadeJobWidget):
     """Generate slices at a chosen depth class, and upsample existing images through the cascade.
 
     Job handling (start, progress, cancel, errors, :meth:`wait`) comes from :class:`JobWidget`.
@@ -101,44 +99,23 @@ class GenerateSlicesWidget(JobWidget):
                      self.guidance, self.sampler, self.steps, self.resolution, self.n_samples, seed_row,
                      buttons, up_row, self.status])
 
-        self.model.changed.connect(self._load_model_info)
-        self.device.changed.connect(self._load_model_info)
-        self.model_folder.changed.connect(self._on_folder)
         self.depth.changed.connect(self._show_depth_meaning)
         self.new_seed_button.changed.connect(self.new_seed)
         self.generate_button.changed.connect(lambda *_: self.generate())
         self.upsample_button.changed.connect(lambda *_: self.upsample_selected())
         self.cancel_button.changed.connect(lambda *_: self.cancel())
-        if self._models:  # the demo model (or the first one) is ready to use; reading its card is quick
-            self.model.value = self._models[0][1]
-        else:
-            self._load_model_info()
+        self._wire_model()
 
     # ------------------------------------------------------------ model
     def _load_model_info(self, *_) -> None:
         """Read the chosen model's card (small JSON) to fill depth and resolution; weights load later."""
-        self._cascade = None
-        self.generate_button.enabled = False
-        if self.model.value is None:
-            self.status.value = "no model: choose a folder"
+        cascade = self._load_cascade()
+        if cascade is None:
             return
-        try:
-            cascade = checked_cascade(self.model.value, self.device.value)
-        except Exception as e:  # noqa: BLE001 - any bad folder becomes a message
-            self.resolution.reset_choices()
-            self.status.value = "model not usable"
-            show_error(error_message(e))
-            return
-        self._cascade = cascade
         self.depth.max = cascade.n_classes - 1
-        self.resolution.reset_choices()
-        self.resolution.value = cascade.resolutions[-1]
         self._show_depth_meaning()
         self.status.value = f"{cascade.name}: {cascade.n_classes} depth classes, up to {cascade.resolutions[-1]}"
         self._set_running(self._job is not None)
-
-    def _resolutions(self, *_) -> list[int]:
-        return [] if self._cascade is None else self._cascade.resolutions
 
     def _show_depth_meaning(self, *_) -> None:
         if self._cascade is not None and self.depth.value < self._cascade.n_classes:

@@ -40,11 +40,9 @@ from ..core.sampling import Progress
 from ._worker import (
     MAX_SEED,
     PROVENANCE_KEY,
+    CascadeJobWidget,
     ItemRelay,
-    JobWidget,
     cascade_choices,
-    checked_cascade,
-    error_message,
     generated_provenance,
     get_cascade,
     layer_image,
@@ -74,7 +72,7 @@ class _Run:
     done: int = 0
 
 
-class GenerateVolumeWidget(JobWidget):
+class GenerateVolumeWidget(CascadeJobWidget):
     """Generate a volume over a range of depth classes, each plane conditioned on the one above.
 
     Job handling (start, progress, cancel, errors, :meth:`wait`) comes from :class:`JobWidget`.
@@ -126,40 +124,22 @@ class GenerateVolumeWidget(JobWidget):
                      self.steps, seed_row, self.start_layer, buttons, self.progress_bar, self.status])
         self.status.native.setWordWrap(True)
 
-        self.model.changed.connect(self._load_model_info)
-        self.device.changed.connect(self._load_model_info)
-        self.model_folder.changed.connect(self._on_folder)
         self.first_depth.changed.connect(self._on_first_depth)
         self.last_depth.changed.connect(self._on_last_depth)
         self.new_seed_button.changed.connect(self.new_seed)
         self.generate_button.changed.connect(lambda *_: self.generate())
         self.cancel_button.changed.connect(lambda *_: self.cancel())
-        if self._models:  # the demo model (or the first one) is ready to use; reading its card is quick
-            self.model.value = self._models[0][1]
-        else:
-            self._load_model_info()
+        self._wire_model()
 
     # ------------------------------------------------------------ model
     def _load_model_info(self, *_) -> None:
         """Read the chosen model's cards (small JSON): depth classes, resolutions, volume or not."""
-        self._cascade = None
-        self.generate_button.enabled = False
-        if self.model.value is None:
-            self.status.value = "no model: choose a folder"
+        cascade = self._load_cascade()
+        if cascade is None:
             return
-        try:
-            cascade = checked_cascade(self.model.value, self.device.value)
-        except Exception as e:  # noqa: BLE001 - any bad folder becomes a message
-            self.resolution.reset_choices()
-            self.status.value = "model not usable"
-            show_error(error_message(e))
-            return
-        self._cascade = cascade
         top = cascade.n_classes - 1
         self.first_depth.max = self.last_depth.max = top
         self.first_depth.value, self.last_depth.value = 0, top
-        self.resolution.reset_choices()
-        self.resolution.value = cascade.resolutions[-1]
         self._show_depth_meaning()
         if cascade.continuity:
             if not self.continuity.enabled:  # was forced to 0 by a model without continuity
@@ -175,9 +155,6 @@ class GenerateVolumeWidget(JobWidget):
         self.status.value = f"{cascade.name}: {cascade.n_classes} depth classes, up to " \
                             f"{cascade.resolutions[-1]} ({kind})"
         self._set_running(self._job is not None)
-
-    def _resolutions(self, *_) -> list[int]:
-        return [] if self._cascade is None else self._cascade.resolutions
 
     def _image_layers(self, *_) -> list[tuple[str, Image]]:
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
