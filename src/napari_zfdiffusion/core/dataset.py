@@ -52,13 +52,15 @@ class Item:
         return d
 
 
-@dataclass(frozen=True)
-class SliceSpec:
-    """A data set of slices, ``n_per_depth`` per depth: every field is checked again on resume."""
+@dataclass(frozen=True, kw_only=True)
+class _Spec:
+    """What every data set shares: the model and the sampling settings. Every field is checked
+    again on resume (``dataset.json``)."""
+
+    ITEMS = ""  # "slices" or "volumes"
 
     model: str
     depths: tuple[int, ...]
-    n_per_depth: int
     seed: int = 0
     resolution: int | None = None
     guidance: float = 3.0
@@ -67,6 +69,23 @@ class SliceSpec:
     sampler: str = "dpmsolver++"
     sr_guidance: float = 1.0
     noise_aug: float = 0.1
+
+    def _sampling(self) -> dict:
+        return {"guidance": self.guidance, "resolution": self.resolution, "sampler": self.sampler,
+                "steps": self.steps, "sr_steps": self.sr_steps, "sr_guidance": self.sr_guidance,
+                "noise_aug": self.noise_aug}
+
+    def to_dict(self) -> dict:
+        return {"kind": "zfdiffusion-dataset", "format_version": 1, "items": self.ITEMS, **asdict(self),
+                "depths": list(self.depths)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SliceSpec(_Spec):
+    """A data set of slices, ``n_per_depth`` per depth."""
+
+    ITEMS = "slices"
+    n_per_depth: int
 
     def items(self) -> list[Item]:
         """Every item, in a fixed order: item j of depth d has seed SEED + j."""
@@ -77,46 +96,25 @@ class SliceSpec:
         return f"slice_d{depth:03d}_{j:06d}.tif"
 
     def make(self, cascade, item: Item):
-        res = cascade.generate(item.depth, guidance=self.guidance, resolution=self.resolution, n=1, seed=item.seed,
-                               sampler=self.sampler, steps=self.steps, sr_steps=self.sr_steps,
-                               sr_guidance=self.sr_guidance, noise_aug=self.noise_aug)
+        res = cascade.generate(item.depth, n=1, seed=item.seed, **self._sampling())
         return res.images[0], res.provenance
 
-    def to_dict(self) -> dict:
-        return {"kind": "zfdiffusion-dataset", "format_version": 1, "items": "slices", **asdict(self),
-                "depths": list(self.depths)}
 
-
-@dataclass(frozen=True)
-class VolumeSpec:
+@dataclass(frozen=True, kw_only=True)
+class VolumeSpec(_Spec):
     """A data set of ``n_volumes`` (Z, Y, X) volumes over consecutive ``depths``; volume j has seed SEED + j."""
 
-    model: str
-    depths: tuple[int, ...]
+    ITEMS = "volumes"
     n_volumes: int
-    seed: int = 0
-    resolution: int | None = None
-    guidance: float = 3.0
     continuity_guidance: float = 1.0
-    steps: int = 25
-    sr_steps: int | None = None
-    sampler: str = "dpmsolver++"
-    sr_guidance: float = 1.0
-    noise_aug: float = 0.1
 
     def items(self) -> list[Item]:
         return [Item(f"volume_{j:06d}.tif", self.seed + j) for j in range(self.n_volumes)]
 
     def make(self, cascade, item: Item):
-        res = cascade.generate_volume(self.depths, guidance=self.guidance,
-                                      continuity_guidance=self.continuity_guidance, resolution=self.resolution,
-                                      seed=item.seed, sampler=self.sampler, steps=self.steps,
-                                      sr_steps=self.sr_steps, sr_guidance=self.sr_guidance, noise_aug=self.noise_aug)
+        res = cascade.generate_volume(self.depths, continuity_guidance=self.continuity_guidance, seed=item.seed,
+                                      **self._sampling())
         return res.images, res.provenance
-
-    def to_dict(self) -> dict:
-        return {"kind": "zfdiffusion-dataset", "format_version": 1, "items": "volumes", **asdict(self),
-                "depths": list(self.depths)}
 
 
 def parse_depths(text: str, n_classes: int) -> tuple[int, ...]:
