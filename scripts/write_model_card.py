@@ -125,7 +125,7 @@ def main() -> None:
                     "  volume training) their outputs keep the real intensity per depth and a dark background\n"
                     "  (docs/evaluation.md, Volumes). They are still briefly trained: fine texture is soft.")
     volume_time = ("" if not volume else
-                   ", then fine-tuned for volumes in about an hour (`scripts/train_demo_volume.sh`, base and "
+                   ", then fine-tuned for volumes in about 50 minutes (`scripts/train_demo_volume.sh`, base and "
                    "super-resolution stages side by side)")
     base_limit = ("- The base model is small and briefly trained (5000 CPU steps at batch 8): generated planes follow\n"
                   "  the real brightness profile over depth, but a classifier trained on real planes names their depth\n"
