@@ -41,6 +41,26 @@ def choose_model(widget, path: Path) -> None:
         widget.model_folder.value = path.expanduser().resolve()
 
 
+def open_cascade_widget(widget_cls, dock_name: str, size: str, model: str | None):
+    """``open_viewer`` for a depth-cascade widget with ``model`` (a name or folder; default: the bundled
+    demo) chosen. Returns ``(viewer, widget, errors)``, or an exit code after printing why not."""
+    import sys
+
+    from napari_zfdiffusion.core.store import resolve_model
+    from napari_zfdiffusion.widgets._worker import cascade_choices
+
+    model = model or next((path for _, path in cascade_choices()), None)  # the demo comes first
+    if model is None:
+        print("no bundled model found: give --model FOLDER", file=sys.stderr)
+        return 2
+    viewer, widget, errors = open_viewer(widget_cls, dock_name, size)
+    choose_model(widget, resolve_model(model))  # a name of a bundled/user model, or a folder
+    if widget._cascade is None:
+        print(f"model '{model}' could not be loaded: {errors}", file=sys.stderr)
+        return 1
+    return viewer, widget, errors
+
+
 def save_screenshot(viewer, out: Path) -> None:
     """Let Qt settle, then write the whole window (not only the canvas) to ``out``."""
     from qtpy.QtWidgets import QApplication

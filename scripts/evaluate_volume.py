@@ -194,7 +194,7 @@ def main(argv=None) -> int:
             shown.append(("real (held out)", vols[0]))
     timings = {}
     for c in [0.0, *(float(v) for v in a.continuity.split(",") if v.strip())]:
-        name = f"baseline: independent planes (continuity 0)" if c == 0 else f"generated volume, continuity {c:g}"
+        name = "baseline: independent planes (continuity 0)" if c == 0 else f"generated volume, continuity {c:g}"
         t1 = time.perf_counter()
         vols = np.stack([cas.generate_volume(depths, guidance=a.guidance, continuity_guidance=c,
                                              resolution=a.resolution, seed=a.seed + i, steps=a.steps,

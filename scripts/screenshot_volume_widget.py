@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _screenshot import ROOT, choose_model, open_viewer, save_screenshot
+from _screenshot import ROOT, open_cascade_widget, save_screenshot
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,19 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "widget_volume.png")
     args = ap.parse_args(argv)
 
-    from napari_zfdiffusion.core.store import resolve_model
-    from napari_zfdiffusion.widgets._worker import cascade_choices
     from napari_zfdiffusion.widgets.volume import GenerateVolumeWidget
 
-    model = args.model or next((path for _, path in cascade_choices()), None)  # the demo comes first
-    if model is None:
-        print("no bundled model found: give --model FOLDER", file=sys.stderr)
-        return 2
-    viewer, widget, errors = open_viewer(GenerateVolumeWidget, "Generate volume", args.size)
-    choose_model(widget, resolve_model(model))  # a name of a bundled/user model, or a folder
-    if widget._cascade is None:
-        print(f"model '{model}' could not be loaded: {errors}", file=sys.stderr)
-        return 1
+    opened = open_cascade_widget(GenerateVolumeWidget, "Generate volume", args.size, args.model)
+    if isinstance(opened, int):
+        return opened
+    viewer, widget, errors = opened
     widget.device.value = args.device
     if args.depths:
         first, _, last = args.depths.partition("-")

@@ -15,17 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _screenshot import ROOT, choose_model, open_viewer, save_screenshot
-
-
-def default_model() -> str | None:
-    from napari_zfdiffusion.widgets.generate import DEMO_MODEL, model_choices
-
-    choices = model_choices()
-    for _, path in choices:
-        if Path(path).name == DEMO_MODEL:
-            return path
-    return choices[0][1] if choices else None
+from _screenshot import ROOT, open_cascade_widget, save_screenshot
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,18 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "widget_generate.png")
     args = ap.parse_args(argv)
 
-    from napari_zfdiffusion.core.store import resolve_model
     from napari_zfdiffusion.widgets.generate import GenerateSlicesWidget
 
-    model = args.model or default_model()
-    if model is None:
-        print("no bundled model found: give --model FOLDER", file=sys.stderr)
-        return 2
-    viewer, widget, errors = open_viewer(GenerateSlicesWidget, "Generate slices", args.size)
-    choose_model(widget, resolve_model(model))  # a name of a bundled/user model, or a folder
-    if widget._cascade is None:
-        print(f"model '{model}' could not be loaded: {errors}", file=sys.stderr)
-        return 1
+    opened = open_cascade_widget(GenerateSlicesWidget, "Generate slices", args.size, args.model)
+    if isinstance(opened, int):
+        return opened
+    viewer, widget, errors = opened
     widget.device.value = args.device
     n_classes = widget._cascade.n_classes
     widget.depth.value = args.depth if args.depth is not None else n_classes // 2

@@ -178,6 +178,21 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ZFDIFFUSION_HOME", str(tmp_path / "zfhome"))
 
 
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every TIFF write fails as a full disk does, after writing part of the file."""
+    import errno
+
+    import tifffile
+
+    def full(path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tifffile, "imwrite", full)
+
+
 @pytest.fixture(scope="session")
 def tiny_cascade(tmp_path_factory) -> Path:
     return make_tiny_cascade(tmp_path_factory.mktemp("models") / "tiny-cascade")

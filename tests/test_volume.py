@@ -373,15 +373,7 @@ def test_volumes_from_a_slice_model_need_continuity_zero(tiny_cascade, tmp_path,
     assert ds_cli(tiny_cascade, tmp_path / "b", "--continuity-guidance", "0") == 0
 
 
-def test_a_full_disk_leaves_no_half_written_volume(vol_model, tmp_path, capsys, monkeypatch):
-    import errno
-
-    def full(path, *a, **k):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(tifffile, "imwrite", full)
+def test_a_full_disk_leaves_no_half_written_volume(vol_model, tmp_path, capsys, full_disk):
     assert ds_cli(vol_model, tmp_path / "ds") == 2
     assert "No space left on device" in capsys.readouterr().err
     assert list((tmp_path / "ds" / "items").iterdir()) == []

@@ -33,7 +33,6 @@ from ..core.device import available_devices
 from ..core.errors import UserInputError
 from ..core.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ._worker import (
-    DEMO_CASCADE,
     MAX_SEED,
     PROVENANCE_KEY,
     CascadeJobWidget,
@@ -49,9 +48,6 @@ if TYPE_CHECKING:
 
     from ..core.cascade import Cascade
 
-DEMO_MODEL = DEMO_CASCADE
-model_choices = cascade_choices  # (label, folder) for each cascade model, the demo first
-
 
 class GenerateSlicesWidget(CascadeJobWidget):
     """Generate slices at a chosen depth class, and upsample existing images through the cascade.
@@ -63,7 +59,7 @@ class GenerateSlicesWidget(CascadeJobWidget):
         super().__init__(viewer, labels=True)
         self._cascade: Cascade | None = None
 
-        self._models = model_choices()
+        self._models = cascade_choices()
         # Choices are callables: napari calls reset_choices() on dock widgets whenever layers change.
         self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True,
                               tooltip="bundled and user models (`zfdiffusion models`)")
@@ -192,4 +188,4 @@ class GenerateSlicesWidget(CascadeJobWidget):
         self.status.value = f"added '{name}'"
 
 
-__all__ = ["GenerateSlicesWidget", "model_choices"]
+__all__ = ["GenerateSlicesWidget"]
