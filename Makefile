@@ -27,6 +27,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/setup_system.sh
+	# the architecture: layers, independent model families, no import circles (pyproject.toml)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 weights: $(STAMP)

@@ -34,7 +34,7 @@ import torch
 
 from _machine import cpu_model, peak_rss_mb, rss_mb, run_main, sync, write_results  # benchmarks/_machine.py
 from napari_zfdiffusion.core.latent import LatentModel
-from napari_zfdiffusion.core.sampling import DEFAULT_SAMPLER, SAMPLERS
+from napari_zfdiffusion.core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "runs" / "patches" / "em-ldm-demo"

@@ -124,11 +124,11 @@ def stand_in_model(folder: Path, size: str = "small", fg: float = 0.25, interior
     """
     from torch import nn
 
-    from napari_zfdiffusion.core.data import Normalisation
+    from napari_zfdiffusion.core.images import Normalisation
     from napari_zfdiffusion.core.io import write_json
-    from napari_zfdiffusion.core.latent import CARD_FILE
-    from napari_zfdiffusion.core.segment import KIND, OUTPUTS, build_segmenter
-    from napari_zfdiffusion.core.store import save_unet
+    from napari_zfdiffusion.core.segment.net import build_segmenter
+    from napari_zfdiffusion.core.segment.segmenter import KIND, OUTPUTS
+    from napari_zfdiffusion.core.store import CARD_FILE, save_model
 
     if (folder / CARD_FILE).is_file():
         return folder
@@ -151,7 +151,7 @@ def stand_in_model(folder: Path, size: str = "small", fg: float = 0.25, interior
         logits = net(crops).transpose(0, 1).reshape(net.config.out_channels, -1)
         for c, share in enumerate((fg, interior)[: net.config.out_channels]):
             net.head.bias[c] -= torch.quantile(logits[c][::7], 1.0 - share)
-    save_unet(net, folder / "unet", {"kind": "segmentation-unet", "training": {"steps_done": 0},
+    save_model(net, folder / "unet", {"kind": "segmentation-unet", "training": {"steps_done": 0},
                                      "note": "random weights, calibrated batch norms: a benchmark stand-in"})
     write_json(folder / CARD_FILE, {
         "kind": KIND, "format_version": 1, "name": f"stand-in-{size}-random",
@@ -194,7 +194,7 @@ def tile_count(h: int, w: int, tile: int, overlap: int, align: int = 8) -> int:
 
 def child_segment(seg, spec: dict, mem: dict) -> dict:
     """The CLI's job, timed in its parts: memory-mapped TIFF outputs, ``Segmenter.segment`` into them."""
-    from napari_zfdiffusion.core import segment as segmod
+    from napari_zfdiffusion.core.segment import segmenter as segmod
     from napari_zfdiffusion.core.io import TiffMemmap, read_image_lazy
 
     dev, wd = seg.device, Path(spec["workdir"])

@@ -47,7 +47,7 @@ def open_cascade_widget(widget_cls, dock_name: str, size: str, model: str | None
     import sys
 
     from napari_zfdiffusion.core.store import resolve_model
-    from napari_zfdiffusion.widgets._worker import cascade_choices
+    from napari_zfdiffusion.widgets._models import cascade_choices
 
     model = model or next((path for _, path in cascade_choices()), None)  # the demo comes first
     if model is None:

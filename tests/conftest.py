@@ -15,10 +15,11 @@ def make_tiny_cascade(path: Path, n_classes: int = 3, stages=("base", "sr128", "
     import torch
 
     from napari_zfdiffusion.core.io import write_json
-    from napari_zfdiffusion.core.models import build_model
-    from napari_zfdiffusion.core.sampling import DEFAULT_SCHEDULE
-    from napari_zfdiffusion.core.store import save_unet
-    from napari_zfdiffusion.core.train import STAGES, depth_class_cards
+    from napari_zfdiffusion.core.diffusion.unet import build_model
+    from napari_zfdiffusion.core.diffusion.sampling import DEFAULT_SCHEDULE
+    from napari_zfdiffusion.core.store import save_model
+    from napari_zfdiffusion.core.cascade.depths import depth_class_cards
+    from napari_zfdiffusion.core.cascade.train import STAGES
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -33,7 +34,7 @@ def make_tiny_cascade(path: Path, n_classes: int = 3, stages=("base", "sr128", "
                             prev_channels=int(continuity))
         if continuity:  # a learned, non-zero "has previous plane" signal, as after training
             torch.nn.init.normal_(model.prev_embedding.weight, std=0.5)
-        save_unet(model, path / st, {"stage": st, "resolution": res, "input_resolution": lres,
+        save_model(model, path / st, {"stage": st, "resolution": res, "input_resolution": lres,
                                      "schedule": dict(DEFAULT_SCHEDULE), "prev_channels": int(continuity)})
     return path
 
@@ -80,20 +81,21 @@ def make_tiny_latent(path: Path, paired: bool = False, patch: int = 32) -> Path:
     import torch
 
     from napari_zfdiffusion.core.io import write_json
-    from napari_zfdiffusion.core.latent import build_autoencoder, weights_sha256
-    from napari_zfdiffusion.core.models import build_model
-    from napari_zfdiffusion.core.sampling import DEFAULT_SCHEDULE
-    from napari_zfdiffusion.core.store import save_unet
+    from napari_zfdiffusion.core.latent.autoencoder import build_autoencoder
+    from napari_zfdiffusion.core.store import weights_sha256
+    from napari_zfdiffusion.core.diffusion.unet import build_model
+    from napari_zfdiffusion.core.diffusion.sampling import DEFAULT_SCHEDULE
+    from napari_zfdiffusion.core.store import save_model
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     channels = ["image", "mask"] if paired else ["image"]
     vae = build_autoencoder(len(channels), "tiny")
-    save_unet(vae, path / "vae", {"kind": "vae"})
+    save_model(vae, path / "vae", {"kind": "vae"})
     shape = [4, patch // 2, patch // 2]
     unet = build_model("latent", "tiny", resolution=shape[1], num_classes=0, channels=4)
-    save_unet(unet, path / "unet", {"kind": "latent-unet", "resolution": shape[1],
+    save_model(unet, path / "unet", {"kind": "latent-unet", "resolution": shape[1],
                                      "schedule": dict(DEFAULT_SCHEDULE, prediction_type="v_prediction")})
     write_json(path / "model.json", {
         "kind": "latent", "name": path.name, "description": "tiny test model", "channels": channels,
@@ -122,7 +124,7 @@ def torchrun_cli(*args: str, procs: int = 2, timeout: int = 300):
 
 def make_tiny_segmenter(path: Path, steps: int = 80, interior: bool = True) -> Path:
     """A tiny segmentation U-Net trained for a few seconds on blobs: it finds the bright discs."""
-    from napari_zfdiffusion.core.train_seg import UnetConfig, train_unet
+    from napari_zfdiffusion.core.segment.train import UnetConfig, train_unet
 
     path = Path(path)
     imgs, masks = make_blobs(path.parent / f"{path.name}-data", n=6, shape=(96, 128))

@@ -16,11 +16,11 @@ from PIL import Image
 
 from napari_zfdiffusion import cli
 from napari_zfdiffusion.core.cascade import Cascade
-from napari_zfdiffusion.core.data import DepthDataset
+from napari_zfdiffusion.core.cascade.data import DepthDataset
 from napari_zfdiffusion.core.errors import UserInputError
 from napari_zfdiffusion.core.io import check_writable, write_tiff
 from napari_zfdiffusion.core.store import WEIGHTS_FILE
-from napari_zfdiffusion.core.train import TrainConfig, train_stage
+from napari_zfdiffusion.core.cascade.train import TrainConfig, train_stage
 
 from conftest import make_stacks
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from napari_zfdiffusion import __version__
-from napari_zfdiffusion.core import cascade as cascade_mod
-from napari_zfdiffusion.core.cascade import Cascade, describe, noise_augment
+from napari_zfdiffusion.core.diffusion.objective import alphas as schedule_alphas
+from napari_zfdiffusion.core.cascade import Cascade, describe
+from napari_zfdiffusion.core.cascade.model import noise_augment
 from napari_zfdiffusion.core.errors import Cancelled, UserInputError
-from napari_zfdiffusion.core.sampling import generators
+from napari_zfdiffusion.core.diffusion.sampling import generators
 
 from conftest import make_tiny_cascade
 
@@ -213,7 +214,7 @@ def test_upsample_needs_a_super_resolution_stage(tmp_path):
 
 # ----------------------------------------------------------------------------- noise augmentation
 def test_noise_augment_levels():
-    alphas = cascade_mod.schedule_alphas({})
+    alphas = schedule_alphas({})
     x = torch.zeros(2, 1, 8, 8)
     assert noise_augment(x, 0.0, alphas, generators(0, 2)) is x
     lo = noise_augment(x, 0.1, alphas, generators(0, 2))

@@ -9,7 +9,7 @@ import tifffile
 
 from napari_zfdiffusion import cli
 from napari_zfdiffusion.core.cascade import Cascade
-from napari_zfdiffusion.core.dataset import DATASET_FILE, MANIFEST_FILE
+from napari_zfdiffusion.core.cascade.dataset import DATASET_FILE, MANIFEST_FILE
 from napari_zfdiffusion.core.io import read_provenance
 
 from conftest import torchrun_cli

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from napari_zfdiffusion.core.errors import Cancelled, UserInputError
-from napari_zfdiffusion.core.latent import Autoencoder, LatentModel, build_autoencoder
-from napari_zfdiffusion.core.patches import PatchData, encode_mask, labels_from_mask, mask_encoding
-from napari_zfdiffusion.core.sampling import make_scheduler
-from napari_zfdiffusion.core.train_latent import measure_scaling
+from napari_zfdiffusion.core.latent import Autoencoder, LatentModel
+from napari_zfdiffusion.core.latent.autoencoder import build_autoencoder
+from napari_zfdiffusion.core.masks import encode_mask, labels_from_mask, mask_encoding
+from napari_zfdiffusion.core.training.patches import PatchData
+from napari_zfdiffusion.core.diffusion.sampling import make_scheduler
+from napari_zfdiffusion.core.latent.train import measure_scaling
 
 from conftest import make_blobs
 

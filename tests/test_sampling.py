@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from napari_zfdiffusion.core import sampling
+from napari_zfdiffusion.core.diffusion import sampling
 from napari_zfdiffusion.core.errors import Cancelled, UserInputError
-from napari_zfdiffusion.core.sampling import (
+from napari_zfdiffusion.core.progress import Progress
+from napari_zfdiffusion.core.diffusion.sampling import (
     SAMPLERS,
-    Progress,
     _coefficients,
     check_guidance,
     check_steps,

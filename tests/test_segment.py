@@ -10,14 +10,10 @@ import torch
 
 from napari_zfdiffusion.core.errors import Cancelled, UserInputError
 from napari_zfdiffusion.core.metrics import match_objects
-from napari_zfdiffusion.core.segment import (
-    Segmenter,
-    as_planes,
-    build_segmenter,
-    instances,
-    otsu_watershed,
-    targets_from_mask,
-)
+from napari_zfdiffusion.core.masks import instances, otsu_watershed, targets_from_mask
+from napari_zfdiffusion.core.segment import Segmenter
+from napari_zfdiffusion.core.segment.net import build_segmenter
+from napari_zfdiffusion.core.segment.segmenter import as_planes
 
 from conftest import make_blobs
 

@@ -14,17 +14,17 @@ from safetensors.torch import load_file
 
 from napari_zfdiffusion.core.errors import UserInputError
 from napari_zfdiffusion.core.io import atomic_write, check_writable, read_provenance, write_json, write_tiff
-from napari_zfdiffusion.core.models import build_model
+from napari_zfdiffusion.core.diffusion.unet import ZfUNet, build_model
 from napari_zfdiffusion.core.store import (
     STAGE_FILE,
     WEIGHTS_FILE,
     home,
     list_models,
-    load_unet,
+    load_model,
     model_kind,
     read_json,
     resolve_model,
-    save_unet,
+    save_model,
     user_models_dir,
 )
 
@@ -93,12 +93,12 @@ def test_read_json_errors(tmp_path):
 # ----------------------------------------------------------------------------- stage folders
 def test_save_and_load_round_trip(tmp_path):
     model = tiny()
-    save_unet(model, tmp_path / "base", {"stage": "base", "resolution": 64})
+    save_model(model, tmp_path / "base", {"stage": "base", "resolution": 64})
     folder = tmp_path / "base"
     assert {p.name for p in folder.iterdir()} == {"config.json", WEIGHTS_FILE, STAGE_FILE}
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))  # no pickles
     assert read_json(folder / STAGE_FILE) == {"stage": "base", "resolution": 64}
-    loaded = load_unet(folder)
+    loaded = load_model(folder, ZfUNet)
     assert not loaded.training
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -112,8 +112,8 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_sr_model_round_trip_and_conditioning(tmp_path):
     model = tiny(kind="sr", res=128).eval()
-    save_unet(model, tmp_path / "sr128", {"stage": "sr128"})
-    loaded = load_unet(tmp_path / "sr128")
+    save_model(model, tmp_path / "sr128", {"stage": "sr128"})
+    loaded = load_model(tmp_path / "sr128", ZfUNet)
     x, c = torch.randn(1, 1, 32, 32), torch.randn(1, 1, 32, 32)
     lab = torch.tensor([1])
     with torch.no_grad():
@@ -128,18 +128,18 @@ def test_sr_model_round_trip_and_conditioning(tmp_path):
 
 def test_save_replaces_a_stage_atomically(tmp_path):
     folder = tmp_path / "base"
-    save_unet(tiny(3), folder, {"v": 1})
+    save_model(tiny(3), folder, {"v": 1})
     (folder / "extra-from-old-version.txt").write_text("old")
-    save_unet(tiny(4), folder, {"v": 2})
+    save_model(tiny(4), folder, {"v": 2})
     assert read_json(folder / STAGE_FILE) == {"v": 2}
-    assert load_unet(folder).config.num_classes == 4
+    assert load_model(folder, ZfUNet).config.num_classes == 4
     assert not (folder / "extra-from-old-version.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no .tmp / .old left behind
 
 
 def test_a_failed_save_keeps_the_previous_stage(tmp_path, monkeypatch):
     folder = tmp_path / "base"
-    save_unet(tiny(3), folder, {"v": 1})
+    save_model(tiny(3), folder, {"v": 1})
     before = load_file(str(folder / WEIGHTS_FILE))
     model = tiny(4)
 
@@ -148,26 +148,26 @@ def test_a_failed_save_keeps_the_previous_stage(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "save_pretrained", broken_save)
     with pytest.raises(OSError):
-        save_unet(model, folder, {"v": 2})
+        save_model(model, folder, {"v": 2})
     after = load_file(str(folder / WEIGHTS_FILE))
     assert read_json(folder / STAGE_FILE) == {"v": 1}
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_loading_never_unpickles(tmp_path, monkeypatch):
-    save_unet(tiny(), tmp_path / "base", {})
+    save_model(tiny(), tmp_path / "base", {})
     (tmp_path / "base" / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle")
     calls = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or {})
-    load_unet(tmp_path / "base")
+    load_model(tmp_path / "base", ZfUNet)
     assert calls == []
 
 
 def test_load_missing_config(tmp_path):
-    save_unet(tiny(), tmp_path / "base", {})
+    save_model(tiny(), tmp_path / "base", {})
     (tmp_path / "base" / "config.json").unlink()
     with pytest.raises(UserInputError, match="missing config.json"):
-        load_unet(tmp_path / "base")
+        load_model(tmp_path / "base", ZfUNet)
 
 
 # ----------------------------------------------------------------------------- output files

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from napari_zfdiffusion.core.cascade import Cascade
 from napari_zfdiffusion.core.errors import UserInputError
-from napari_zfdiffusion.core.sampling import make_scheduler
-from napari_zfdiffusion.core.store import WEIGHTS_FILE, load_unet
-from napari_zfdiffusion.core.train import TrainConfig, train_stage
+from napari_zfdiffusion.core.diffusion.sampling import make_scheduler
+from napari_zfdiffusion.core.diffusion.unet import ZfUNet
+from napari_zfdiffusion.core.store import WEIGHTS_FILE, load_model
+from napari_zfdiffusion.core.cascade.train import TrainConfig, train_stage
 
 from conftest import make_stacks, torchrun_cli
 
@@ -63,7 +64,7 @@ def test_train_base_and_sr_stage_gives_a_loadable_cascade(stacks, tmp_path):
         assert [r["step"] for r in log] == list(range(1, steps + 1))
         assert all(np.isfinite(r["loss"]) for r in log)
         assert (out / "training" / stage / "state.pt").is_file()
-        model = load_unet(folder)
+        model = load_model(folder, ZfUNet)
         assert model.config.num_classes == 4
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.old"))
 
@@ -201,7 +202,7 @@ def test_depth_classes_bin_the_planes(tmp_path):
     assert "top" in classes[0]["label"] and "bottom" in classes[1]["label"]
     assert "z = 0-4 um" in classes[0]["label"]
     assert card["n_planes"] == 6
-    assert load_unet(out / "base").config.num_classes == 2
+    assert load_model(out / "base", ZfUNet).config.num_classes == 2
     c = Cascade.load(out, "cpu")
     assert c.n_classes == 2
     c.generate(1, resolution=64, steps=1)
@@ -236,6 +237,6 @@ def test_torchrun_two_processes_on_cpu(stacks, tmp_path):
     assert proc.stdout.count("trained base: 3 steps") == 1  # rank 0 reports, rank 1 stays quiet
     info = json.loads((out / "base" / "stage.json").read_text())
     assert info["training"]["world_size"] == 2 and info["training"]["steps_done"] == 3
-    assert load_unet(out / "base").config.num_classes == 4
+    assert load_model(out / "base", ZfUNet).config.num_classes == 4
     r = Cascade.load(out, "cpu").generate(0, resolution=64, steps=1)
     assert r.images.shape == (1, 64, 64)

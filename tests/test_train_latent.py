@@ -17,7 +17,7 @@ from napari_zfdiffusion.core.errors import UserInputError
 from napari_zfdiffusion.core.io import read_provenance
 from napari_zfdiffusion.core.latent import Autoencoder, LatentModel
 from napari_zfdiffusion.core.store import WEIGHTS_FILE, model_kind
-from napari_zfdiffusion.core.train_latent import LdmConfig, VaeConfig, train_ldm, train_vae
+from napari_zfdiffusion.core.latent.train import LdmConfig, VaeConfig, train_ldm, train_vae
 
 from conftest import make_blobs, make_tiny_cascade, torchrun_cli
 

@@ -15,7 +15,7 @@ from napari_zfdiffusion.core.errors import UserInputError
 from napari_zfdiffusion.core.io import read_provenance
 from napari_zfdiffusion.core.segment import Segmenter
 from napari_zfdiffusion.core.store import WEIGHTS_FILE, list_models, model_kind
-from napari_zfdiffusion.core.train_seg import UnetConfig, train_unet
+from napari_zfdiffusion.core.segment.train import UnetConfig, train_unet
 
 from conftest import make_blobs, torchrun_cli
 

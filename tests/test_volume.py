@@ -12,12 +12,14 @@ import torch
 
 from napari_zfdiffusion import cli
 from napari_zfdiffusion.core.cascade import Cascade
-from napari_zfdiffusion.core.dataset import MANIFEST_FILE
+from napari_zfdiffusion.core.cascade.dataset import MANIFEST_FILE
 from napari_zfdiffusion.core.errors import Cancelled, UserInputError
 from napari_zfdiffusion.core.io import read_provenance
-from napari_zfdiffusion.core.models import ZfUNet, add_prev_channel, build_model
-from napari_zfdiffusion.core.train import STAGES, TrainConfig, _batch, train_stage
-from napari_zfdiffusion.core.volume import first_plane_tensor, neighbour_agreement, parse_depth_range
+from napari_zfdiffusion.core.diffusion.unet import ZfUNet, add_prev_channel, build_model
+from napari_zfdiffusion.core.cascade.train import STAGES, TrainConfig, _batch, train_stage
+from napari_zfdiffusion.core.cascade.depths import parse_depths
+from napari_zfdiffusion.core.cascade.volume import first_plane_tensor
+from napari_zfdiffusion.core.metrics import neighbour_agreement
 
 from conftest import make_stacks, make_tiny_cascade, torchrun_cli
 
@@ -83,7 +85,7 @@ def _tcfg(**kw):
 
 @pytest.mark.parametrize("stage", ["base", "sr128"])
 def test_training_pairs_each_plane_with_the_plane_above_under_the_same_crop_and_flips(tmp_path, stage):
-    from napari_zfdiffusion.core.data import DepthDataset, Normalisation
+    from napari_zfdiffusion.core.cascade.data import DepthDataset, Normalisation
 
     rng = np.random.default_rng(0)
     img = rng.random((80, 90)).astype(np.float32)
@@ -190,7 +192,7 @@ def test_continuity_guidance_zero_ignores_the_plane_above(vcas):
 
 def test_continuity_weight_is_the_chain_coefficient(vcas, monkeypatch):
     """c = 1 uses only the prediction with the plane above; c = 0 only the one without."""
-    import napari_zfdiffusion.core.cascade as cmod
+    import napari_zfdiffusion.core.cascade.model as cmod
 
     seen = []
     real = cmod.denoise
@@ -282,10 +284,11 @@ def test_bad_volume_options(vcas):
         gen(vcas, steps=0)
 
 
-def test_parse_depth_range():
-    assert parse_depth_range("all", 4) == (0, 1, 2, 3)
-    assert parse_depth_range(" 1-3 ", 5) == (1, 2, 3)
-    assert parse_depth_range("2", 5) == (2,)
+def test_parse_depths():
+    assert parse_depths("all", 4, consecutive=True) == (0, 1, 2, 3)
+    assert parse_depths(" 1-3 ", 5, consecutive=True) == (1, 2, 3)
+    assert parse_depths("2", 5, consecutive=True) == (2,)
+    assert parse_depths("0,2-3", 5) == (0, 2, 3)  # slices of a data set may skip depths
 
 
 # ----------------------------------------------------------------------------- agreement metric

@@ -268,8 +268,8 @@ def test_progress_reaches_the_widget_in_order_and_before_the_end(make_napari_vie
 
     from qtpy.QtCore import QCoreApplication
 
-    from napari_zfdiffusion.core.sampling import Progress
-    from napari_zfdiffusion.widgets._worker import start_job
+    from napari_zfdiffusion.core.progress import Progress
+    from napari_zfdiffusion.widgets._jobs import start_job
 
     make_napari_viewer()  # its activity dialog holds the bars that call processEvents
     sent = [Progress("sample" if i < 1500 else "decode", i % 1500 + 1, 1500, i // 1500, 2) for i in range(2000)]

@@ -158,8 +158,8 @@ def test_start_from_a_generated_layer(widget, notes):
 
 def test_start_from_a_plane_of_a_real_stack(widget, notes):
     from napari_zfdiffusion._sample_data import cho_stack
-    from napari_zfdiffusion.core.data import to_unit
-    from napari_zfdiffusion.core.volume import first_plane_tensor
+    from napari_zfdiffusion.core.images import to_unit
+    from napari_zfdiffusion.core.cascade.volume import first_plane_tensor
 
     viewer, w = widget
     data = cho_stack()[0][0][:, :128, :128]

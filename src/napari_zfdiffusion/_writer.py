@@ -7,8 +7,7 @@ from typing import Any
 import numpy as np
 
 from .core.io import write_tiff
-
-PROVENANCE_KEY = "zfdiffusion"
+from .core.provenance import METADATA_KEY
 
 
 def write_image_tiff(path: str, data: Any, meta: dict) -> list[str]:
@@ -17,7 +16,7 @@ def write_image_tiff(path: str, data: Any, meta: dict) -> list[str]:
     The layer's ``metadata["zfdiffusion"]`` provenance (model, seed, depth, ...) goes into the
     TIFF's ImageDescription as JSON, so ``zfdiffusion`` and :func:`core.io.read_provenance` read it back.
     """
-    prov = dict((meta or {}).get("metadata", {}).get(PROVENANCE_KEY) or {})
+    prov = dict((meta or {}).get("metadata", {}).get(METADATA_KEY) or {})
     if meta and meta.get("name"):
         prov.setdefault("layer_name", meta["name"])
     write_tiff(path, np.asarray(data), prov)

@@ -1,16 +1,62 @@
-"""Writing results: TIFFs with provenance, written to a temporary name and renamed."""
+"""Files in and out: reading a user's images (TIFF, PNG; memory-mapped when possible), and writing
+results (TIFFs with provenance, JSON, PNG previews) to a temporary name that is renamed into place."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserInputError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+def list_images(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Image files from a folder, a file, or a list of either; sorted, and never empty."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserInputError(f"'{p}' does not exist: give a folder of TIFF stacks or a list of TIFF files.")
+    if not files:
+        raise UserInputError(
+            f"no .tif/.tiff/.png images found in {', '.join(str(p) for p in paths)}: "
+            "put one (Z, Y, X) TIFF per specimen in the folder."
+        )
+    return files
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a TIFF or PNG as a NumPy array, with a clear error for an unreadable file."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            arr = tifffile.imread(path)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                arr = np.asarray(im)
+    except FileNotFoundError:
+        raise UserInputError(f"'{path}' does not exist.") from None
+    except Exception as e:  # corrupt or not an image
+        raise UserInputError(f"could not read '{path}' as an image ({type(e).__name__}: {e}).") from None
+    if arr.size == 0:
+        raise UserInputError(f"could not read '{path}' as an image: it holds no pixels (empty or corrupted file).")
+    return arr
 
 
 def check_writable(path: str | Path) -> Path:
@@ -144,9 +190,7 @@ class TiffMemmap:
 
 def read_image_lazy(path: str | Path) -> np.ndarray:
     """A TIFF as a read-only memory map when it is stored uncompressed and contiguous (big stacks are
-    then read plane by plane, as needed), else read into memory like :func:`.data.read_image`."""
-    from .data import read_image
-
+    then read plane by plane, as needed), else read into memory like :func:`read_image`."""
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
         import tifffile

@@ -1,4 +1,4 @@
-"""Image-quality figures shared by training logs, the pipelines and the evaluation scripts.
+"""Quality figures shared by training logs, the pipelines and the evaluation (images, masks, volumes).
 
 All take float images in [0, 1].
 """
@@ -96,3 +96,79 @@ def match_objects(truth: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -
     f1 = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
     return {"tp": tp, "fp": fp, "fn": fn, "precision": prec, "recall": rec, "f1": f1,
             "matched_iou": float(iou_pairs[ok].mean()) if ok.any() else 0.0}
+
+
+def neighbour_agreement(volume: np.ndarray) -> dict:
+    """Pearson correlation and SSIM between each plane and the next, for a (Z, Y, X) volume in [0, 1]."""
+    vol = np.asarray(volume, dtype=np.float32)
+    if vol.ndim != 3 or vol.shape[0] < 2:
+        raise ValueError("neighbour agreement needs a (Z, Y, X) volume with at least 2 planes")
+    corr, sims = [], []
+    for a, b in zip(vol[:-1], vol[1:]):
+        c = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+        corr.append(float(c) if np.isfinite(c) else 0.0)
+        sims.append(ssim(a, b))
+    return {"correlation": corr, "ssim": sims,
+            "mean_correlation": float(np.mean(corr)), "mean_ssim": float(np.mean(sims))}
+
+
+def nearest_neighbours(queries: np.ndarray, reference: np.ndarray, *, query_groups=None, reference_groups=None,
+                       chunk: int = 256, reference_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row (N, D), or image (N, ...), the Euclidean distance to its nearest ``reference`` row
+    (M, D) or image, and that row's index; in float64.
+
+    With groups ((N,) and (M,) labels), a query ignores the references of its own group
+    (leave-one-group-out, e.g. the other views of the same time point). ``chunk`` queries, and
+    ``reference_chunk`` references (None: all at once), are compared at a time.
+    """
+    import torch
+
+    q_all = np.asarray(queries).reshape(len(queries), -1)
+    ref = np.asarray(reference).reshape(len(reference), -1)
+    rc = max(1, len(ref) if reference_chunk is None else reference_chunk)
+    rg = None if reference_groups is None else torch.from_numpy(np.asarray(reference_groups))
+    qg_all = None if query_groups is None else np.asarray(query_groups)
+
+    def part(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r = torch.from_numpy(ref[j:j + rc]).double()
+        return r, (r * r).sum(1)
+
+    starts = range(0, len(ref), rc)
+    whole = part(0) if len(starts) == 1 else None  # one block: converted once, not per query chunk
+    out_d, out_i = [], []
+    for i in range(0, len(q_all), chunk):
+        qq = torch.from_numpy(q_all[i:i + chunk]).double()
+        q2 = (qq * qq).sum(1)[:, None]
+        best = torch.full((len(qq),), float("inf"), dtype=torch.float64)
+        arg = torch.zeros(len(qq), dtype=torch.long)
+        for j in starts:
+            r, r2 = whole if whole is not None else part(j)
+            d2 = q2 + r2[None] - 2 * qq @ r.T
+            if rg is not None:
+                same = torch.from_numpy(qg_all[i:i + chunk])[:, None] == rg[None, j:j + len(r)]
+                d2[same] = float("inf")
+            v, k = d2.clamp_min(0).min(1)
+            better = v < best
+            best = torch.where(better, v, best)
+            arg = torch.where(better, k + j, arg)
+        out_d.append(best.sqrt())
+        out_i.append(arg)
+    if not out_d:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return torch.cat(out_d).numpy(), torch.cat(out_i).numpy()
+
+
+# The 8 flips and 90-degree rotations as (k, flip) for :func:`.images.dihedral`, in a fixed order.
+DIHEDRAL_VIEWS = [(k, f) for f in (False, True) for k in range(4)]
+
+
+def nearest_neighbour_rms_dihedral(queries: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`nearest_neighbour_rms` minimised over the 8 flips / rotations of each (H, W) query: the
+    distances, and the index into :data:`DIHEDRAL_VIEWS` of the view that came closest."""
+    import torch
+
+    from .images import dihedral
+
+    q = torch.from_numpy(np.asarray(queries))
+    d = np.stack([nearest_neighbour_rms(dihedral(q, k, f).numpy(), reference) for k, f in DIHEDRAL_VIEWS])
+    return d.min(0), d.argmin(0)

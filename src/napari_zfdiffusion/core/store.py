@@ -1,7 +1,8 @@
 """Models are folders: diffusers-format weights (safetensors) plus JSON cards. Never pickles.
 
-Kinds: ``cascade`` (``cascade.json``), and the patch models ``vae`` and ``latent`` (``model.json``,
-see :mod:`.latent`). A cascade folder::
+Kinds: ``cascade`` (``cascade.json``, see :mod:`.cascade`); the patch models ``vae`` and ``latent``
+(``model.json``, see :mod:`.latent`) and ``segmentation`` (``model.json``, see :mod:`.segment`).
+A cascade folder::
 
     MODEL/
       cascade.json          what the whole model is: depth classes, normalisation, data, licence
@@ -10,12 +11,15 @@ see :mod:`.latent`). A cascade folder::
       sr128/ sr256/ sr512/  the super-resolution stages (any that were trained)
 
 ``stage.json`` holds a stage's resolution, noise schedule, loss, steps and training log summary.
+Every network loads through :func:`load_model` (safetensors only) and is written by :func:`save_model`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,8 +27,16 @@ from pathlib import Path
 from .errors import UserInputError
 
 CASCADE_FILE = "cascade.json"
+CARD_FILE = "model.json"  # the card of a patch or segmentation model
 STAGE_FILE = "stage.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+# What each model.json kind is called in messages, and the command that makes one.
+CARD_KINDS = {
+    "vae": ("patch model", "`zfdiffusion train vae` or `zfdiffusion train ldm`"),
+    "latent": ("patch model", "`zfdiffusion train vae` or `zfdiffusion train ldm`"),
+    "segmentation": ("segmentation model", "`zfdiffusion train unet`, or the bundled 'nuclei-unet-demo'"),
+}
 
 
 def home() -> Path:
@@ -57,8 +69,8 @@ class ModelEntry:
 def model_kind(path: Path) -> str | None:
     if (path / CASCADE_FILE).is_file():
         return read_json(path / CASCADE_FILE).get("kind", "cascade")
-    if (path / "model.json").is_file():
-        return read_json(path / "model.json").get("kind")
+    if (path / CARD_FILE).is_file():
+        return read_json(path / CARD_FILE).get("kind")
     return None
 
 
@@ -77,7 +89,7 @@ def list_models() -> list[ModelEntry]:
             if kind:
                 desc = ""
                 if kind != "corrupted":
-                    card = p / CASCADE_FILE if (p / CASCADE_FILE).is_file() else p / "model.json"
+                    card = p / CASCADE_FILE if (p / CASCADE_FILE).is_file() else p / CARD_FILE
                     desc = read_json(card).get("description", "")
                 out.append(ModelEntry(p.name, kind, p, source, desc))
     return out
@@ -111,32 +123,53 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def load_unet(folder: Path, cls=None):
-    """Load a network (``cls``, default :class:`ZfUNet`) from a folder, safetensors only, with clear errors."""
-    from .models import ZfUNet
+def read_card(path: Path, kinds: tuple[str, ...]) -> dict:
+    """The ``model.json`` card of a patch or segmentation model folder, checked to be one of ``kinds``."""
+    what, how = CARD_KINDS.get(kinds[0], ("model", "`zfdiffusion train ...`"))
+    if not (path / CARD_FILE).is_file():
+        if (path / CASCADE_FILE).is_file():
+            raise UserInputError(f"'{path}' is a depth cascade, not a {what}: use it with `zfdiffusion generate` "
+                                 "or the Generate slices widget.")
+        raise UserInputError(f"'{path}' is not a {what} folder (no {CARD_FILE}). Give a folder made by {how}.")
+    card = read_json(path / CARD_FILE)
+    if card.get("kind") not in kinds:
+        want = " or ".join(kinds)
+        raise UserInputError(f"'{path}' holds a '{card.get('kind')}' model, but a {want} model is needed here.")
+    return card
 
-    cls = cls or ZfUNet
+
+def weights_sha256(folder: Path) -> str:
+    """The sha256 of a network folder's weights (which autoencoder a latent model was trained with)."""
+    h = hashlib.sha256()
+    with open(Path(folder) / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(folder: Path, cls, what: str = "model folder"):
+    """The network ``cls`` (a diffusers ``ModelMixin``) saved in ``folder``, in eval mode, from
+    safetensors only (never a pickle), with a clear error when the folder is broken. ``what`` names
+    the folder in messages (e.g. "autoencoder folder")."""
     folder = Path(folder)
     for name in ("config.json", WEIGHTS_FILE):
         if not (folder / name).is_file():
-            raise UserInputError(f"model folder '{folder}' is missing {name}: copy the whole folder again or retrain.")
+            raise UserInputError(f"{what} '{folder}' is missing {name}: copy the whole folder again or retrain.")
     try:
         model = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure here means broken or mismatched weights
         raise UserInputError(
-            f"model folder '{folder}' could not be loaded ({type(e).__name__}: {str(e)[:300]}). "
+            f"{what} '{folder}' could not be loaded ({type(e).__name__}: {str(e)[:300]}). "
             "The weights are corrupted or do not match config.json."
         ) from None
     return model.eval()
 
 
-def save_unet(model, folder: Path, stage_info: dict) -> None:
-    """Write a stage folder atomically: into ``folder.tmp``, then swap it into place."""
+def save_model(model, folder: Path, stage_info: dict) -> None:
+    """Write a network folder atomically: into ``folder.tmp``, then swap it into place."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     with open(tmp / STAGE_FILE, "w") as f:

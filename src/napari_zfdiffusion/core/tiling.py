@@ -1,4 +1,4 @@
-"""Tiled prediction for images of any size (groundwork for the segmentation U-Net, issue 4).
+"""Tiled prediction for images and stacks of any size (the segmentation U-Net runs through it).
 
 A network that maps (B, C_in, t, t) -> (B, C_out, t, t) is run on overlapping tiles; the outputs are
 blended with a smooth weight that falls to zero towards each side shared with another tile (so seams
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import UserInputError
-from .sampling import Progress, ProgressCallback
+from .progress import Progress, ProgressCallback
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -23,7 +23,7 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[in
     The last tile ends at ``length`` rounded up to a multiple of ``align``. With ``align`` > 1 (and
     ``tile`` a multiple of it) every start is a multiple of ``align``: a network that downsamples by
     ``align`` then sees each tile on the same grid as the whole image, and the plane is padded by
-    reflection to that multiple exactly as :class:`.segment.ResUNet` pads a whole image.
+    reflection to that multiple exactly as :class:`.segment.net.ResUNet` pads a whole image.
     A length up to one tile gives [0].
     """
     if tile <= overlap:

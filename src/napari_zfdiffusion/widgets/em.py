@@ -1,7 +1,7 @@
 """Dock widget: generate EM patches (and their masks) with a latent diffusion model, and encode /
 decode an image layer through the model's autoencoder.
 
-The widget gathers parameters, starts a worker (:mod:`._worker`) and puts results into layers; all
+The widget gathers parameters, starts a worker (:mod:`._jobs`) and puts results into layers; all
 computing is :meth:`LatentModel.generate` / :meth:`Autoencoder.roundtrip` from the GUI-free core.
 
 Choosing a model reads only its card (small JSON): the controls follow it at once (mask threshold
@@ -15,32 +15,23 @@ taken as already in [0, 1]; any other is normalised like the training data.
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    Container,
-    FileEdit,
-    FloatSpinBox,
-    Label,
-    PushButton,
-    SpinBox,
-)
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, Label, PushButton, SpinBox
 from napari.layers import Image
 from napari.utils.notifications import show_error
 
-from .. import __version__
-from ..core.device import available_devices
+from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ..core.errors import UserInputError
-from ..core.latent import Autoencoder, LatentModel, describe, read_card
-from ..core.sampling import DEFAULT_SAMPLER, SAMPLERS
-from ..core.store import list_models, model_kind, resolve_model
-from ._worker import MAX_SEED, JobWidget, cached_model, error_message, get_model
-from .generate import PROVENANCE_KEY
+from ..core.latent import Autoencoder, LatentModel, describe
+from ..core.provenance import stamp
+from ..core.store import model_kind, read_card, resolve_model
+from ._jobs import JobWidget, error_message
+from ._layers import PROVENANCE_KEY, generated_provenance, image_layers, shown_image
+from ._models import cached_model, get_model
+from ._models import model_choices as _choices
 
 if TYPE_CHECKING:
     import napari
@@ -51,10 +42,7 @@ KINDS = ("latent", "vae")  # a "vae" folder only encodes / decodes
 
 def model_choices() -> list[tuple[str, str]]:
     """(label, folder) for each latent model, then each autoencoder; bundled first, the demo first."""
-    entries = [m for m in list_models() if m.kind in KINDS]
-    entries.sort(key=lambda m: (KINDS.index(m.kind), m.name != DEMO_MODEL, m.source != "bundled"))
-    return [(f"{m.name} ({m.source}{', autoencoder only' if m.kind == 'vae' else ''})", str(m.path))
-            for m in entries]
+    return _choices(KINDS, DEMO_MODEL, {"vae": ", autoencoder only"})
 
 
 def loader_for(card: dict) -> type[Autoencoder]:
@@ -72,58 +60,35 @@ class GenerateEMWidget(JobWidget):
         self._card: dict | None = None
         self.last_figures: dict | None = None
 
-        self._models = model_choices()
         self.title = Label(value="<b>Generate</b>")
-        self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True,
-                              tooltip="bundled and user latent models (`zfdiffusion models`)")
-        self.model_folder = FileEdit(label="or folder", mode="d", nullable=True,
-                                     tooltip="a folder made by `zfdiffusion train ldm` (or `train vae`: "
-                                             "encode / decode only)")
+        self._model_rows(model_choices(), "bundled and user latent models (`zfdiffusion models`)",
+                         "a folder made by `zfdiffusion train ldm` (or `train vae`: encode / decode only)")
         self.info = Label(label="about", value="")
         self.n_patches = SpinBox(label="patches", value=4, min=1, max=256)
         self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER)
         self.steps = SpinBox(label="steps", value=50, min=1, max=1000)
-        self.seed = SpinBox(label="seed", value=0, min=0, max=MAX_SEED,
-                            tooltip="patch i is the same as patch 0 of a run with seed + i")
-        self.new_seed_button = PushButton(text="New seed")
-        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        seed_row = self._seed_row("patch i is the same as patch 0 of a run with seed + i")
         self.threshold = FloatSpinBox(label="mask threshold", value=0.5, min=0.01, max=0.99, step=0.05,
                                       tooltip="foreground probability above which a pixel is in an object")
         self.min_size = SpinBox(label="min object size", value=16, min=0, max=1_000_000,
                                 tooltip="objects smaller than this many pixels are dropped from the labels")
         self.keep_probability = CheckBox(text="add mask probability (hidden)", value=True)
-        self.generate_button = PushButton(text="Generate")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.generate_button, buttons = self._run_row("Generate", self.generate)
         self.section = Label(value="<b>Encode / decode</b>")
         self.layer = ComboBox(label="image layer", choices=self._image_layers,
                               tooltip="a 2D image, or the plane shown now of a stack (follows the "
                                       "layer selected in the layer list)")
         self.roundtrip_button = PushButton(text="Encode / decode")
         self.status = Label(label="status", value="")
-        seed_row = Container(layout="horizontal", labels=False, label="seed",
-                             widgets=[self.seed, self.new_seed_button])
-        buttons = Container(layout="horizontal", labels=False, label="",
-                            widgets=[self.generate_button, self.cancel_button])
-        for row in (seed_row, buttons):
-            row.margins = (0, 0, 0, 0)
         self.extend([self.title, self.model, self.model_folder, self.info, self.n_patches, self.sampler,
                      self.steps, seed_row, self.device, self.threshold, self.min_size, self.keep_probability,
                      buttons, self.section, self.layer, self.roundtrip_button, self.status])
         for w in (self.title, self.section, self.info, self.status):
             w.native.setWordWrap(True)
 
-        self.model.changed.connect(self._load_model_info)
-        self.device.changed.connect(self._load_model_info)
-        self.model_folder.changed.connect(self._on_folder)
-        self.new_seed_button.changed.connect(self.new_seed)
-        self.generate_button.changed.connect(lambda *_: self.generate())
         self.roundtrip_button.changed.connect(lambda *_: self.roundtrip())
-        self.cancel_button.changed.connect(lambda *_: self.cancel())
         viewer.layers.selection.events.active.connect(self._follow_selection)
-        if self._models:  # the demo model (or the first one) is ready to use; reading its card is quick
-            self.model.value = self._models[0][1]
-        else:
-            self._load_model_info()
+        self._wire_model()
 
     # ------------------------------------------------------------ model
     @property
@@ -168,7 +133,7 @@ class GenerateEMWidget(JobWidget):
 
     # ------------------------------------------------------------ parameters
     def _image_layers(self, *_) -> list[tuple[str, Image]]:
-        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+        return image_layers(self._viewer)
 
     def _follow_selection(self, *_) -> None:
         """The image layer to encode / decode follows the layer selected in the layer list."""
@@ -226,12 +191,11 @@ class GenerateEMWidget(JobWidget):
                        "zfdiffusion > EM: pancreatic islet).")
             return
         try:
-            image, plane = self._plane(layer)
+            image, plane = shown_image(self._viewer, layer, "encode / decode")
         except UserInputError as e:
             show_error(str(e))
             return
-        prov = layer.metadata.get(PROVENANCE_KEY)
-        ours = isinstance(prov, dict) and str(prov.get("kind", "")).startswith("zfdiffusion")
+        ours = generated_provenance(layer) is not None
         model, device = self.model.value, self.device.value
         loader = loader_for(self._card or {})
         name = f"{layer.name}{'' if plane is None else f' [plane {plane}]'} (autoencoded)"
@@ -244,28 +208,11 @@ class GenerateEMWidget(JobWidget):
         def done(out):
             m, rec, figures = out
             self._loaded(m)
-            self._add_roundtrip(layer, rec, figures, name, {
-                "kind": "zfdiffusion.autoencode", "operation": "roundtrip", "model": m.name,
-                "model_path": str(m.path), "plugin_version": __version__, "device": str(m.device),
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "source_layer": layer.name, "plane": plane, "normalised": not ours,
-                "input_shape": list(image.shape), **figures})
+            self._add_roundtrip(layer, rec, figures, name, stamp(
+                "zfdiffusion.autoencode", model=m, device=m.device, operation="roundtrip", source_layer=layer.name,
+                plane=plane, normalised=not ours, input_shape=list(image.shape), **figures))
 
         self._start(job, "encoding / decoding", done)
-
-    def _plane(self, layer: Image) -> tuple[np.ndarray, int | None]:
-        """The layer's 2D image, or for a stack its plane shown now (and that plane's index)."""
-        if layer.rgb:
-            raise UserInputError(f"'{layer.name}' is an RGB image: the autoencoder takes one grayscale "
-                                 "channel. Split its channels (right-click > Split RGB) and choose one.")
-        data = layer.data[0] if layer.multiscale else layer.data
-        if data.ndim == 2:
-            return np.asarray(data), None
-        if data.ndim != 3:
-            raise UserInputError(f"'{layer.name}' has shape {tuple(data.shape)}: encode / decode takes a 2D "
-                                 "image (Y, X) or a stack (N, Y, X).")
-        plane = int(np.clip(round(layer.world_to_data(self._viewer.dims.point)[0]), 0, data.shape[0] - 1))
-        return np.asarray(data[plane]), plane
 
     # ------------------------------------------------------------ results
     def _add_patches(self, result, name: str, keep_probability: bool) -> None:

@@ -1,6 +1,6 @@
 """Dock widget: generate zebrafish slices with a depth cascade, or upsample an image layer.
 
-The widget gathers parameters, starts a worker (:mod:`._worker`) and puts results into layers;
+The widget gathers parameters, starts a worker (:mod:`._jobs`) and puts results into layers;
 all computing is :meth:`Cascade.generate` / :meth:`Cascade.upsample` from the GUI-free core.
 
 Upsample takes the selected Image layer. A 2D layer is upsampled as is. A 3D layer (N, Y, X),
@@ -15,33 +15,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    Container,
-    FileEdit,
-    FloatSpinBox,
-    Label,
-    PushButton,
-    Slider,
-    SpinBox,
-)
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, Label, PushButton, Slider, SpinBox
 from napari.layers import Image
 from napari.utils.notifications import show_error
 
-from ..core.device import available_devices
+from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ..core.errors import UserInputError
-from ..core.sampling import DEFAULT_SAMPLER, SAMPLERS
-from ._worker import (
-    MAX_SEED,
-    PROVENANCE_KEY,
-    CascadeJobWidget,
-    cascade_choices,
-    generated_provenance,
-    get_cascade,
-    layer_image,
-    shown_plane,
-)
+from ._jobs import CascadeJobWidget, row
+from ._layers import PROVENANCE_KEY, generated_provenance, layer_image, shown_plane
+from ._models import cascade_choices, get_cascade
 
 if TYPE_CHECKING:
     import napari
@@ -59,13 +41,8 @@ class GenerateSlicesWidget(CascadeJobWidget):
         super().__init__(viewer, labels=True)
         self._cascade: Cascade | None = None
 
-        self._models = cascade_choices()
-        # Choices are callables: napari calls reset_choices() on dock widgets whenever layers change.
-        self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True,
-                              tooltip="bundled and user models (`zfdiffusion models`)")
-        self.model_folder = FileEdit(label="or folder", mode="d", nullable=True,
-                                     tooltip="a cascade model folder made by `zfdiffusion train cascade`")
-        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self._model_rows(cascade_choices(), "bundled and user models (`zfdiffusion models`)",
+                         "a cascade model folder made by `zfdiffusion train cascade`")
         self.depth = Slider(label="depth class", min=0, max=0, tooltip="the plane to generate")
         self.depth_meaning = Label(label="plane", value="")
         self.guidance = FloatSpinBox(label="guidance", value=3.0, min=0.0, max=50.0, step=0.5,
@@ -74,32 +51,19 @@ class GenerateSlicesWidget(CascadeJobWidget):
         self.steps = SpinBox(label="steps", value=25, min=1, max=1000, tooltip="steps per stage")
         self.resolution = ComboBox(label="resolution", choices=self._resolutions)
         self.n_samples = SpinBox(label="samples", value=1, min=1, max=64)
-        self.seed = SpinBox(label="seed", value=0, min=0, max=MAX_SEED)
-        self.new_seed_button = PushButton(text="New seed")
+        seed_row = self._seed_row()
         self.all_planes = CheckBox(text="all planes", value=False,
                                    tooltip="for a (N, Y, X) layer: every plane instead of the one shown")
-        self.generate_button = PushButton(text="Generate")
+        self.generate_button, buttons = self._run_row("Generate", self.generate)
         self.upsample_button = PushButton(text="Upsample selected layer")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(label="status", value="")
-        seed_row = Container(layout="horizontal", labels=False, label="seed",
-                             widgets=[self.seed, self.new_seed_button])
-        seed_row.margins = (0, 0, 0, 0)
-        buttons = Container(layout="horizontal", labels=False, label="",
-                            widgets=[self.generate_button, self.cancel_button])
-        buttons.margins = (0, 0, 0, 0)
-        up_row = Container(layout="horizontal", labels=False, label="",
-                           widgets=[self.upsample_button, self.all_planes])
-        up_row.margins = (0, 0, 0, 0)
+        up_row = row("", self.upsample_button, self.all_planes)
         self.extend([self.model, self.model_folder, self.device, self.depth, self.depth_meaning,
                      self.guidance, self.sampler, self.steps, self.resolution, self.n_samples, seed_row,
                      buttons, up_row, self.status])
 
         self.depth.changed.connect(self._show_depth_meaning)
-        self.new_seed_button.changed.connect(self.new_seed)
-        self.generate_button.changed.connect(lambda *_: self.generate())
         self.upsample_button.changed.connect(lambda *_: self.upsample_selected())
-        self.cancel_button.changed.connect(lambda *_: self.cancel())
         self._wire_model()
 
     # ------------------------------------------------------------ model

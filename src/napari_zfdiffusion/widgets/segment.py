@@ -22,28 +22,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    Container,
-    FileEdit,
-    FloatSpinBox,
-    Label,
-    PushButton,
-    SpinBox,
-)
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, Label, SpinBox
 from napari.layers import Image, Layer
 from napari.utils.notifications import show_error, show_info
 from napari.viewer import Viewer
 
-from ..core.device import available_devices
 from ..core.errors import UserInputError
-from ..core.latent import read_card
-from ..core.sampling import Progress
-from ..core.segment import KIND, Segmenter, describe
-from ..core.store import list_models, model_kind, resolve_model
-from ._worker import JobWidget, error_message, get_model
-from .generate import PROVENANCE_KEY
+from ..core.progress import Progress
+from ..core.segment import Segmenter, describe
+from ..core.segment.segmenter import KIND
+from ..core.store import model_kind, read_card, resolve_model
+from ._jobs import JobWidget, error_message
+from ._layers import PROVENANCE_KEY, image_layers
+from ._models import get_model
+from ._models import model_choices as _choices
 
 if TYPE_CHECKING:
     import napari
@@ -63,9 +55,7 @@ OTHER_KINDS = {
 
 def model_choices() -> list[tuple[str, str]]:
     """(label, folder) for each segmentation model; bundled first, the demo first of all."""
-    entries = [m for m in list_models() if m.kind == KIND]
-    entries.sort(key=lambda m: (m.name != DEMO_MODEL, m.source != "bundled", m.name))
-    return [(f"{m.name} ({m.source})", str(m.path)) for m in entries]
+    return _choices((KIND,), DEMO_MODEL)
 
 
 def read_segmentation_card(path: Path) -> dict:
@@ -91,14 +81,11 @@ class SegmentWidget(JobWidget):
         self._card: dict | None = None
         self._model_error = ""
 
-        self._models = model_choices()
         self.layer = ComboBox(label="image layer", choices=self._image_layers, nullable=True,
                               tooltip="a 2D image, a (N, Y, X) z-stack or time series (plane by plane), or RGB "
                                       "(made grayscale); follows the layer selected in the layer list")
-        self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True,
-                              tooltip="bundled and user segmentation models (`zfdiffusion models`)")
-        self.model_folder = FileEdit(label="or folder", mode="d", nullable=True,
-                                     tooltip="a folder made by `zfdiffusion train unet`")
+        self._model_rows(model_choices(), "bundled and user segmentation models (`zfdiffusion models`)",
+                         "a folder made by `zfdiffusion train unet`")
         self.info = Label(label="about", value="")
         self.threshold = FloatSpinBox(label="threshold", value=DEFAULTS["threshold"], min=0.01, max=0.99, step=0.05,
                                       tooltip="foreground probability above which a pixel belongs to an object")
@@ -114,29 +101,17 @@ class SegmentWidget(JobWidget):
                                              "trained with an interior output); off: connected components")
         self.add_probability = CheckBox(text="add probability map (hidden)", value=False,
                                         tooltip="also add the foreground probability as an Image layer")
-        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
-        self.segment_button = PushButton(text="Segment")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.segment_button, buttons = self._run_row("Segment", self.segment)
         self.status = Label(label="status", value="")
-        buttons = Container(layout="horizontal", labels=False, label="",
-                            widgets=[self.segment_button, self.cancel_button])
-        buttons.margins = (0, 0, 0, 0)
         self.extend([self.layer, self.model, self.model_folder, self.info, self.threshold, self.tile, self.overlap,
                      self.min_size, self.use_interior, self.add_probability, self.device, buttons, self.status])
         for w in (self.info, self.status):
             w.native.setWordWrap(True)
 
-        self.model.changed.connect(self._load_model_info)
-        self.model_folder.changed.connect(self._on_folder)
-        self.segment_button.changed.connect(lambda *_: self.segment())
-        self.cancel_button.changed.connect(lambda *_: self.cancel())
         viewer.layers.selection.events.active.connect(self._follow_selection)
         register_layer_context_menu()
         self._follow_selection()
-        if self._models:  # the demo model (or the first one) is ready to use; reading its card is quick
-            self.model.value = self._models[0][1]
-        else:
-            self._load_model_info()
+        self._wire_model()
 
     # ------------------------------------------------------------ model
     @property
@@ -170,7 +145,7 @@ class SegmentWidget(JobWidget):
 
     # ------------------------------------------------------------ parameters
     def _image_layers(self, *_) -> list[tuple[str, Image]]:
-        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+        return image_layers(self._viewer)
 
     def _follow_selection(self, *_) -> None:
         """The layer to segment follows the Image layer selected in the layer list."""

@@ -1,6 +1,6 @@
 """Dock widget: generate a (Z, Y, X) volume plane by plane with a depth cascade.
 
-The widget gathers parameters, starts a worker (:mod:`._worker`) and fills one layer; all computing
+The widget gathers parameters, starts a worker (:mod:`._jobs`) and fills one layer; all computing
 is :meth:`Cascade.generate_volume` from the GUI-free core.
 
 One 3D Image layer "volume d<first>-<last> s<seed>" of zeros (Z, R, R) is added when a job starts.
@@ -21,33 +21,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (
-    ComboBox,
-    Container,
-    FileEdit,
-    FloatSpinBox,
-    Label,
-    ProgressBar,
-    PushButton,
-    SpinBox,
-)
+from magicgui.widgets import ComboBox, FloatSpinBox, Label, ProgressBar, SpinBox
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
-from ..core.device import available_devices
 from ..core.errors import UserInputError
-from ..core.sampling import Progress
-from ._worker import (
-    MAX_SEED,
-    PROVENANCE_KEY,
-    CascadeJobWidget,
-    ItemRelay,
-    cascade_choices,
-    generated_provenance,
-    get_cascade,
-    layer_image,
-    shown_plane,
-)
+from ..core.progress import Progress
+from ._jobs import CascadeJobWidget, ItemRelay
+from ._layers import PROVENANCE_KEY, generated_provenance, image_layers, layer_image, shown_plane
+from ._models import cascade_choices, get_cascade
 
 if TYPE_CHECKING:
     import napari
@@ -85,13 +67,8 @@ class GenerateVolumeWidget(CascadeJobWidget):
         self._planes = ItemRelay()  # (run, k, plane) from the worker thread, queued to the GUI thread
         self._planes.item.connect(self._on_plane)
 
-        self._models = cascade_choices()
-        # Choices are callables: napari calls reset_choices() on dock widgets whenever layers change.
-        self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True,
-                              tooltip="bundled and user cascade models (`zfdiffusion models`)")
-        self.model_folder = FileEdit(label="or folder", mode="d", nullable=True,
-                                     tooltip="a cascade model folder made by `zfdiffusion train cascade`")
-        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self._model_rows(cascade_choices(), "bundled and user cascade models (`zfdiffusion models`)",
+                         "a cascade model folder made by `zfdiffusion train cascade`")
         self.first_depth = SpinBox(label="first depth", min=0, max=0, tooltip="the top plane's depth class")
         self.first_meaning = Label(label="", value="")
         self.last_depth = SpinBox(label="last depth", min=0, max=0, tooltip="the bottom plane's depth class")
@@ -102,23 +79,15 @@ class GenerateVolumeWidget(CascadeJobWidget):
         self.continuity = FloatSpinBox(label="continuity guidance", value=1.0, min=0.0, max=50.0, step=0.25,
                                        tooltip=CONTINUITY_TIP)
         self.steps = SpinBox(label="steps", value=25, min=1, max=1000, tooltip="steps per stage and plane")
-        self.seed = SpinBox(label="seed", value=0, min=0, max=MAX_SEED)
-        self.new_seed_button = PushButton(text="New seed")
+        seed_row = self._seed_row()
         self.start_layer = ComboBox(label="start from layer", choices=self._image_layers, nullable=True,
                                     tooltip="none: generate the first plane too. An Image layer: its plane "
                                             "shown now is the first plane, and the volume continues from it")
         self.start_layer.null_string = "none"
         self.start_layer.reset_choices()
-        self.generate_button = PushButton(text="Generate")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.generate_button, buttons = self._run_row("Generate", self.generate)
         self.progress_bar = ProgressBar(label="progress", value=0, min=0, max=1000)
         self.status = Label(label="status", value="")
-        seed_row = Container(layout="horizontal", labels=False, label="seed",
-                             widgets=[self.seed, self.new_seed_button])
-        seed_row.margins = (0, 0, 0, 0)
-        buttons = Container(layout="horizontal", labels=False, label="",
-                            widgets=[self.generate_button, self.cancel_button])
-        buttons.margins = (0, 0, 0, 0)
         self.extend([self.model, self.model_folder, self.device, self.first_depth, self.first_meaning,
                      self.last_depth, self.last_meaning, self.resolution, self.guidance, self.continuity,
                      self.steps, seed_row, self.start_layer, buttons, self.progress_bar, self.status])
@@ -126,9 +95,6 @@ class GenerateVolumeWidget(CascadeJobWidget):
 
         self.first_depth.changed.connect(self._on_first_depth)
         self.last_depth.changed.connect(self._on_last_depth)
-        self.new_seed_button.changed.connect(self.new_seed)
-        self.generate_button.changed.connect(lambda *_: self.generate())
-        self.cancel_button.changed.connect(lambda *_: self.cancel())
         self._wire_model()
 
     # ------------------------------------------------------------ model
@@ -157,7 +123,7 @@ class GenerateVolumeWidget(CascadeJobWidget):
         self._set_running(self._job is not None)
 
     def _image_layers(self, *_) -> list[tuple[str, Image]]:
-        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+        return image_layers(self._viewer)
 
     def _on_first_depth(self, *_) -> None:
         self.last_depth.value = max(self.last_depth.value, self.first_depth.value)  # the range goes down

@@ -7,7 +7,7 @@ once every item exists, ``manifest.jsonl`` (one line per item: file, seed, depth
 Items are **slices** (:class:`SliceSpec`: N per depth) or **volumes** (:class:`VolumeSpec`: N
 (Z, Y, X) volumes over a depth range, each plane conditioned on the one above).
 
-* **One TIFF per item**, written under a temporary name and renamed (:func:`.io.write_tiff`): a
+* **One TIFF per item**, written under a temporary name and renamed (:func:`..io.write_tiff`): a
   killed run or a full disk never leaves a half-written item, and any program (Fiji, napari,
   tifffile) reads the result. An item is small (a 5-plane 512 px volume is 5 MB), so a chunked
   format (OME-Zarr: a folder of chunks per item, which cannot be renamed into place as one file)
@@ -28,10 +28,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import __version__
-from .errors import UserInputError
-from .io import write_json, write_tiff
-from .sampling import ProgressCallback
+from ..errors import UserInputError
+from ..io import atomic_write, read_provenance, write_json, write_tiff
+from ..progress import Progress, ProgressCallback
+from ..provenance import made_by, now
 
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.jsonl"
@@ -117,28 +117,6 @@ class VolumeSpec(_Spec):
         return res.images, res.provenance
 
 
-def parse_depths(text: str, n_classes: int) -> tuple[int, ...]:
-    """'0-4', '1,3,5' or '2' (or 'all') as depth classes, checked against the model's."""
-    text = str(text).strip()
-    if text == "all":
-        return tuple(range(n_classes))
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            if "-" in part.strip()[1:]:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise UserInputError(f"--depths '{text}': give depth classes like 0-4, 1,3,5 or all.") from None
-    bad = [d for d in out if not 0 <= d < n_classes]
-    if bad or not out:
-        raise UserInputError(f"--depths '{text}': this model has depth classes 0-{n_classes - 1}; "
-                             f"{bad or 'none'} {'is' if len(bad) == 1 else 'are'} outside.")
-    return tuple(dict.fromkeys(out))
-
-
 def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -161,14 +139,12 @@ def check_folder(out: Path, spec_dict: dict) -> None:
     if out.exists() and any(out.iterdir()):
         raise UserInputError(f"'{out}' is not empty and holds no {DATASET_FILE}: choose an empty or new folder.")
     (out / "items").mkdir(parents=True, exist_ok=True)
-    write_json(path, {**spec_dict, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "plugin_version": __version__})
+    write_json(path, {**spec_dict, "created": now(), **made_by()})
 
 
 def make_items(cascade, spec: SliceSpec | VolumeSpec, out: str | Path, *, show_progress: bool = True,
                callback: ProgressCallback | None = None) -> dict:
     """Generate this rank's share of ``spec`` into ``out``; skip items that exist. Returns a summary."""
-    from .sampling import Progress
-
     out = Path(out)
     rank, world = _rank_world()
     spec_dict = spec.to_dict()
@@ -209,8 +185,6 @@ def make_items(cascade, spec: SliceSpec | VolumeSpec, out: str | Path, *, show_p
 def write_manifest(out: Path, spec: SliceSpec | VolumeSpec) -> bool:
     """``manifest.jsonl`` (file, seed, depth and the item's own provenance) once every item exists;
     True if complete."""
-    from .io import atomic_write, read_provenance
-
     items = spec.items()
     if not all((out / "items" / it.name).is_file() for it in items):
         return False

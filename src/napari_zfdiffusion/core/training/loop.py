@@ -19,14 +19,15 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .errors import UserInputError
-from .sampling import Progress, ProgressCallback
+from ..errors import UserInputError
+from ..progress import Progress, ProgressCallback
+from ..provenance import made_by
 
 
 @dataclass
@@ -71,7 +72,7 @@ def teardown(di: DistInfo) -> None:
 
 def launch(fn, device, *args):
     """``fn(dev, di, *args)`` inside the process group (under torchrun) on this rank's device."""
-    from .device import resolve_device
+    from ..device import resolve_device
 
     dev, di = setup(resolve_device(device))
     try:
@@ -108,6 +109,14 @@ class TrainOptions:
     def check_common(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise UserInputError("--steps and --batch-size must be at least 1.")
+
+
+def training_info(cfg, step: int, losses: list[float], seconds: float, world: int, **extra) -> dict:
+    """What a saved network records about its training: the command's options, steps done, time,
+    last smoothed loss, processes and versions (``stage.json``'s ``training``, beside the plugin version)."""
+    return {"training": {**asdict(cfg), "steps_done": step, **extra, "final_loss_ema": losses[-1] if losses else None,
+                         "train_seconds": round(seconds, 1), "world_size": world, "torch": torch.__version__},
+            **made_by()}
 
 
 @dataclass

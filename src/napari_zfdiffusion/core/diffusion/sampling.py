@@ -13,37 +13,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from .errors import UserInputError
+from ..errors import UserInputError
+from ..progress import Progress, ProgressCallback
 
 SAMPLERS = ("dpmsolver++", "ddim", "ddpm")
 DEFAULT_SAMPLER = "dpmsolver++"
 DEFAULT_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One step of one stage of a job. ``fraction`` is the share of the whole job that is done."""
-
-    stage: str
-    step: int
-    total: int
-    stage_index: int = 0
-    n_stages: int = 1
-
-    @property
-    def fraction(self) -> float:
-        return (self.stage_index + self.step / max(self.total, 1)) / max(self.n_stages, 1)
-
-    def __str__(self) -> str:
-        return f"{self.stage} {self.step}/{self.total} (stage {self.stage_index + 1}/{self.n_stages})"
-
-
-ProgressCallback = Callable[[Progress], None]
 
 
 def make_scheduler(name: str, schedule: dict | None = None, *, clip: bool = True):

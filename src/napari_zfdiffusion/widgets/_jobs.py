@@ -1,5 +1,6 @@
-"""Running core jobs off the GUI thread: a model cache, a progress relay, a worker starter, and
-:class:`JobWidget`, the base of dock widgets that run one job at a time.
+"""Running core jobs off the GUI thread: progress relays, a worker starter, and :class:`JobWidget`,
+the base of dock widgets that run one job at a time (with the rows every dock has: model, folder,
+device, seed).
 
 The widgets never compute. They hand a plain function to :func:`start_job`, which runs it in a
 napari ``thread_worker`` with a :class:`~napari_zfdiffusion.core.errors.CancelToken` and a
@@ -12,99 +13,23 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
 
-import numpy as np
-from magicgui.widgets import Container
+from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
-from ..core.cascade import Cascade
+from ..core.device import available_devices
 from ..core.errors import Cancelled, CancelToken, UserInputError
-from ..core.sampling import Progress
-from ..core.store import list_models, resolve_model
+from ..core.progress import Progress
+from ._models import checked_cascade
 
-if TYPE_CHECKING:
-    from napari.layers import Image
-
-_CACHE: OrderedDict[tuple[type, str, str], object] = OrderedDict()
-_CACHE_SIZE = 2  # (model, device) pairs kept per model class: enough to switch back and forth
-_LOCK = threading.Lock()
 MAX_SEED = 2**31 - 1
-DEMO_CASCADE = "zf-cascade-demo"  # the bundled slice cascade, chosen when a cascade widget opens
-PROVENANCE_KEY = "zfdiffusion"  # layer.metadata[PROVENANCE_KEY]: how a layer was made
 log = logging.getLogger(__name__)
-
-M = TypeVar("M")
-
-
-def get_model(loader: type[M], model: str, device: str) -> M:
-    """``loader.load(folder, device)`` for (model, device), loaded once and then cached.
-
-    One cache for every model class (a cascade, a latent model, an autoencoder), keyed by the class,
-    the resolved folder and the device; the :data:`_CACHE_SIZE` most recently used entries of each
-    class are kept. Loading runs outside the lock, so a slow load never blocks other lookups.
-    """
-    path = resolve_model(model).resolve()
-    key = (loader, str(path), str(device))
-    with _LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-    loaded = loader.load(path, device)
-    with _LOCK:
-        loaded = _CACHE.setdefault(key, loaded)
-        _CACHE.move_to_end(key)
-        same = [k for k in _CACHE if k[0] == key[0]]
-        for old in same[:-_CACHE_SIZE]:
-            del _CACHE[old]
-    return loaded
-
-
-def cached_model(loader: type[M], model: str, device: str) -> M | None:
-    """The cached ``loader`` model for (model, device) if one is loaded, else None (never loads)."""
-    try:
-        path = resolve_model(model).resolve()
-    except UserInputError:
-        return None
-    with _LOCK:
-        return _CACHE.get((loader, str(path), str(device)))
-
-
-def get_cascade(model: str, device: str) -> Cascade:
-    """The cascade for (model, device), loaded once and then cached.
-
-    :meth:`Cascade.load` reads only the JSON cards; each stage's weights load on first use, in
-    the worker thread, and stay on the cached object for the next job.
-    """
-    return get_model(Cascade, model, device)
-
-
-def cascade_choices() -> list[tuple[str, str]]:
-    """(label, folder) for each cascade model, bundled first; the demo cascade first of all."""
-    entries = [m for m in list_models() if m.kind == "cascade"]
-    entries.sort(key=lambda m: (m.name != DEMO_CASCADE, m.source != "bundled"))
-    return [(f"{m.name} ({m.source})", str(m.path)) for m in entries]
-
-
-def checked_cascade(model: str, device: str) -> Cascade:
-    """:func:`get_cascade`, refusing a model without depth classes (a UserInputError that says so)."""
-    cascade = get_cascade(model, device)
-    if not cascade.depth_classes:
-        raise UserInputError(f"model '{cascade.name}' lists no depth classes in its cascade.json.")
-    return cascade
-
-
-def clear_cache() -> None:
-    with _LOCK:
-        _CACHE.clear()
 
 
 class ProgressRelay(QObject):
@@ -220,44 +145,25 @@ def start_job(
     return Job(worker, token, pbar, relay)
 
 
-def generated_provenance(layer) -> dict | None:
-    """The provenance of a layer this plugin made (values already in [0, 1]), else None."""
-    prov = layer.metadata.get(PROVENANCE_KEY)
-    if isinstance(prov, dict) and str(prov.get("kind", "")).startswith("zfdiffusion"):
-        return prov
-    return None
-
-
-def layer_image(layer: Image, purpose: str) -> np.ndarray:
-    """The data of a grayscale Image layer, 2D (Y, X) or a stack (N, Y, X) (the full-resolution level of
-    a multiscale one); a UserInputError naming ``purpose`` (e.g. "upsampling") for anything else."""
-    if layer.rgb:
-        raise UserInputError(f"'{layer.name}' is an RGB image: {purpose} takes one grayscale channel. "
-                             "Split its channels (right-click > Split RGB) and select one.")
-    data = layer.data[0] if layer.multiscale else layer.data
-    if data.ndim not in (2, 3):
-        raise UserInputError(f"'{layer.name}' has shape {tuple(data.shape)}: {purpose} takes a 2D image "
-                             "(Y, X) or a stack (N, Y, X).")
-    return data
-
-
-def shown_plane(viewer, layer: Image, data: np.ndarray) -> int:
-    """The index of the plane of a (N, Y, X) layer that the viewer shows now."""
-    return int(np.clip(round(layer.world_to_data(viewer.dims.point)[0]), 0, data.shape[0] - 1))
-
-
 def error_message(exc: BaseException) -> str:
     if isinstance(exc, UserInputError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
+def row(label: str, *widgets) -> Container:
+    """Widgets side by side as one labelled row of a dock."""
+    r = Container(layout="horizontal", labels=False, label=label, widgets=list(widgets))
+    r.margins = (0, 0, 0, 0)
+    return r
+
+
 class JobWidget(Container):
     """A dock widget that runs one job at a time: start, progress, cancel, errors, results.
 
-    Subclasses create ``model`` (ComboBox of (label, folder) choices from ``self._models``),
-    ``model_folder`` (FileEdit), ``seed``, ``status`` and ``cancel_button``, and define
-    ``_set_running(running)`` and ``_load_model_info()``.
+    Subclasses create the model rows with :meth:`_model_rows` (``model``, ``model_folder``,
+    ``device``), the seed row with :meth:`_seed_row` where they take a seed, ``status`` and
+    ``cancel_button``, and define ``_set_running(running)`` and ``_load_model_info()``.
     """
 
     def __init__(self, viewer, **kwargs):
@@ -267,8 +173,41 @@ class JobWidget(Container):
         self._models: list[tuple[str, str]] = []
         self.last_progress: Progress | None = None
 
+    def _model_rows(self, choices: list[tuple[str, str]], tooltip: str, folder_tooltip: str) -> None:
+        """The model box (``choices``: (label, folder)), "or folder" and the device box. The choices
+        are a callable: napari calls reset_choices() on dock widgets whenever layers change."""
+        self._models = choices
+        self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True, tooltip=tooltip)
+        self.model_folder = FileEdit(label="or folder", mode="d", nullable=True, tooltip=folder_tooltip)
+        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+
+    def _seed_row(self, tooltip: str = "") -> Container:
+        """``seed`` and a "New seed" button beside it, as one row."""
+        self.seed = SpinBox(label="seed", value=0, min=0, max=MAX_SEED, tooltip=tooltip)
+        self.new_seed_button = PushButton(text="New seed")
+        self.new_seed_button.changed.connect(self.new_seed)
+        return row("seed", self.seed, self.new_seed_button)
+
+    def _run_row(self, text: str, action: Callable[[], None]) -> tuple[PushButton, Container]:
+        """The button that starts this dock's job (``action``) and Cancel beside it, as one row."""
+        button = PushButton(text=text)
+        button.changed.connect(lambda *_: action())
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.cancel_button.changed.connect(lambda *_: self.cancel())
+        return button, row("", button, self.cancel_button)
+
     def _set_running(self, running: bool) -> None:
         raise NotImplementedError
+
+    def _wire_model(self) -> None:
+        """Follow the model, device and folder choices, and start on the demo model (or the first one)."""
+        self.model.changed.connect(self._load_model_info)
+        self.device.changed.connect(self._load_model_info)
+        self.model_folder.changed.connect(self._on_folder)
+        if self._models:  # reading a model's cards is quick; its weights load on first use
+            self.model.value = self._models[0][1]
+        else:
+            self._load_model_info()
 
     def _load_model_info(self, *_) -> None:
         raise NotImplementedError
@@ -355,16 +294,6 @@ class CascadeJobWidget(JobWidget):
 
     _cascade = None
 
-    def _wire_model(self) -> None:
-        """Follow the model, device and folder choices, and start on the demo model (or the first one)."""
-        self.model.changed.connect(self._load_model_info)
-        self.device.changed.connect(self._load_model_info)
-        self.model_folder.changed.connect(self._on_folder)
-        if self._models:  # reading a model's cards is quick; its weights load on first use
-            self.model.value = self._models[0][1]
-        else:
-            self._load_model_info()
-
     def _load_cascade(self):
         """The chosen cascade (cards only), with the resolution set to its highest; or None, with the
         status and a notification saying why."""
@@ -389,6 +318,5 @@ class CascadeJobWidget(JobWidget):
         return [] if self._cascade is None else self._cascade.resolutions
 
 
-__all__ = ["DEMO_CASCADE", "MAX_SEED", "PROVENANCE_KEY", "CascadeJobWidget", "ItemRelay", "Job", "JobWidget", "ProgressRelay",
-           "cached_model", "cascade_choices", "checked_cascade", "clear_cache", "error_message", "generated_provenance",
-           "get_cascade", "get_model", "layer_image", "shown_plane", "start_job", "step_callback"]
+__all__ = ["MAX_SEED", "CascadeJobWidget", "ItemRelay", "Job", "JobWidget", "ProgressRelay", "error_message", "row",
+           "start_job", "step_callback"]

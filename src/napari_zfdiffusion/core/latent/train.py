@@ -1,8 +1,8 @@
 """Training the patch models: the KL autoencoder (``train vae``) and the latent UNet (``train ldm``).
 
-Both run in the one training loop (:mod:`.trainloop`: EMA, atomic checkpoints, exact resume,
+Both run in the one training loop (:mod:`..training.loop`: EMA, atomic checkpoints, exact resume,
 DistributedDataParallel under ``torchrun``). The data are random crops of 2D images, with flips and
-rotations (:class:`.patches.PatchData`); with ``masks`` the mask is a second channel, so the
+rotations (:class:`..training.patches.PatchData`); with ``masks`` the mask is a second channel, so the
 autoencoder and the diffusion model learn image and mask together and every generated patch comes
 with an aligned mask.
 """
@@ -10,7 +10,7 @@ with an aligned mask.
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +18,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import __version__
-from . import trainloop as loop
-from .data import Normalisation, to_unit
-from .errors import UserInputError
-from .io import write_json
-from .latent import CARD_FILE, VAE_SIZES, build_autoencoder, downsampling, load_vae, read_card, weights_sha256
-from .metrics import dice, psnr, ssim
-from .models import SIZES, build_model
-from .patches import PatchData
-from .sampling import DEFAULT_SCHEDULE, ProgressCallback, make_scheduler
-from .store import WEIGHTS_FILE, save_unet
+from ..diffusion.objective import noised_batch, schedule_for, training_scheduler
+from ..diffusion.unet import SIZES, ZfUNet, build_model
+from ..errors import UserInputError
+from ..images import Normalisation, to_unit
+from ..io import write_json
+from ..metrics import dice, psnr, ssim
+from ..progress import ProgressCallback
+from ..provenance import made_by
+from ..store import CARD_FILE, WEIGHTS_FILE, read_card, resolve_model, save_model, weights_sha256
+from ..training import loop
+from ..training.patches import PatchData
+from .autoencoder import VAE_SIZES, KLAutoencoder, build_autoencoder, downsampling, load_vae
 
 
 @dataclass
@@ -130,8 +131,6 @@ def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_p
         dist.barrier()
     saved = loop.load_state(state_path, resume, di)
     if saved is not None:
-        from .latent import KLAutoencoder
-
         vae = KLAutoencoder.from_config(loop.model_config(saved))
         if vae.config.in_channels != data.n_channels:
             raise UserInputError(
@@ -160,11 +159,7 @@ def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_p
 
     def export(ema, step, losses, secs, world):
         scale = measure_scaling(ema, data, cfg.patch_size, seed=cfg.seed)
-        info = {"kind": "vae", "training": {**asdict(cfg), "steps_done": step, "train_seconds": round(secs, 1),
-                                            "final_loss_ema": losses[-1] if losses else None, "world_size": world,
-                                            "torch": torch.__version__},
-                "plugin_version": __version__}
-        save_unet(ema, out / "vae", info)
+        save_model(ema, out / "vae", {"kind": "vae", **loop.training_info(cfg, step, losses, secs, world)})
         write_json(out / CARD_FILE, {
             "kind": "vae", "format_version": 1, "name": out.name,
             "description": f"KL autoencoder for {'image + mask' if data.n_channels > 1 else 'image'} patches",
@@ -174,7 +169,7 @@ def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_p
             "scaling_factor": scale, "downsampling": f, "latent_channels": cfg.latent_channels,
             "patch_size": cfg.patch_size, "beta": cfg.beta, "loss": "MSE + beta * KL (KL per latent element)",
             "steps": step, "validation": dict(last_val) or None,
-            "training_data": _data_card(data, cfg), "plugin_version": __version__,
+            "training_data": _data_card(data, cfg), **made_by(),
         })
 
     summary = loop.run(vae, loss_fn=loss_fn, export=export, cfg=cfg.loop_config("train vae"), dev=dev, di=di,
@@ -213,8 +208,6 @@ def train_ldm(vae_dir, images, out: str | Path, cfg: LdmConfig, *, masks=None, d
 
 def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks, resume, show_progress,
                callback) -> dict:
-    from .store import resolve_model
-
     vae_dir = resolve_model(vae_dir)
     vcard = read_card(vae_dir, ("vae", "latent"))
     paired = len(vcard.get("channels", ["image"])) > 1
@@ -250,12 +243,10 @@ def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks,
     bank = encode_bank(vae, scale, data, cfg.bank, patch, loop.step_generator(cfg.seed, di.rank, 0), dev,
                        show_progress=show_progress and di.main)
     vae.cpu()
-    schedule = dict(DEFAULT_SCHEDULE, prediction_type="v_prediction" if cfg.loss == "v" else "epsilon")
-    noise_sched = make_scheduler("ddpm", schedule)
+    schedule = schedule_for(cfg.loss)
+    noise_sched = training_scheduler(schedule)
     saved = loop.load_state(state_path, resume, di)
     if saved is not None:
-        from .models import ZfUNet
-
         model = ZfUNet.from_config(loop.model_config(saved))
     else:
         torch.manual_seed(cfg.seed)
@@ -267,28 +258,21 @@ def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks,
 
     def loss_fn(net, step, g):
         x0 = bank[torch.randint(0, len(bank), (cfg.batch_size,), generator=g)]
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(x0),), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        xt = noise_sched.add_noise(x0, noise, t)
-        target = noise_sched.get_velocity(x0, noise, t) if cfg.loss == "v" else noise
+        xt, t, target = noised_batch(x0, noise_sched, g)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             pred = net(xt.to(dev), t.to(dev))
         return F.mse_loss(pred.float(), target.to(dev))
 
     def export(ema, step, losses, secs, world):
-        info = {"kind": "latent-unet", "resolution": shape[1], "schedule": schedule,
-                "training": {**asdict(cfg), "steps_done": step, "train_seconds": round(secs, 1),
-                             "final_loss_ema": losses[-1] if losses else None, "world_size": world,
-                             "torch": torch.__version__},
-                "plugin_version": __version__}
-        save_unet(ema, out / "unet", info)
+        save_model(ema, out / "unet", {"kind": "latent-unet", "resolution": shape[1], "schedule": schedule,
+                                       **loop.training_info(cfg, step, losses, secs, world)})
         write_json(out / CARD_FILE, {
             **{k: v for k, v in vcard.items() if k not in ("name", "description", "steps", "training_data")},
             "kind": "latent", "name": out.name,
             "description": ("latent diffusion for image + mask patches" if paired else "latent diffusion for patches"),
             "latent_shape": shape, "vae_sha256": vsha, "vae_steps": vcard.get("steps"),
             "vae_training_data": vcard.get("training_data"), "unet_steps": step,
-            "training_data": _data_card(data, cfg), "plugin_version": __version__,
+            "training_data": _data_card(data, cfg), **made_by(),
         })
 
     summary = loop.run(model, loss_fn=loss_fn, export=export, cfg=cfg.loop_config("train ldm"), dev=dev, di=di,

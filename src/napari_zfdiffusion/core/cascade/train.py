@@ -1,6 +1,6 @@
 """Training the cascade stages: one loop for every stage, unchanged under ``torchrun``.
 
-The loop itself (EMA, checkpoints, exact resume, DDP) is :mod:`.trainloop`; this module supplies
+The loop itself (EMA, checkpoints, exact resume, DDP) is :mod:`..training.loop`; this module supplies
 the cascade's batches, losses and model cards.
 * Losses: ``l1`` on epsilon (as in the original work), ``l2`` on epsilon, ``v`` (v-prediction, MSE).
 * ``continuity``: volume models. Each training plane also gets the plane above it (same specimen,
@@ -12,20 +12,24 @@ the cascade's batches, losses and model cards.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import __version__
-from . import trainloop as loop
-from .data import DepthDataset, Normalisation, augment, depth_bins, random_crop, resize, square
-from .errors import UserInputError
-from .models import SIZES, build_model
-from .sampling import DEFAULT_SCHEDULE, ProgressCallback, make_scheduler
-from .store import CASCADE_FILE, STAGE_FILE, read_json, save_unet
+from ..diffusion.objective import noise_to_level, noised_batch, schedule_for, training_scheduler
+from ..diffusion.unet import SIZES, ZfUNet, add_prev_channel, build_model
+from ..errors import UserInputError
+from ..images import Normalisation, augment, random_crop, resize, square
+from ..io import write_json
+from ..progress import ProgressCallback
+from ..provenance import made_by
+from ..store import CASCADE_FILE, STAGE_FILE, load_model, read_json, resolve_model, save_model
+from ..training import loop
+from .data import DepthDataset
+from .depths import depth_class_cards
 
 STAGES = {"base": (64, None), "sr128": (128, 64), "sr256": (256, 128), "sr512": (512, 256)}
 DEFAULT_CROP = {"sr128": 64, "sr256": 96, "sr512": 128}
@@ -67,20 +71,6 @@ class TrainConfig(loop.TrainOptions):
             raise UserInputError("--prev-noise-max must be in [0, 1].")
 
 
-def depth_class_cards(n_planes: int, n_classes: int, z_step_um: float | None) -> list[dict]:
-    bins = depth_bins(n_planes, n_classes if n_classes != n_planes else None)
-    out = []
-    for c in range(n_classes):
-        planes = [z for z, b in enumerate(bins) if b == c]
-        where = "top" if c == 0 else "bottom" if c == n_classes - 1 else "middle"
-        label = f"planes {planes[0]}-{planes[-1]}" if len(planes) > 1 else f"plane {planes[0]}"
-        if z_step_um:
-            label += f", z = {planes[0] * z_step_um:g}-{planes[-1] * z_step_um:g} um" if len(planes) > 1 \
-                else f", z = {planes[0] * z_step_um:g} um"
-        out.append({"index": c, "planes": planes, "label": f"{label} ({where})"})
-    return out
-
-
 def _update_cascade_card(out: Path, ds: DepthDataset, cfg: TrainConfig) -> dict:
     """Create ``cascade.json``, or check that this stage's data agrees with the stages already there."""
     card_path = out / CASCADE_FILE
@@ -106,10 +96,8 @@ def _update_cascade_card(out: Path, ds: DepthDataset, cfg: TrainConfig) -> dict:
         "intensity": "outputs are normalised intensities in [0, 1] (percentile low -> 0, high -> 1)",
         "training_data": {"files": [Path(f).name for f in ds.files], "credit": cfg.data_credit,
                           "licence": cfg.data_licence},
-        "plugin_version": __version__,
+        **made_by(),
     }
-    from .io import write_json
-
     write_json(card_path, card)
     return card
 
@@ -151,39 +139,26 @@ def _export(out: Path, ema, cfg: TrainConfig, step: int, losses: list[float], ds
         "stage": cfg.stage,
         "resolution": res,
         "input_resolution": lres,
-        "schedule": {**DEFAULT_SCHEDULE, "prediction_type": "v_prediction" if cfg.loss == "v" else "epsilon"},
+        "schedule": schedule_for(cfg.loss),
         "default_noise_aug": 0.1 if lres else None,
         "prev_channels": 1 if cfg.continuity else 0,
-        "training": {
-            **asdict(cfg),
-            "steps_done": step,
-            "final_loss_ema": losses[-1] if losses else None,
-            "images": len(ds),
-            "specimens": len(ds.files),
-            "train_seconds": round(seconds, 1),
-            "world_size": world,
-            "torch": torch.__version__,
-        },
-        "plugin_version": __version__,
+        **loop.training_info(cfg, step, losses, seconds, world, images=len(ds), specimens=len(ds.files)),
     }
-    save_unet(ema, out / cfg.stage, info)
+    save_model(ema, out / cfg.stage, info)
 
 
 def _init_model(cfg: TrainConfig):
     """The stage ``cfg.stage`` of the cascade ``cfg.init_from``, extended to take the previous plane."""
-    from .models import add_prev_channel
-    from .store import load_unet, resolve_model
-
     folder = resolve_model(cfg.init_from) / cfg.stage
     if not (folder / STAGE_FILE).is_file():
         raise UserInputError(f"--init-from '{cfg.init_from}' has no {cfg.stage} stage to start from.")
     parent = read_json(folder / STAGE_FILE).get("schedule", {}).get("prediction_type", "epsilon")
-    mine = "v_prediction" if cfg.loss == "v" else "epsilon"
+    mine = schedule_for(cfg.loss)["prediction_type"]
     if parent != mine and not cfg.retarget:
         raise UserInputError(f"--init-from '{cfg.init_from}' {cfg.stage} predicts {parent}, but --loss {cfg.loss} "
                              f"trains {mine}: use --loss {'v' if parent == 'v_prediction' else 'l1 or l2'}, or "
                              "--retarget to fine-tune it to the new target (it needs about 1000 steps to adapt).")
-    model = load_unet(folder).train()
+    model = load_model(folder, ZfUNet).train()
     return add_prev_channel(model) if cfg.continuity else model
 
 
@@ -209,13 +184,10 @@ def _train(dev: torch.device, di: loop.DistInfo, data, out: Path, cfg: TrainConf
     if di.world > 1:
         dist.barrier()
 
-    schedule = dict(DEFAULT_SCHEDULE, prediction_type="v_prediction" if cfg.loss == "v" else "epsilon")
-    noise_sched = make_scheduler("ddpm", schedule)
-    alphas = noise_sched.alphas_cumprod
+    noise_sched = training_scheduler(schedule_for(cfg.loss))
+    alphas_cumprod = noise_sched.alphas_cumprod
     saved = loop.load_state(state_path, resume, di)
     if saved is not None:
-        from .models import ZfUNet
-
         model = ZfUNet.from_config(loop.model_config(saved))
     elif cfg.init_from:
         model = _init_model(cfg)
@@ -239,23 +211,18 @@ def _train(dev: torch.device, di: loop.DistInfo, data, out: Path, cfg: TrainConf
         labels = ds.classes[idx].clone()
         drop = torch.rand(len(idx), generator=g) < cfg.p_uncond
         labels[drop] = ds.n_classes
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        xt = noise_sched.add_noise(x0, noise, t)
+        xt, t, target = noised_batch(x0, noise_sched, g)
         kwargs = {"class_labels": labels.to(dev)}
         if lowres is not None:
             level = torch.rand(len(idx), generator=g) * cfg.noise_aug_max
-            a = alphas[(level * (len(alphas) - 1)).round().long()].view(-1, 1, 1, 1)
-            lowres = a.sqrt() * lowres + (1 - a).sqrt() * torch.randn(lowres.shape, generator=g)
+            lowres = noise_to_level(lowres, level, alphas_cumprod, torch.randn(lowres.shape, generator=g))
             kwargs.update(cond=lowres.to(dev), noise_level=level.to(dev))
         if prev is not None:
             keep = has_prev.bool() & (torch.rand(len(idx), generator=g) >= cfg.p_noprev)
             level = torch.rand(len(idx), generator=g) * cfg.prev_noise_max
-            a = alphas[(level * (len(alphas) - 1)).round().long()].view(-1, 1, 1, 1)
-            prev = a.sqrt() * prev + (1 - a).sqrt() * torch.randn(prev.shape, generator=g)
+            prev = noise_to_level(prev, level, alphas_cumprod, torch.randn(prev.shape, generator=g))
             prev = prev * keep.view(-1, 1, 1, 1)
             kwargs.update(prev=prev.to(dev), has_prev=keep.long().to(dev))
-        target = noise_sched.get_velocity(x0, noise, t) if cfg.loss == "v" else noise
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             pred = net(xt.to(dev), t.to(dev), **kwargs)
         pred = pred.float()

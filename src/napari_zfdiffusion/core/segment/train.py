@@ -1,9 +1,9 @@
 """Training the segmentation U-Net (``zfdiffusion train unet``) on real images with masks, on
 generated pairs (``zfdiffusion em generate --masks-out``), or on a mix of both.
 
-Runs in the one training loop (:mod:`.trainloop`: EMA, atomic checkpoints, exact resume,
+Runs in the one training loop (:mod:`..training.loop`: EMA, atomic checkpoints, exact resume,
 DistributedDataParallel under ``torchrun``). Data are random crops with flips and rotations
-(:class:`.patches.PatchData` with segmentation targets: foreground and interior) and random
+(:class:`..training.patches.PatchData` with segmentation targets: foreground and interior) and random
 intensity changes (background offset, contrast, gamma, noise; :func:`augment_intensity`). With
 ``extra_images`` (e.g. generated pairs) a fixed fraction of every batch comes from them. At every
 checkpoint the EMA model segments the whole held-out images, tile by tile as in use, and foreground
@@ -12,25 +12,26 @@ IoU, Dice and per-object F1 at IoU 0.5 go in the log and the card.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import __version__
-from . import trainloop as loop
-from .data import Normalisation
-from .errors import UserInputError
-from .io import write_json
-from .latent import CARD_FILE
-from .metrics import match_objects
-from .patches import PatchData
-from .sampling import ProgressCallback
-from .segment import KIND, OUTPUTS, SEG_SIZES, ResUNet, build_segmenter, instances
-from .store import save_unet
-from .tiling import predict_tiled
+from ..errors import UserInputError
+from ..images import Normalisation
+from ..io import write_json
+from ..masks import instances
+from ..metrics import match_objects
+from ..progress import ProgressCallback
+from ..provenance import made_by
+from ..store import CARD_FILE, save_model
+from ..tiling import predict_tiled
+from ..training import loop
+from ..training.patches import PatchData
+from .net import SEG_SIZES, ResUNet, build_segmenter
+from .segmenter import KIND, OUTPUTS
 
 
 @dataclass
@@ -199,12 +200,8 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
         return dict(last_val)
 
     def export(ema, step, losses, secs, world):
-        info = {"kind": "segmentation-unet", "training": {**asdict(cfg), "steps_done": step,
-                                                          "train_seconds": round(secs, 1),
-                                                          "final_loss_ema": losses[-1] if losses else None,
-                                                          "world_size": world, "torch": torch.__version__},
-                "plugin_version": __version__}
-        save_unet(ema, out / "unet", info)
+        save_model(ema, out / "unet", {"kind": "segmentation-unet", **loop.training_info(cfg, step, losses, secs,
+                                                                                         world)})
         td = {**data.describe(), "validation": val_card, "credit": cfg.data_credit, "licence": cfg.data_licence}
         write_json(out / CARD_FILE, {
             "kind": KIND, "format_version": 1, "name": out.name,
@@ -216,7 +213,7 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
             "training_data": td,
             "extra_training_data": ({**extra.describe(), "fraction_of_batch": n_extra / cfg.batch_size}
                                     if extra is not None else None),
-            "plugin_version": __version__,
+            **made_by(),
         })
 
     summary = loop.run(net, loss_fn=loss_fn, export=export, cfg=cfg.loop_config("train unet"), dev=dev, di=di,

@@ -1,5 +1,5 @@
-"""2D training images (and masks) for the patch models: EM autoencoder, latent diffusion, and later
-the segmentation U-Net.
+"""2D training images (and masks) for the patch models: the autoencoder, latent diffusion and the
+segmentation U-Net.
 
 Images of any size, TIFF or PNG, 8 or 16 bit (or float); a file may hold one image or a stack of
 2D images (N, Y, X). Each is percentile-normalised to [0, 1] and stored as [-1, 1] (the original
@@ -9,7 +9,7 @@ shapes; they may be binary masks or label images:
 * **binary** (two values, or floats in [0, 1]): the foreground;
 * **labels** (more than two integer values): the *interior* of each object, i.e. the foreground
   without the one-pixel rim where objects touch, so that connected components of a generated mask
-  give separate objects again (see :func:`labels_from_mask`).
+  give separate objects again (see :mod:`..masks`).
 
 Validation: with 5 or more images the last fifth of them are held out; with fewer, the bottom
 ``patch`` rows of each image tall enough (at least twice the patch) are held out, so training and
@@ -19,36 +19,14 @@ validation crops never overlap.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
-from .data import Normalisation, check_finite, dihedral, list_images, looks_rgb, read_image
-from .errors import UserInputError
-
-MASK_ENCODINGS = ("binary", "interior")
-
-
-def to_gray(arr: np.ndarray, name: str, notices: list[str]) -> np.ndarray:
-    """RGB(A) to one channel (luminance; alpha dropped), with a notice saying so."""
-    if not looks_rgb(arr):
-        return arr
-    rgb = arr[..., :3].astype(np.float32)
-    gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    notices.append(f"{name}: RGB{'A' if arr.shape[-1] == 4 else ''} image {arr.shape} converted to grayscale "
-                   "(luminance" + (", alpha dropped)" if arr.shape[-1] == 4 else ")"))
-    return gray
-
-
-def planes_of(arr: np.ndarray, name: str) -> list[np.ndarray]:
-    """The 2D images a file holds: one (Y, X) image or a (N, Y, X) stack."""
-    if arr.ndim == 2:
-        return [arr]
-    if arr.ndim == 3:
-        return list(arr)
-    raise UserInputError(
-        f"{name} has {arr.ndim} dimensions {arr.shape}: give 2D images or (N, Y, X) stacks of them. "
-        "Split channels or time points into separate files first (e.g. with tifffile)."
-    )
+from ..errors import UserInputError
+from ..images import Normalisation, check_finite, planes_of, random_dihedral, to_gray
+from ..io import list_images, read_image
+from ..masks import encode_mask, mask_encoding, targets_from_mask
 
 
 def read_images_2d(paths, *, min_size: int, notices: list[str]) -> tuple[list[np.ndarray], list[str]]:
@@ -67,53 +45,6 @@ def read_images_2d(paths, *, min_size: int, notices: list[str]) -> tuple[list[np
             out.append(p.astype(np.float32))
             names.append(f"{f.name}[{i}]" if len(planes) > 1 else f.name)
     return out, names
-
-
-def mask_encoding(masks: list[np.ndarray]) -> str:
-    """``binary`` for two-valued (or [0, 1] float) masks, ``interior`` for label images."""
-    for m in masks:
-        if np.issubdtype(m.dtype, np.floating) and not np.all(m == np.round(m)):
-            return "binary"  # probabilities
-        if len(np.unique(m)) > 2:
-            return "interior"
-    return "binary"
-
-
-def encode_mask(mask: np.ndarray, encoding: str) -> np.ndarray:
-    """A mask (binary or labels) as a float foreground channel in [0, 1]."""
-    if encoding == "binary":
-        if np.issubdtype(mask.dtype, np.floating) and mask.max() <= 1.0 and mask.min() >= 0.0:
-            return (mask >= 0.5).astype(np.float32) if np.all(mask == np.round(mask)) else mask.astype(np.float32)
-        return (mask > mask.min()).astype(np.float32) if mask.min() != mask.max() else (mask > 0).astype(np.float32)
-    from skimage.segmentation import find_boundaries
-
-    labels = mask.astype(np.int64)
-    return ((labels > 0) & ~find_boundaries(labels, mode="inner")).astype(np.float32)
-
-
-def labels_from_mask(prob: np.ndarray, *, encoding: str = "binary", threshold: float = 0.5,
-                     min_size: int = 0) -> np.ndarray:
-    """Instance labels (int32) from a foreground probability map in [0, 1] (2D, or a (N, Y, X) batch).
-
-    Connected components of ``prob >= threshold``, objects smaller than ``min_size`` pixels removed;
-    for the ``interior`` encoding each object is grown back by the one-pixel rim it was trained without.
-    """
-    from skimage.measure import label
-    from skimage.segmentation import expand_labels
-
-    prob = np.asarray(prob)
-    if prob.ndim == 3:
-        return np.stack([labels_from_mask(p, encoding=encoding, threshold=threshold, min_size=min_size)
-                         for p in prob])
-    lab = label(prob >= threshold, connectivity=1)
-    if min_size > 1 and lab.max() > 0:
-        small = np.bincount(lab.ravel()) < min_size
-        small[0] = False
-        lab[small[lab]] = 0
-        lab = label(lab > 0, connectivity=1)
-    if encoding == "interior":
-        lab = expand_labels(lab, 1)
-    return lab.astype(np.int32)
 
 
 @dataclass
@@ -140,7 +71,7 @@ class PatchData:
         """Read ``images`` (and ``masks``) and split off validation images (none if ``val_fraction`` is 0).
 
         ``segmentation``: the masks become two target channels, foreground and interior (see
-        :func:`.segment.targets_from_mask`), instead of the one mask channel of the patch generators.
+        :func:`..masks.targets_from_mask`), instead of the one mask channel of the patch generators.
         """
         norm = norm or Normalisation(per="image")
         notices: list[str] = []
@@ -170,8 +101,6 @@ class PatchData:
                 notices.append(f"{len(empty)} of {len(mks)} mask(s) are empty ({', '.join(empty[:3])}"
                                f"{', ...' if len(empty) > 3 else ''}): those images teach background only")
             if segmentation:
-                from .segment import targets_from_mask
-
                 chans = [torch.cat([c, torch.from_numpy(targets_from_mask(m) * 2.0 - 1.0)])
                          for c, m in zip(chans, mks)]
             if encoding == "interior":
@@ -218,8 +147,7 @@ class PatchData:
             x = int(torch.randint(0, t.shape[2] - crop + 1, (1,), generator=gen))
             c = t[:, y:y + crop, x:x + crop]
             if augment:
-                k = int(torch.randint(0, 4, (1,), generator=gen))
-                c = dihedral(c, k, bool(torch.rand(1, generator=gen) < 0.5))
+                c = random_dihedral(c, gen)
             out.append(c)
         return torch.stack(out)
 

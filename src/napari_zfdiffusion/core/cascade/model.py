@@ -17,20 +17,23 @@ above as trained; ``w`` is the depth guidance of :meth:`Cascade.generate`.
 
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import __version__
-from .data import Normalisation, from_image, resize, to_unit
-from .device import autocast_dtype, resolve_device
-from .errors import UserInputError
-from .sampling import (DEFAULT_SAMPLER, ProgressCallback, check_guidance, check_steps, denoise, generators,
-                       make_scheduler, randn)
-from .store import CASCADE_FILE, STAGE_FILE, load_unet, read_json, resolve_model
+from ..device import autocast_dtype, resolve_device
+from ..diffusion.objective import alphas, noise_to_level
+from ..diffusion.sampling import DEFAULT_SAMPLER, check_guidance, check_steps, denoise, generators, randn
+from ..diffusion.unet import ZfUNet
+from ..errors import UserInputError
+from ..images import Normalisation, resize, to_model, to_unit
+from ..progress import ProgressCallback
+from ..provenance import stamp
+from ..store import CASCADE_FILE, STAGE_FILE, load_model, read_json, resolve_model
+from .depths import parse_depths
+from .volume import first_plane_tensor
 
 STAGE_ORDER = ("base", "sr128", "sr256", "sr512")
 DEFAULT_NOISE_AUG = 0.1
@@ -38,13 +41,11 @@ DEFAULT_NOISE_AUG = 0.1
 
 def noise_augment(lowres: torch.Tensor, level: float, schedule_alphas: torch.Tensor,
                   gens: list[torch.Generator]) -> torch.Tensor:
-    """Noise ``lowres`` (model space) to ``level`` in [0, 1] of the diffusion schedule."""
+    """Noise ``lowres`` (model space) to ``level`` in [0, 1] of the diffusion schedule, as the stage
+    saw its low-res input in training; the noise comes from the samples' own generators."""
     if level <= 0:
         return lowres
-    t = min(int(round(level * (len(schedule_alphas) - 1))), len(schedule_alphas) - 1)
-    a = schedule_alphas[t].to(lowres.device)
-    noise = randn(lowres.shape, gens, lowres.device)
-    return a.sqrt() * lowres + (1 - a).sqrt() * noise
+    return noise_to_level(lowres, level, schedule_alphas, randn(lowres.shape, gens, lowres.device))
 
 
 def check_noise_aug(level: float) -> float:
@@ -53,10 +54,6 @@ def check_noise_aug(level: float) -> float:
         raise UserInputError(
             f"noise augmentation must be between 0 and 1 (default {DEFAULT_NOISE_AUG}), got {level!r}.")
     return lv
-
-
-def schedule_alphas(schedule: dict) -> torch.Tensor:
-    return make_scheduler("ddpm", schedule).alphas_cumprod
 
 
 @dataclass
@@ -128,7 +125,7 @@ class Cascade:
 
     def _model(self, stage: Stage) -> torch.nn.Module:
         if stage.model is None:
-            stage.model = load_unet(stage.folder).to(self.device)
+            stage.model = load_model(stage.folder, ZfUNet).to(self.device)
         return stage.model
 
     # ---------------------------------------------------------------- facts
@@ -209,7 +206,7 @@ class Cascade:
             up = None
             if x is not None:
                 up = resize(x, res).clamp(-1, 1)
-                up = noise_augment(up, noise_aug, schedule_alphas(stage.schedule), gens)
+                up = noise_augment(up, noise_aug, alphas(stage.schedule), gens)
             above = prev.get(res) if prev is not None else None
             weights = [guidance if name == "base" else sr_guidance] + ([continuity] if above is not None else [])
             x = denoise(
@@ -223,15 +220,7 @@ class Cascade:
         return x, outs
 
     def _provenance(self, **kw) -> dict:
-        return {
-            "kind": "zfdiffusion.cascade",
-            "model": self.name,
-            "model_path": str(self.path),
-            "plugin_version": __version__,
-            "device": str(self.device),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            **kw,
-        }
+        return stamp("zfdiffusion.cascade", model=self, device=self.device, **kw)
 
     def generate(self, depth: int, *, guidance: float = 3.0, resolution: int | None = None, n: int = 1,
                  seed: int = 0, sampler: str = DEFAULT_SAMPLER, steps: int = 25, sr_steps: int | None = None,
@@ -278,10 +267,8 @@ class Cascade:
         rest of the volume continues from it. ``on_plane(k, image)`` is called as each plane is done.
         All randomness comes from one generator seeded with ``seed``.
         """
-        from .volume import first_plane_tensor, parse_depth_range
-
         if isinstance(depths, str):
-            depths = parse_depth_range(depths, self.n_classes)
+            depths = parse_depths(depths, self.n_classes, consecutive=True)
         depths = tuple(self.check_depth(d) for d in depths)
         if not depths or any(b != a + 1 for a, b in zip(depths, depths[1:])):
             raise UserInputError(f"depths {list(depths)} must be consecutive depth classes, top to bottom.")
@@ -366,12 +353,7 @@ class Cascade:
                 f"the image ({h}x{w}) is already at or above the target resolution {resolution}: choose a larger one."
             )
         names = [s.name for s in self.stages.values() if first.resolution <= s.resolution <= resolution]
-        if normalise:
-            lows = torch.cat([from_image(a, self.normalisation) for a in arr])
-        else:
-            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-                raise UserInputError("the image holds NaN or infinite values: replace them first.")
-            lows = torch.from_numpy(np.clip(arr.astype(np.float32), 0, 1) * 2 - 1)[:, None]
+        lows = torch.cat([to_model(a, self.normalisation, normalise=normalise) for a in arr])
         lows = resize(lows, first.input_resolution).to(self.device)
         n = lows.shape[0]
         gens = generators(seed, n)

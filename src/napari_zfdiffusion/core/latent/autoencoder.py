@@ -1,0 +1,146 @@
+"""The KL autoencoder of the patch models (MSE + beta * KL, diffusers' ``AutoencoderKL``), built for
+training and loaded with its card for encoding and decoding (:class:`Autoencoder`).
+
+Latents are multiplied by the card's ``scaling_factor`` = 1 / (their standard deviation on the
+training crops), so the diffusion model in :mod:`.model` sees unit variance. A paired model has two
+channels, the image and its mask (see :mod:`...masks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from ..device import autocast_dtype, resolve_device
+from ..errors import UserInputError
+from ..images import Normalisation, to_model, to_unit
+from ..metrics import psnr, ssim
+from ..progress import Progress, ProgressCallback
+from ..store import load_model, read_card, resolve_model
+
+# Autoencoder sizes: ``tiny`` for tests (downsamples by 2); ``small`` trains on a CPU (by 8: a
+# 256x256 patch becomes 4x32x32); ``base`` for a GPU (by 8, wider, two ResNet blocks per level).
+VAE_SIZES: dict[str, dict] = {
+    "tiny": {"block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4},
+    "small": {"block_out_channels": (16, 32, 64, 64), "layers_per_block": 1, "norm_num_groups": 16},
+    "base": {"block_out_channels": (64, 128, 256, 256), "layers_per_block": 2, "norm_num_groups": 32},
+}
+
+
+class KLAutoencoder(AutoencoderKL):
+    """diffusers' ``AutoencoderKL`` whose forward also returns the KL term, so that one call (the
+    one DistributedDataParallel hooks) gives everything the loss needs."""
+
+    def forward(self, sample: torch.Tensor, sample_posterior: bool = True, return_dict: bool = True,
+                generator: torch.Generator | None = None):
+        post = self.encode(sample).latent_dist
+        z = post.sample(generator) if sample_posterior else post.mode()
+        return self.decode(z).sample, post.kl()
+
+
+def build_autoencoder(channels: int, size: str = "small", latent_channels: int = 4) -> KLAutoencoder:
+    if size not in VAE_SIZES:
+        raise UserInputError(f"unknown autoencoder size '{size}': choose one of {', '.join(VAE_SIZES)}.")
+    s = VAE_SIZES[size]
+    n = len(s["block_out_channels"])
+    return KLAutoencoder(
+        in_channels=channels, out_channels=channels, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        mid_block_add_attention=False,  # fully convolutional: trains on crops, runs on any size
+        sample_size=256, **s,
+    )
+
+
+def downsampling(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_vae(folder: Path) -> KLAutoencoder:
+    """The autoencoder in ``folder`` (safetensors only), with clear errors when it is broken."""
+    return load_model(folder, KLAutoencoder, "autoencoder folder").requires_grad_(False)
+
+
+class Autoencoder:
+    """A loaded autoencoder (from a ``vae`` or a ``latent`` model folder) with its card."""
+
+    def __init__(self, path: Path, card: dict, vae: KLAutoencoder, device: torch.device):
+        self.path, self.card, self.vae, self.device = path, card, vae.to(device), device
+        self.dtype = autocast_dtype(device)
+
+    @classmethod
+    def load(cls, model: str | Path, device: str | torch.device = "auto") -> Autoencoder:
+        path = resolve_model(model)
+        card = read_card(path, ("vae", "latent"))
+        vae = load_vae(path / "vae")
+        if vae.config.in_channels != len(card.get("channels", ["image"])):
+            raise UserInputError(
+                f"the autoencoder in '{path}' takes {vae.config.in_channels} channel(s) but its card lists "
+                f"{card.get('channels')}: the folder is mismatched. Copy the whole model folder again.")
+        return cls(path, card, vae, resolve_device(device))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def paired(self) -> bool:
+        return len(self.card.get("channels", ["image"])) > 1
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.card["scaling_factor"])
+
+    @property
+    def normalisation(self) -> Normalisation:
+        return Normalisation.from_dict(self.card.get("normalisation"))
+
+    @property
+    def factor(self) -> int:
+        return downsampling(self.vae)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, *, sample: bool = False, gen: torch.Generator | None = None) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f)."""
+        post = self.vae.encode(x.to(self.device)).latent_dist
+        z = post.sample(gen) if sample else post.mode()
+        return z * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, batch: int = 8, callback: ProgressCallback | None = None,
+               stage_index: int = 0, n_stages: int = 1) -> torch.Tensor:
+        """Scaled latents -> (B, C, H, W) in [-1, 1], ``batch`` at a time, float32 on the CPU."""
+        out = []
+        amp = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        for i in range(0, len(z), batch):
+            with amp:
+                out.append(self.vae.decode(z[i:i + batch].to(self.device) / self.scaling_factor).sample.float().cpu())
+            if callback is not None:
+                callback(Progress("decode", min(i + batch, len(z)), len(z), stage_index, n_stages))
+        return torch.cat(out).clamp(-1, 1)
+
+    def roundtrip(self, image: np.ndarray, *, normalise: bool = True) -> tuple[np.ndarray, dict]:
+        """Encode and decode a 2D image (any size; padded to a multiple of the downsampling) to see what the
+        autoencoder keeps. Returns the reconstruction in [0, 1] and figures: MSE, PSNR, SSIM, latent shape."""
+        x = to_model(image, self.normalisation, normalise=normalise)
+        h, w = x.shape[-2:]
+        if h * w > 4096 * 4096:
+            raise UserInputError(f"the image is {h}x{w}: encode a region of at most 4096x4096 pixels.")
+        f = self.factor
+        ph, pw = (-h) % f, (-w) % f
+        xp = F.pad(x, (0, pw, 0, ph), mode="reflect") if (ph or pw) else x
+        if self.paired:  # no mask for a user's image: encode an empty mask channel
+            xp = torch.cat([xp, -torch.ones_like(xp)], dim=1)
+        z = self.encode(xp)
+        rec = self.decode(z)[:, :1, :h, :w]
+        a, b = to_unit(x[0, 0]), to_unit(rec[0, 0])
+        figures = {"mse": float(np.mean((a - b) ** 2)), "psnr": psnr(a, b), "ssim": ssim(a, b),
+                   "latent_shape": list(z.shape[1:])}
+        return b, figures
+
+
+__all__ = ["VAE_SIZES", "Autoencoder", "KLAutoencoder", "build_autoencoder", "downsampling", "load_vae"]
