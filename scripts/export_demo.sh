@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copy the inference files of a trained cascade (no optimiser state) into weights/, and write its card.
-# Usage: scripts/export_demo.sh RUN_DIR [NAME [write_model_card.py options, e.g. --parent DIR]]
+# Usage: scripts/export_demo.sh RUN_DIR [NAME [`evaluation.cards cascade` options, e.g. --parent DIR]]
 set -euo pipefail
 RUN=${1:?run folder}
 NAME=${2:-zf-cascade-demo}
@@ -14,6 +14,6 @@ for st in base sr128 sr256 sr512; do
   cp "$RUN/$st/config.json" "$RUN/$st/diffusion_pytorch_model.safetensors" "$RUN/$st/stage.json" "$DEST.tmp/$st/"
   cp "$RUN/training/$st/log.jsonl" "$DEST.tmp/$st/train_log.jsonl" 2>/dev/null || true
 done
-${PY:-.venv/bin/python} scripts/write_model_card.py "$DEST.tmp" --name "$NAME" "$@"
+${PY:-.venv/bin/python} -m napari_zfdiffusion.evaluation.cards cascade "$DEST.tmp" --name "$NAME" "$@"
 rm -rf "$DEST"; mv "$DEST.tmp" "$DEST"
 du -sh "$DEST"

@@ -17,7 +17,7 @@ done
 # 50 steps differ by 6e-5 on average (max 0.017) from the float32 weights, masks agree on 99.99 % of pixels
 KIND=$(${PY:-.venv/bin/python} -c "import json,sys; print(json.load(open(sys.argv[1])).get('kind'))" "$DEST.tmp/model.json")
 if [ "$KIND" = "segmentation" ]; then  # small (2.6 MB): kept in float32; its own card
-  ${PY:-.venv/bin/python} scripts/write_seg_card.py "$DEST.tmp" --name "$NAME" ${RUN_NAME:+--run-name "$RUN_NAME"}
+  ${PY:-.venv/bin/python} -m napari_zfdiffusion.evaluation.cards seg "$DEST.tmp" --name "$NAME" ${RUN_NAME:+--run-name "$RUN_NAME"}
   rm -rf "$DEST"; mv "$DEST.tmp" "$DEST"; du -sh "$DEST"; exit 0
 fi
 if [ -f "$DEST.tmp/unet/diffusion_pytorch_model.safetensors" ]; then
@@ -33,6 +33,6 @@ VAE_RUN=$(dirname "$SRC")/$(basename "$SRC" | sed 's/-ldm-/-vae-/')
 if [ -f "$VAE_RUN/training/vae/log.jsonl" ] && [ ! -f "$DEST.tmp/vae/train_log.jsonl" ]; then
   cp "$VAE_RUN/training/vae/log.jsonl" "$DEST.tmp/vae/train_log.jsonl"
 fi
-${PY:-.venv/bin/python} scripts/write_patch_card.py "$DEST.tmp" --name "$NAME"
+${PY:-.venv/bin/python} -m napari_zfdiffusion.evaluation.cards patch "$DEST.tmp" --name "$NAME"
 rm -rf "$DEST"; mv "$DEST.tmp" "$DEST"
 du -sh "$DEST"

@@ -1,5 +1,7 @@
-#!/usr/bin/env python
 """Evaluate volume generation: do the planes of one generated volume agree, as real ones do?
+
+    python -m napari_zfdiffusion.evaluation.volume --model runs/zf-volume-v --threads 1 --n-volumes 8 \
+        --resolution 128 --out docs
 
 Compares, at one resolution (default 128):
 
@@ -12,11 +14,13 @@ Compares, at one resolution (default 128):
 
 Measures, per set: Pearson correlation and SSIM between each plane and the next (and between the
 first and last plane), the depth classifier's accuracy on the volumes' planes (the classifier of
-``evaluate_cascade.py``, trained on real time points 0-11 and selected on 12-15), and the mean
+:mod:`.cascade`, trained on real time points 0-11 and selected on 12-15), and the mean
 intensity per depth. Writes ``results/volume_eval.{json,md}`` and the figures
-``images/volume_xz.png`` (orthogonal XZ views) and ``images/volume_planes.png`` under ``--out``.
+``images/volume_xz.png`` (orthogonal XZ views) and ``images/volume_planes.png`` under ``--out``
+(``--tag`` appended to each name).
 
 Seeded: volume i of every set uses seed + i, so the sets differ only in continuity guidance.
+Needs the ``eval`` extra (matplotlib).
 """
 
 from __future__ import annotations
@@ -25,21 +29,21 @@ import argparse
 import datetime as dt
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _evalutil import git_commit, plt as _plt
-from evaluate_cascade import TEST_TPS, RealData, log, predict, rounded, train_classifier
-from napari_zfdiffusion.core.cascade import Cascade
-from napari_zfdiffusion.core.data import resize, square, to_unit
-from napari_zfdiffusion.core.store import resolve_model
-from napari_zfdiffusion.core.volume import neighbour_agreement
+from ..core.cascade import Cascade
+from ..core.images import resize, square, to_unit
+from ..core.metrics import neighbour_agreement
+from ..core.store import resolve_model
+from ._common import PROG, command, git_commit, log, output_dirs, rounded, run, set_threads
+from ._common import plt as _plt
+from .cascade import TEST_TPS, RealData, cho_dirs, predict, train_classifier
 
-ROOT = Path(__file__).resolve().parents[1]
+RUN_MODEL = Path("runs") / "zf-volume"  # a freshly trained volume model, if run from the repository
 TRAIN_TPS = range(0, 16)
 
 
@@ -149,12 +153,17 @@ def markdown(r: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG + "volume", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    default = ROOT / "runs" / "zf-volume"
-    p.add_argument("--model", default=str(default) if (default / "base" / "stage.json").is_file() else "zf-cascade-demo")
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--model", default=str(RUN_MODEL) if (RUN_MODEL / "base" / "stage.json").is_file()
+                   else "zf-cascade-demo", help="cascade folder or model name (default: runs/zf-volume if "
+                                                "trained, else the bundled zf-cascade-demo)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="writes OUT/images/volume_*.png and OUT/results/volume_eval.{json,md}")
     p.add_argument("--tag", default="", help="suffix for the result and figure names")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder with train/ (cho_t00..t15.tif) and test/ (cho_t16..t19.tif); default: the "
+                        "fetched CHO data (fetched with pip if missing)")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--n-volumes", type=int, default=8)
     p.add_argument("--continuity", default="1,2", help="comma-separated continuity guidance values (besides 0)")
@@ -169,17 +178,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    _plt()  # the figures need matplotlib: say so now, not after minutes of sampling
+    set_threads(a.threads)
     t0 = time.perf_counter()
-    (a.out / "images").mkdir(parents=True, exist_ok=True)
-    (a.out / "results").mkdir(parents=True, exist_ok=True)
+    img_dir, res_dir = output_dirs(a.out)
     cas = Cascade.load(a.model, "cpu")
     cas.check_resolution(a.resolution)
     depths = list(range(cas.n_classes))
-    from napari_zfdiffusion.core.fetch import prepare_cho
-
-    train_dir, test_dir = prepare_cho(quiet=True)
+    train_dir, test_dir = cho_dirs(a.data)
     real = RealData(train_dir, test_dir, cas)
     log(f"model {resolve_model(a.model)}, threads {torch.get_num_threads()}; training the depth classifier")
     clf, clf_info = train_classifier(real, iters=a.clf_iters, seed=a.seed)
@@ -207,10 +213,9 @@ def main(argv=None) -> int:
             f"ssim {sets[name]['neighbour_ssim']['mean']:.3f}, depth acc {sets[name]['depth']['accuracy']:.2f}, "
             f"{timings[name]} s/volume")
     order = [shown[0], *shown[2:], shown[1]]  # real, volumes, baseline last
-    fig_xz(a.out / "images" / f"volume_xz{a.tag}.png", order, stretch=max(4, a.resolution // 16))
-    fig_planes(a.out / "images" / f"volume_planes{a.tag}.png", order)
-    cmd = "python scripts/evaluate_volume.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    r = {"model": str(resolve_model(a.model)), "command": cmd.strip(), "git_commit": git_commit(),
+    fig_xz(img_dir / f"volume_xz{a.tag}.png", order, stretch=max(4, a.resolution // 16))
+    fig_planes(img_dir / f"volume_planes{a.tag}.png", order)
+    r = {"model": str(resolve_model(a.model)), "command": command("volume", argv), "git_commit": git_commit(),
          "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
          "machine": {"python": platform.python_version(), "torch": torch.__version__,
                      "threads": torch.get_num_threads()},
@@ -220,11 +225,11 @@ def main(argv=None) -> int:
          "classifier": {k: v for k, v in clf_info.items() if k != "history"},
          "sets": sets, "seconds": round(time.perf_counter() - t0, 1)}
     r = rounded(r)
-    (a.out / "results" / f"volume_eval{a.tag}.json").write_text(json.dumps(r, indent=2) + "\n")
-    (a.out / "results" / f"volume_eval{a.tag}.md").write_text(markdown(r))
+    (res_dir / f"volume_eval{a.tag}.json").write_text(json.dumps(r, indent=2) + "\n")
+    (res_dir / f"volume_eval{a.tag}.md").write_text(markdown(r))
     print(markdown(r))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -1,7 +1,8 @@
-#!/usr/bin/env python
 """Evaluate a depth cascade: depth-classifier accuracy, a memorisation check, and figures.
 
-Writes, under ``--out`` (default ``docs``):
+    python -m napari_zfdiffusion.evaluation.cascade --model zf-cascade-demo --threads 2 --out docs
+
+Writes, under ``--out`` (``--tag`` is appended to every name):
 
 * ``results/cascade_eval.json``  every number, with the settings, seeds and model steps behind it
 * ``results/cascade_eval.md``    the same as markdown tables
@@ -21,7 +22,8 @@ Honest splits (the CHO movie: 20 time points x 5 z planes; the diffusion model s
   held-out real planes (16-19). Copies would sit much closer than held-out real planes do.
 
 Everything is seeded; the same command gives the same numbers (up to float summation order when
-the number of threads changes). Run ``python scripts/evaluate_cascade.py --help`` for the options.
+the number of threads changes). Run ``python -m napari_zfdiffusion.evaluation.cascade --help`` for
+the options. Needs the ``eval`` extra (matplotlib).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import datetime as dt
 import json
 import platform
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -40,14 +41,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _evalutil import git_commit, quartiles
-from _evalutil import plt as _plt
-from napari_zfdiffusion.core.cascade import Cascade
-from napari_zfdiffusion.core.data import DepthDataset, dihedral, list_images, resize, square
-from napari_zfdiffusion.core.store import resolve_model
+from ..core.cascade import Cascade
+from ..core.cascade.data import DepthDataset
+from ..core.images import dihedral, resize, square
+from ..core.io import list_images
+from ..core.metrics import DIHEDRAL_VIEWS, nearest_neighbours
+from ..core.store import resolve_model
+from ._common import (
+    PROG,
+    add_compute,
+    command,
+    floats,
+    git_commit,
+    log,
+    output_dirs,
+    quartiles,
+    rounded,
+    run,
+    set_threads,
+    shown_path,
+)
+from ._common import plt as _plt
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN_MODEL = ROOT / "runs" / "zf-cascade-demo"
+RUN_MODEL = Path("runs") / "zf-cascade-demo"  # a freshly trained demo cascade, if run from the repository
 BUNDLED_MODEL = "zf-cascade-demo"
 RES = 64  # the base stage's resolution: classifier and memorisation work here
 
@@ -57,18 +73,10 @@ TEST_TPS = range(16, 20)
 
 
 # --------------------------------------------------------------------------------------- helpers
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def default_model() -> str:
     if (RUN_MODEL / "base" / "stage.json").is_file():
         return str(RUN_MODEL)
     return BUNDLED_MODEL
-
-
-def floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",") if v.strip()]
 
 
 def time_point(path: str | Path) -> int:
@@ -100,22 +108,22 @@ def views(plane: torch.Tensor, offsets, size: int = RES) -> torch.Tensor:
 
 def all_dihedral(x: torch.Tensor) -> torch.Tensor:
     """The 8 flips/rotations of each (H, W) image of (N, H, W): (8N, H, W)."""
-    return torch.cat([dihedral(x, k, f) for f in (False, True) for k in range(4)])
-
-
-def rounded(obj, nd=4):
-    if isinstance(obj, float):
-        return round(obj, nd)
-    if isinstance(obj, dict):
-        return {k: rounded(v, nd) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [rounded(v, nd) for v in obj]
-    if isinstance(obj, np.generic):
-        return rounded(obj.item(), nd)
-    return obj
+    return torch.cat([dihedral(x, k, f) for k, f in DIHEDRAL_VIEWS])
 
 
 # ------------------------------------------------------------------------------------------ data
+def cho_dirs(data: Path | None) -> tuple[Path, Path]:
+    """The train/ and test/ folders of CHO stacks: ``data``'s, or the fetched data set (fetched if missing)."""
+    if data is None:
+        from ..core.fetch import prepare_cho
+
+        train_dir, test_dir = prepare_cho(quiet=True)
+    else:
+        train_dir, test_dir = Path(data) / "train", Path(data) / "test"
+    list_images(train_dir), list_images(test_dir)
+    return train_dir, test_dir
+
+
 class RealData:
     """Every CHO plane, percentile-normalised per stack with the cascade's normalisation, in [-1, 1]."""
 
@@ -253,28 +261,6 @@ def per_class_acc(m: np.ndarray) -> list[float]:
     return [float(m[i, i] / m[i].sum()) if m[i].sum() else float("nan") for i in range(len(m))]
 
 
-# ---------------------------------------------------------------------------------- memorisation
-def nn_dist(q: np.ndarray, ref: np.ndarray, ref_group: np.ndarray | None = None,
-            q_group: np.ndarray | None = None, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Distance of each query row to its nearest ``ref`` row (and that row's index).
-
-    With groups, a query ignores the references of its own group (leave-one-time-point-out).
-    """
-    r = torch.from_numpy(ref).double()
-    r2 = (r * r).sum(1)
-    out_d, out_i = [], []
-    for i in range(0, len(q), chunk):
-        qq = torch.from_numpy(q[i:i + chunk]).double()
-        d2 = (qq * qq).sum(1)[:, None] + r2[None] - 2 * qq @ r.T
-        if ref_group is not None:
-            same = torch.from_numpy(q_group[i:i + chunk])[:, None] == torch.from_numpy(ref_group)[None]
-            d2[same] = float("inf")
-        v, j = d2.clamp_min(0).min(1)
-        out_d.append(v.sqrt())
-        out_i.append(j)
-    return torch.cat(out_d).numpy(), torch.cat(out_i).numpy()
-
-
 # ------------------------------------------------------------------------------------- figures
 def unit(x) -> np.ndarray:
     x = x.numpy() if torch.is_tensor(x) else np.asarray(x)
@@ -406,12 +392,15 @@ def fig_stages(path: Path, rows: list[dict], labels) -> None:
 
 # ----------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG + "cascade", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=default_model(),
                    help="cascade folder or bundled model name (default: runs/zf-cascade-demo if trained, else "
                         "the bundled zf-cascade-demo)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs", help="writes OUT/images/*.png and OUT/results/*")
+    p.add_argument("--out", type=Path, required=True,
+                   help="writes OUT/images/cascade_*.png and OUT/results/cascade_eval.{json,md} (docs: the "
+                        "documentation's own)")
+    p.add_argument("--tag", default="", help="suffix for the result and figure names, e.g. _volume_model")
     p.add_argument("--data", type=Path, default=None,
                    help="folder with train/ (cho_t00..t15.tif) and test/ (cho_t16..t19.tif); default: the "
                         "fetched CHO data (fetched with pip if missing)")
@@ -428,9 +417,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="guidance for the cascade-stages figure: a number, or 'best' (highest generated accuracy)")
     p.add_argument("--stage-samples", type=int, default=1, help="samples per depth taken to full resolution")
     p.add_argument("--no-stages", action="store_true", help="skip the (slow) cascade-to-512 figure")
-    p.add_argument("--device", default="cpu", help="cpu (default, reproducible), cuda, mps or auto")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's own, i.e. OMP_NUM_THREADS or all cores)")
+    add_compute(p)
     a = p.parse_args(argv)
     if a.n_per_cell < 1 or a.batch < 1:
         p.error("--n-per-cell and --batch must be at least 1")
@@ -441,12 +428,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    _plt()  # the figures need matplotlib: say so now, not after minutes of sampling
+    set_threads(a.threads)
     t_start = time.perf_counter()
-    img_dir, res_dir = a.out / "images", a.out / "results"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    res_dir.mkdir(parents=True, exist_ok=True)
+    img_dir, res_dir = output_dirs(a.out)
+    written: list[Path] = []
+
+    def fig_path(what: str) -> Path:
+        written.append(img_dir / f"cascade_{what}{a.tag}.png")
+        return written[-1]
 
     cas = Cascade.load(a.model, device=a.device)
     model_path = resolve_model(a.model)
@@ -455,13 +445,7 @@ def main(argv=None) -> int:
     stage_steps = {name: st.info.get("training", {}).get("steps_done") for name, st in cas.stages.items()}
     log(f"model {model_path} (stages {stage_steps}), device {cas.device}, torch threads {torch.get_num_threads()}")
 
-    if a.data is None:
-        from napari_zfdiffusion.core.fetch import prepare_cho
-
-        train_dir, test_dir = prepare_cho(quiet=True)
-    else:
-        train_dir, test_dir = a.data / "train", a.data / "test"
-    list_images(train_dir), list_images(test_dir)
+    train_dir, test_dir = cho_dirs(a.data)
     real = RealData(train_dir, test_dir, cas)
     timings = {}
 
@@ -534,15 +518,16 @@ def main(argv=None) -> int:
     _, ref_feat = predict(clf, ref)
     scale = 1 / np.sqrt(RES * RES)  # RMS per pixel
     q_test, q_test_y, q_test_t = real.planes(TEST_TPS, (0.0, 0.5, 1.0))
-    d_test, i_test = nn_dist(q_test.reshape(len(q_test), -1).numpy(), ref_flat)
+    d_test, i_test = nearest_neighbours(q_test.reshape(len(q_test), -1).numpy(), ref_flat)
     d_test *= scale
     _, f_test = predict(clf, q_test)
-    df_test, _ = nn_dist(f_test, ref_feat)
+    df_test, _ = nearest_neighbours(f_test, ref_feat)
     q_loo, _, q_loo_t = real.planes(real.diffusion_tps, (None,))
-    d_loo, _ = nn_dist(q_loo.reshape(len(q_loo), -1).numpy(), ref_flat, ref_t, q_loo_t.numpy())
+    d_loo, _ = nearest_neighbours(q_loo.reshape(len(q_loo), -1).numpy(), ref_flat, reference_groups=ref_t,
+                                  query_groups=q_loo_t.numpy())
     d_loo *= scale
     _, f_loo = predict(clf, q_loo)
-    df_loo, _ = nn_dist(f_loo, ref_feat, ref_t, q_loo_t.numpy())
+    df_loo, _ = nearest_neighbours(f_loo, ref_feat, reference_groups=ref_t, query_groups=q_loo_t.numpy())
     mem = {
         "reference": f"diffusion training time points {real.diffusion_tps[0]}-{real.diffusion_tps[-1]}: "
                      f"{len(real.diffusion_tps) * nd} planes x {n_off} square offsets x 8 flips/rotations "
@@ -562,9 +547,9 @@ def main(argv=None) -> int:
     d_gen, i_gen, rel_gen = {}, {}, {}
     for gi, g in enumerate(G):
         q = gen[gi].reshape(-1, RES * RES)
-        d_gen[gi], i_gen[gi] = nn_dist(q, ref_flat)
+        d_gen[gi], i_gen[gi] = nearest_neighbours(q, ref_flat)
         d_gen[gi] *= scale
-        dfg, _ = nn_dist(gen_feats[gi], ref_feat)
+        dfg, _ = nearest_neighbours(gen_feats[gi], ref_feat)
         y = np.repeat(np.arange(nd), a.n_per_cell)
         rel_gen[gi] = d_gen[gi] / ho_med[y]
         rel_test_min = float((d_test / ho_med[q_test_y.numpy()]).min())
@@ -588,14 +573,14 @@ def main(argv=None) -> int:
 
     # ---- 5. figures at 64 ------------------------------------------------------------------------
     real_grid = [real.planes(TEST_TPS, (None,))[0][ycentre.numpy() == d].numpy() for d in range(nd)]
-    fig_grid(img_dir / "cascade_grid_depth_guidance.png", gen, G, real_grid, labels, a.grid_k)
-    fig_confusion(img_dir / "cascade_confusion.png", real_m, np.array(gen_rows[g_best]["confusion"]), g_best)
+    fig_grid(fig_path("grid_depth_guidance"), gen, G, real_grid, labels, a.grid_k)
+    fig_confusion(fig_path("confusion"), real_m, np.array(gen_rows[g_best]["confusion"]), g_best)
     ser = {"real held-out (t16-19)": d_test, "train, other time points": d_loo}
     ser_f = {"real held-out (t16-19)": df_test, "train, other time points": df_loo}
     for gi, g in enumerate(G):
         ser[f"generated g={g:g}"] = d_gen[gi]
     ser_f[f"generated g={g_best:g}"] = dfg_best
-    fig_hist(img_dir / "cascade_nn_hist.png", ser, "RMS pixel distance to nearest training view ([-1, 1] scale)",
+    fig_hist(fig_path("nn_hist"), ser, "RMS pixel distance to nearest training view ([-1, 1] scale)",
              ser_f, "feature distance to nearest training view")
     rng = np.random.default_rng(a.seed)
     gbest_flat = gen[gb].reshape(-1, RES, RES)
@@ -618,7 +603,7 @@ def main(argv=None) -> int:
                        [f"{gname(i)} / {nb_name(i_gen[gb][i])}" for i in rand]))
     groups.append(("held-out real", q_test[held].numpy(), ref[i_test[held]].numpy(), d_test[held],
                    [f"t{int(q_test_t[i]):02d} z{int(q_test_y[i])} / {nb_name(i_test[i])}" for i in held]))
-    fig_pairs(img_dir / "cascade_nn_pairs.png", groups)
+    fig_pairs(fig_path("nn_pairs"), groups)
 
     # ---- 6. one sample per depth through the cascade -------------------------------------------
     stages_info = None
@@ -644,7 +629,7 @@ def main(argv=None) -> int:
             log(f"cascade to {top} for depth {d}: {time.perf_counter() - t0:.0f} s so far")
         timings["cascade_full_s"] = time.perf_counter() - t0
         timings["cascade_full_s_per_sample"] = timings["cascade_full_s"] / (nd * a.stage_samples)
-        fig_stages(img_dir / "cascade_stages.png", rows, labels)
+        fig_stages(fig_path("stages"), rows, labels)
         stages_info = {"guidance": g_stage, "sr_guidance": 1.0, "steps": a.steps, "sr_steps": a.sr_steps,
                        "resolution": top, "samples_per_depth": a.stage_samples, "seed": a.seed,
                        "noise_aug": "cascade default"}
@@ -653,7 +638,7 @@ def main(argv=None) -> int:
     # ---- 7. results ---------------------------------------------------------------------------
     result = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "command": command("cascade", argv),
         "git_commit": git_commit(),
         "model": {"path": str(model_path), "name": cas.name, "stages_steps_done": stage_steps,
                   "depth_labels": [cas.depth_label(d) for d in range(nd)]},
@@ -674,15 +659,16 @@ def main(argv=None) -> int:
         "memorisation": mem,
         "stages_figure": stages_info,
         "timings_s": timings,
-        "figures": sorted(str(p.relative_to(a.out)) for p in img_dir.glob("cascade_*.png")),
+        "figures": sorted(str(p.relative_to(a.out)) for p in written),
     }
     result = rounded(result)
-    (res_dir / "cascade_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    out_json, out_md = res_dir / f"cascade_eval{a.tag}.json", res_dir / f"cascade_eval{a.tag}.md"
+    out_json.write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result, nd)
-    (res_dir / "cascade_eval.md").write_text(md)
+    out_md.write_text(md)
     print(md)
-    log(f"wrote {res_dir / 'cascade_eval.json'}, {res_dir / 'cascade_eval.md'} and {len(result['figures'])} "
-        f"figures into {img_dir} in {timings['total_s']:.0f} s")
+    log(f"wrote {shown_path(out_json)}, {shown_path(out_md)} and {len(result['figures'])} "
+        f"figures into {shown_path(img_dir)} in {timings['total_s']:.0f} s")
     return 0
 
 
@@ -782,9 +768,4 @@ def markdown(r: dict, nd: int) -> str:
 
 
 if __name__ == "__main__":
-    from napari_zfdiffusion.core.errors import UserInputError
-
-    try:
-        sys.exit(main())
-    except UserInputError as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Evaluate segmentation U-Nets against a classical baseline, and the generated-to-real experiment.
 
-    .venv/bin/python scripts/evaluate_seg.py --run runs/seg --threads 2
+    python -m napari_zfdiffusion.evaluation.seg --run runs/seg --threads 2 --out docs
 
 ``--run`` is the folder written by ``scripts/train_demo_unet.sh``: ``real/`` (U-Net on real HeLa frames
 0-15), ``synth/`` (on generated pairs only), ``mixed/`` (both) and ``gen/`` (the generated pairs).
@@ -12,7 +11,7 @@ Test data, never seen in training:
 * **DSB 2018 nuclei** (stardist's img2d.tif, 512x512) against its *manual* instance masks: another
   microscope and lab, so an out-of-domain check with human ground truth.
 
-Methods: the Otsu + distance-watershed baseline (``core.segment.otsu_watershed``; its smoothing and
+Methods: the Otsu + distance-watershed baseline (``core.masks.otsu_watershed``; its smoothing and
 peak distance tuned for the best object F1 on the *training* frames 0-15, as the U-Net saw them) and
 each U-Net, with labels from the interior watershed and, as an ablation of the interior output, by
 connected components of the foreground alone. Every method uses minimum object size 16 px.
@@ -23,28 +22,31 @@ scripts/train_demo_unet.sh`` reproduces the first, failed models.
 
 Figures (pooled over the test images of a set): foreground IoU and Dice; objects matched at IoU > 0.5
 give precision, recall and F1 (and the mean IoU of the matched pairs). Writes
-``docs/results/seg_eval.json``, ``docs/results/seg_eval.md`` and figures ``docs/images/seg_*.png``.
+``OUT/results/seg_eval.json``, ``OUT/results/seg_eval.md`` and figures ``OUT/images/seg_*.png``
+(``--tag`` appended to each name). The test data are the fetched data sets (``--data``: a folder laid
+out like the fetched-data folder instead). Needs the ``eval`` extra (matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _evalutil import ROOT, git_commit, plt  # noqa: E402
+from ._common import PROG, git_commit, output_dirs, plt, run, set_threads, shown_path
 
 MIN_SIZE = 16
+# The fetched test data, as paths inside the fetched-data folder (or --data).
+HELA_IMAGES, HELA_MASKS = "hela/Fluo_Hela_02_img.tif", "hela/Fluo_Hela_02_ERR_SEG.tif"
+DSB_IMAGE, DSB_MASK = "nuclei2d/img2d.tif", "nuclei2d/mask2d.tif"
 
 
 def pooled(pairs, labels_fn) -> dict:
     """Foreground IoU/Dice and object P/R/F1 pooled over (image, truth) pairs; labels_fn(image) -> labels."""
-    from napari_zfdiffusion.core.metrics import match_objects
+    from ..core.metrics import match_objects
 
     inter = union = ps = ts = tp = fp = fn = 0
     matched, per_image, secs = [], [], 0.0
@@ -69,33 +71,44 @@ def pooled(pairs, labels_fn) -> dict:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "seg")
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=PROG + "seg", description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, default=Path("runs") / "seg",
+                    help="folder of real/, synth/, mixed/ (U-Nets) and gen/ (generated pairs), as written by "
+                         "scripts/train_demo_unet.sh (default: runs/seg)")
     ap.add_argument("--models", nargs="+", default=["real", "synth", "mixed"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out-json", type=Path, default=ROOT / "docs" / "results" / "seg_eval.json")
-    ap.add_argument("--figures", type=Path, default=ROOT / "docs" / "images")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="writes OUT/results/seg_eval.{json,md} and OUT/images/seg_*.png")
     ap.add_argument("--tag", default="", help="suffix for the result and figure names, e.g. _no_intensity_aug")
-    a = ap.parse_args()
-    if a.tag:
-        a.out_json = a.out_json.with_name(f"{a.out_json.stem}{a.tag}.json")
+    ap.add_argument("--data", type=Path, default=None,
+                    help=f"folder with {HELA_IMAGES}, {HELA_MASKS} (20 frames: 0-15 tune the baseline, 16-19 "
+                         f"test), {DSB_IMAGE} and {DSB_MASK}; default: the fetched data (fetched if missing)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    plt()  # the figures need matplotlib: say so now
+    img_dir, res_dir = output_dirs(a.out)
+    out_json = res_dir / f"seg_eval{a.tag}.json"
 
     import tifffile
-    import torch
 
-    from napari_zfdiffusion.core.fetch import data_dir, fetch
-    from napari_zfdiffusion.core.segment import Segmenter, otsu_watershed
+    from ..core.fetch import data_dir, fetch
+    from ..core.masks import otsu_watershed
+    from ..core.segment import Segmenter
 
-    torch.set_num_threads(a.threads)
-    fetch("hela", quiet=True)
-    fetch("nuclei2d", quiet=True)
-    d = data_dir()
-    hela = tifffile.imread(d / "hela" / "Fluo_Hela_02_img.tif")
-    hela_gt = tifffile.imread(d / "hela" / "Fluo_Hela_02_ERR_SEG.tif")
+    set_threads(a.threads)
+    if a.data is None:
+        fetch("hela", quiet=True)
+        fetch("nuclei2d", quiet=True)
+    d = data_dir() if a.data is None else a.data
+    hela = tifffile.imread(d / HELA_IMAGES)
+    hela_gt = tifffile.imread(d / HELA_MASKS)
     sets = {
         "hela_test": list(zip(hela[16:], hela_gt[16:])),
-        "dsb_manual": [(tifffile.imread(d / "nuclei2d" / "img2d.tif"), tifffile.imread(d / "nuclei2d" / "mask2d.tif"))],
+        "dsb_manual": [(tifffile.imread(d / DSB_IMAGE), tifffile.imread(d / DSB_MASK))],
     }
     train_pairs = list(zip(hela[:16], hela_gt[:16]))
     result: dict = {"commit": git_commit(), "threads": a.threads, "min_size": MIN_SIZE, "sets": {}, "models": {},
@@ -157,11 +170,11 @@ def main() -> int:
         for ov, r in result["tiling_vs_whole"].items():
             print(f"tiled (overlap {ov}) vs whole pass on HeLa frame 17: mean |diff| {r['mean_abs']:.1e}, "
                   f"max {r['max_abs']:.3f}, mask pixels flipped {r['flipped_percent']:.4f} %")
-    a.out_json.parent.mkdir(parents=True, exist_ok=True)
-    a.out_json.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    write_markdown(result, a.out_json.with_suffix(".md"))
-    figures(sets, methods, segs, a)
-    print(f"wrote {a.out_json}, {a.out_json.with_suffix('.md')} and figures in {a.figures}")
+    out_json.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_markdown(result, out_json.with_suffix(".md"))
+    figures(sets, methods, segs, a, img_dir)
+    print(f"wrote {shown_path(out_json)}, {shown_path(out_json.with_suffix('.md'))} and figures in "
+          f"{shown_path(img_dir)}")
     return 0
 
 
@@ -169,7 +182,7 @@ def tiling_check(seg, image, overlaps=(32, 64)) -> dict:
     """Tiled prediction (tile 256, as in use) against one whole-image pass of the same network."""
     import torch
 
-    from napari_zfdiffusion.core.tiling import predict_tiled
+    from ..core.tiling import predict_tiled
 
     plane, _ = seg.normalise(image)
     with torch.no_grad():
@@ -205,16 +218,22 @@ def outlines(ax, labels, color):
     ax.imshow(rgba, interpolation="nearest")
 
 
-def figures(sets, methods, segs, a) -> None:
+def crop_window(shape, y: int, x: int, s: int) -> tuple[slice, slice]:
+    """The s x s window at (y, x), moved inside an image too small for it (smaller images: all of it)."""
+    y, x = min(y, max(0, shape[0] - s)), min(x, max(0, shape[1] - s))
+    return slice(y, y + s), slice(x, x + s)
+
+
+def figures(sets, methods, segs, a, img_dir: Path) -> None:
     pyplot = plt()
-    from napari_zfdiffusion.core.data import Normalisation
+    from ..core.images import Normalisation
 
     norm = Normalisation(1, 99.8)
     show = ["Otsu + watershed"] + [f"U-Net {n}" for n in segs]
     for set_name, (y, x, s) in (("hela_test", (200, 380, 300)), ("dsb_manual", (0, 0, 512))):
         img, truth = sets[set_name][0]
         fig, axes = pyplot.subplots(1, len(show) + 1, figsize=(3.2 * (len(show) + 1), 3.4))
-        crop = (slice(y, y + s), slice(x, x + s))
+        crop = crop_window(img.shape, y, x, s)
         view = norm.apply(img)[crop]
         axes[0].imshow(view, cmap="gray")
         outlines(axes[0], truth[crop], (1, 1, 0, 1))
@@ -227,7 +246,7 @@ def figures(sets, methods, segs, a) -> None:
         for ax in axes:
             ax.axis("off")
         fig.tight_layout()
-        fig.savefig(a.figures / f"seg_{set_name}{a.tag}.png", dpi=110)
+        fig.savefig(img_dir / f"seg_{set_name}{a.tag}.png", dpi=110)
         pyplot.close(fig)
     gen = a.run / "gen"
     if (gen / "labels.tif").is_file():
@@ -247,9 +266,9 @@ def figures(sets, methods, segs, a) -> None:
         fig.suptitle("generated pairs (nuclei-ldm-demo). Top: the generator's own masks (cyan). "
                      "Bottom: the U-Net trained on real frames, on the same generated images (magenta)")
         fig.tight_layout()
-        fig.savefig(a.figures / f"seg_generated_pairs{a.tag}.png", dpi=100)
+        fig.savefig(img_dir / f"seg_generated_pairs{a.tag}.png", dpi=100)
         pyplot.close(fig)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

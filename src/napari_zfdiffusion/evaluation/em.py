@@ -1,9 +1,9 @@
-#!/usr/bin/env python
 """Evaluate a latent diffusion model for 2D patches (EM images, or image + mask pairs): autoencoder
 reconstruction, a memorisation check, intensity and power-spectrum statistics, masks, timings.
 
-Writes ``--out-json`` (default ``docs/results/em_eval_<model>.json``) and PNG figures named
-``<figures-prefix><what>.png`` (default prefix ``docs/images/em_<model>_``):
+    python -m napari_zfdiffusion.evaluation.em --model em-ldm-demo --threads 2 --out docs
+
+Writes ``OUT/results/em_eval_<model>.json`` and PNG figures ``OUT/images/em_<model>_<what>.png``:
 
 * ``samples.png``   held-out real crops | their autoencoder reconstructions | generated patches (3 x 6)
 * ``nn_hist.png``   distance of each patch to its nearest training crop: generated vs held-out real
@@ -41,12 +41,13 @@ What is measured:
   diffusion model from the autoencoder); and the mean intensity of a 16-pixel frame at the patch
   edges minus that of the centre (decoder padding artefacts);
 * paired models: objects per patch, object area and foreground fraction (labels from
-  ``core.patches.labels_from_mask`` with the same threshold and minimum size for generated masks and
+  ``core.masks.labels_from_mask`` with the same threshold and minimum size for generated masks and
   for the real held-out masks), and the mean image intensity inside vs outside the mask (alignment);
 * timings: seconds per patch for sampling and for decoding (``LatentModel.generate``, batched).
 
 Everything is seeded: the same command gives the same numbers (up to float summation order when
-the number of threads changes). Run ``python scripts/evaluate_em.py --help`` for the options.
+the number of threads changes). Run ``python -m napari_zfdiffusion.evaluation.em --help`` for the
+options. Needs the ``eval`` extra (matplotlib).
 """
 
 from __future__ import annotations
@@ -55,53 +56,49 @@ import argparse
 import datetime as dt
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _evalutil import git_commit, quartiles
-from _evalutil import plt as _plt
-from napari_zfdiffusion.core.data import dihedral, to_unit
-from napari_zfdiffusion.core.errors import UserInputError
-from napari_zfdiffusion.core.latent import LatentModel
-from napari_zfdiffusion.core.metrics import (
+from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
+from ..core.errors import UserInputError
+from ..core.images import dihedral, to_unit
+from ..core.latent import LatentModel
+from ..core.masks import labels_from_mask
+from ..core.metrics import (
+    DIHEDRAL_VIEWS,
     dice,
-    nearest_neighbour_rms,
+    nearest_neighbour_rms_dihedral,
+    nearest_neighbours,
     psnr,
     radial_power_spectrum,
     ssim,
 )
-from napari_zfdiffusion.core.patches import PatchData, labels_from_mask
-from napari_zfdiffusion.core.sampling import DEFAULT_SAMPLER, SAMPLERS
+from ..core.training.patches import PatchData
+from ._common import (
+    PROG,
+    add_compute,
+    command,
+    git_commit,
+    log,
+    output_dirs,
+    quartiles,
+    rounded,
+    run,
+    set_threads,
+    shown_path,
+)
+from ._common import plt as _plt
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "runs" / "patches" / "em-ldm-demo"
+RUN_MODEL = Path("runs") / "patches" / "em-ldm-demo"  # a freshly trained model, if run from the repository
+BUNDLED_MODEL = "em-ldm-demo"
 # Masks of the fetched paired data sets, by image file (the model card names only the image files).
 KNOWN_MASKS = {"Fluo_Hela_02_img.tif": "Fluo_Hela_02_ERR_SEG.tif"}
-DIHEDRAL = [(k, f) for f in (False, True) for k in range(4)]
 
 
 # --------------------------------------------------------------------------------------- helpers
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def rounded(obj, nd=5):
-    """Floats to ``nd`` significant digits (spectra span many decades)."""
-    if isinstance(obj, float):
-        return float(f"{obj:.{nd}g}")
-    if isinstance(obj, dict):
-        return {k: rounded(v, nd) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [rounded(v, nd) for v in obj]
-    if isinstance(obj, np.generic):
-        return rounded(obj.item(), nd)
-    return obj
-
-
 def find_training_files(card: dict, paired: bool) -> tuple[list[Path], list[Path] | None]:
     """The image (and mask) files named in the card's training data, found in the fetched-data folder."""
     from napari_zfdiffusion.core.fetch import data_dir
@@ -147,14 +144,6 @@ def spread(n_total: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_total - 1, min(k, n_total)).round().astype(int))
 
 
-def nn_over_dihedral(queries: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each (H, W) query, the smallest RMS distance to a reference crop over its 8 flips / rotations,
-    and the index of that flip / rotation in :data:`DIHEDRAL`."""
-    q = torch.from_numpy(queries)
-    d = np.stack([nearest_neighbour_rms(dihedral(q, k, f).numpy(), reference) for k, f in DIHEDRAL])
-    return d.min(0), d.argmin(0)
-
-
 def downscale(x: np.ndarray, s: int) -> np.ndarray:
     """(..., H, W) images, mean-pooled by ``s`` (H, W cropped to multiples of ``s``)."""
     t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
@@ -182,10 +171,10 @@ def max_ncc(queries: np.ndarray, images: list[np.ndarray], chunk: int = 256) -> 
     with any h x w window of any image (every offset, FFT), over the 8 flips / rotations of the query.
 
     Returns ``ncc`` (N,) and where it was found: ``image``, ``y``, ``x`` (window corner), ``dihedral``
-    (index into :data:`DIHEDRAL`). Windows with no variance count as r = 0."""
+    (index into :data:`DIHEDRAL_VIEWS`). Windows with no variance count as r = 0."""
     n, h, w = queries.shape
     q = torch.from_numpy(np.ascontiguousarray(queries)).double()
-    t = torch.cat([dihedral(q, k, f) for k, f in DIHEDRAL])  # (8N, h, w), transform-major
+    t = torch.cat([dihedral(q, k, f) for k, f in DIHEDRAL_VIEWS])  # (8N, h, w), transform-major
     t = t - t.mean((-2, -1), keepdim=True)
     t = (t / t.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]).float()
     prepared = []  # per image: FFT size, image FFT, window spread, valid-window mask
@@ -225,22 +214,11 @@ def max_ncc(queries: np.ndarray, images: list[np.ndarray], chunk: int = 256) -> 
             best[i:i + chunk] = torch.where(better, v, best[i:i + chunk])
             loc = torch.stack([torch.full_like(j, m), j // sd.shape[1], j % sd.shape[1]], 1)
             where[i:i + chunk][better] = loc[better]
-    best, where = best.reshape(len(DIHEDRAL), n), where.reshape(len(DIHEDRAL), n, 3)
+    best, where = best.reshape(len(DIHEDRAL_VIEWS), n), where.reshape(len(DIHEDRAL_VIEWS), n, 3)
     k = best.argmax(0)
     ar = torch.arange(n)
     return {"ncc": best[k, ar].double().numpy(), "image": where[k, ar, 0].numpy(), "y": where[k, ar, 1].numpy(),
             "x": where[k, ar, 2].numpy(), "dihedral": k.numpy()}
-
-
-def nearest_index(query: np.ndarray, reference: np.ndarray, chunk: int = 256) -> int:
-    """Index of the reference crop nearest to one query (for the pairs figure)."""
-    best, arg = np.inf, -1
-    for i in range(0, len(reference), chunk):
-        d = ((reference[i:i + chunk] - query[None]) ** 2).mean(axis=(1, 2))
-        j = int(d.argmin())
-        if d[j] < best:
-            best, arg = float(d[j]), i + j
-    return arg
 
 
 def intensity_hist(x: np.ndarray, bins: np.ndarray) -> np.ndarray:
@@ -417,10 +395,18 @@ def fig_masks(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]], title:
 
 
 # ----------------------------------------------------------------------------------------- main
+def default_model() -> str:
+    return str(RUN_MODEL) if (RUN_MODEL / "model.json").is_file() else BUNDLED_MODEL
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG + "em", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="latent diffusion model folder or model name")
+    p.add_argument("--model", default=default_model(),
+                   help="latent diffusion model folder or model name (default: runs/patches/em-ldm-demo if "
+                        "trained, else the bundled em-ldm-demo)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="writes OUT/results/em_eval_<model>.json and OUT/images/em_<model>_*.png")
     p.add_argument("--images", nargs="+", default=None,
                    help="the training images (files or folders; default: the files in the model card, from the "
                         "fetched-data folder)")
@@ -439,11 +425,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-limit", type=int, default=256, help="most held-out crops for the reconstruction metrics")
     p.add_argument("--tile-stride", type=int, default=None,
                    help="stride of the held-out tiles for the distribution statistics (default: patch / 2)")
-    p.add_argument("--device", default="cpu", help="cpu (default, reproducible), cuda, mps or auto")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's own, i.e. OMP_NUM_THREADS or all cores)")
-    p.add_argument("--out-json", type=Path, default=None, help="default: docs/results/em_eval_<model>.json")
-    p.add_argument("--figures-prefix", default=None, help="default: docs/images/em_<model>_")
+    add_compute(p)
     a = p.parse_args(argv)
     if min(a.n, a.batch, a.nn_ref, a.val_limit, a.ncc_downsample, a.ncc_heldout) < 1:
         p.error("--n, --batch, --nn-ref, --val-limit, --ncc-downsample and --ncc-heldout must be at least 1")
@@ -452,15 +434,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    _plt()  # the figures need matplotlib: say so now, not after minutes of sampling
+    set_threads(a.threads)
     t_start = time.perf_counter()
     model = LatentModel.load(a.model, device=a.device)
     card, patch, name = model.card, model.patch_size, model.name
-    out_json = a.out_json or ROOT / "docs" / "results" / f"em_eval_{name}.json"
-    prefix = a.figures_prefix or str(ROOT / "docs" / "images" / f"em_{name}_")
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
+    img_dir, res_dir = output_dirs(a.out)
+    out_json = res_dir / f"em_eval_{name}.json"
     unet_steps = model.stage.get("training", {}).get("steps_done")
     log(f"model {model.path} ({'image + mask' if model.paired else 'image'}, {patch}x{patch}; autoencoder steps "
         f"{card.get('vae_steps')}, UNet steps {unet_steps}), device {model.device}, "
@@ -546,9 +526,9 @@ def main(argv=None) -> int:
     ref = np.concatenate([to_unit(data.random_crops(min(250, a.nn_ref - i), patch, g, augment=False)[:, 0])
                           for i in range(0, a.nn_ref, 250)])
     real_tiles = to_unit(tiles[:, 0])
-    d_gen, k_gen = nn_over_dihedral(gen, ref)
-    d_real, k_real = nn_over_dihedral(real_tiles, ref)
-    d_rec, _ = nn_over_dihedral(rec_tiles, ref)
+    d_gen, k_gen = nearest_neighbour_rms_dihedral(gen, ref)
+    d_real, k_real = nearest_neighbour_rms_dihedral(real_tiles, ref)
+    d_rec, _ = nearest_neighbour_rms_dihedral(rec_tiles, ref)
     timings["memorisation_nn_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sc = a.ncc_downsample
@@ -641,7 +621,7 @@ def main(argv=None) -> int:
         real_labels = labels_from_mask(to_unit(tiles[:, 1]), encoding=encoding, threshold=a.threshold,
                                        min_size=a.min_size)
         masks_info = {
-            "labels": f"core.patches.labels_from_mask(encoding={encoding!r}, threshold={a.threshold}, "
+            "labels": f"core.masks.labels_from_mask(encoding={encoding!r}, threshold={a.threshold}, "
                       f"min_size={a.min_size}) on the generated masks and on the real held-out (encoded) masks",
             "generated": object_stats(res.labels, gen), "real_heldout": object_stats(real_labels, real_tiles),
         }
@@ -656,8 +636,8 @@ def main(argv=None) -> int:
     figures = []
 
     def fig_path(what: str) -> Path:
-        figures.append(f"{prefix}{what}.png")
-        return Path(figures[-1])
+        figures.append(img_dir / f"em_{name}_{what}.png")
+        return figures[-1]
 
     steps_txt = f"UNet {unet_steps} steps, autoencoder {card.get('vae_steps')} steps"
     show = spread(len(val), 6)
@@ -680,15 +660,15 @@ def main(argv=None) -> int:
                                      ("held-out real (d)", real_tiles, pick_real, k_real)):
         qs, nbs, caps = [], [], []
         for i in idx:
-            kk, ff = DIHEDRAL[int(k_set[i])]
+            kk, ff = DIHEDRAL_VIEWS[int(k_set[i])]
             q = dihedral(torch.from_numpy(q_set[i]), kk, ff).numpy()
             qs.append(q)
-            nbs.append(ref[nearest_index(q, ref)])
+            nbs.append(ref[int(nearest_neighbours(q[None], ref, reference_chunk=256)[1][0])])
             caps.append(f"d={np.sqrt(np.mean((q - nbs[-1]) ** 2)):.3f}")
         groups.append((title, np.stack(qs), np.stack(nbs), caps))
     qs, nbs, caps = [], [], []
     for i in np.argsort(-r_gen)[:4]:  # the best matches anywhere, at full resolution
-        kk, ff = DIHEDRAL[int(ncc_gen["dihedral"][i])]
+        kk, ff = DIHEDRAL_VIEWS[int(ncc_gen["dihedral"][i])]
         y, x = int(ncc_gen["y"][i]) * sc, int(ncc_gen["x"][i]) * sc
         qs.append(dihedral(torch.from_numpy(gen[i]), kk, ff).numpy())
         nbs.append(train_imgs[int(ncc_gen["image"][i])][y:y + patch, x:x + patch])
@@ -709,7 +689,7 @@ def main(argv=None) -> int:
     # ---- 7. results ----------------------------------------------------------------------------------
     result = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "command": command("em", argv),
         "git_commit": git_commit(),
         "model": {"path": str(model.path), "name": name, "paired": model.paired, "patch_size": patch,
                   "vae_steps": card.get("vae_steps"), "unet_steps_done": unet_steps,
@@ -730,16 +710,13 @@ def main(argv=None) -> int:
         "statistics": stats,
         "masks": masks_info,
         "timings_s": timings,
-        "figures": [str(Path(f).resolve().relative_to(ROOT)) if Path(f).resolve().is_relative_to(ROOT) else f
-                    for f in figures],
+        "figures": [shown_path(f) for f in figures],
     }
-    out_json.write_text(json.dumps(rounded(result), indent=2) + "\n")
-    log(f"wrote {out_json} and {len(figures)} figures ({prefix}*.png) in {timings['total_s']:.0f} s")
+    out_json.write_text(json.dumps(rounded(result, 5, significant=True), indent=2) + "\n")
+    log(f"wrote {shown_path(out_json)} and {len(figures)} figures ({shown_path(img_dir)}/em_{name}_*.png) in "
+        f"{timings['total_s']:.0f} s")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserInputError as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -1,0 +1,473 @@
+"""Model cards: MODEL_CARD.md (and the ``quality`` field of the JSON card) for a model folder, from the
+folder's own JSON and, when present, the evaluation results (``OUT/results`` of the evaluation
+modules; ``--results``, default ``docs/results`` in the working directory).
+
+    python -m napari_zfdiffusion.evaluation.cards cascade MODEL_DIR [--name N] [--parent SLICE_MODEL_DIR]
+    python -m napari_zfdiffusion.evaluation.cards patch MODEL_DIR [--name N] [--eval JSON] [--bench JSON]
+    python -m napari_zfdiffusion.evaluation.cards seg MODEL_DIR [--name N] [--run-name real] [--eval JSON] [--bench JSON]
+
+* ``cascade``: a cascade folder; facts from its JSON (data, depth classes, normalisation, steps, loss,
+  time), ``cascade_eval.json`` (measured depth fidelity), ``volume_eval.json`` (plane-to-plane
+  agreement of volumes, for a model trained with ``--continuity``) and ``bench_cascade.json`` (speed).
+* ``patch``: a patch model folder (kind ``latent``): data and credits, training, the measured scale
+  factor, ``em_eval_<name>.json`` (reconstruction, memorisation, spectra, masks) and
+  ``bench_latent.json`` (speed).
+* ``seg``: a segmentation model folder: data and credits, training, validation, the held-out figures of
+  ``seg_eval.json`` (:mod:`.seg`) and the speed of ``bench_segment.json``.
+
+``scripts/export_demo.sh`` and ``scripts/export_patch_demo.sh`` call these for the bundled models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ._common import PROG
+
+RESULTS = Path("docs") / "results"
+
+
+def _load(p: Path | None) -> dict:
+    return json.loads(p.read_text()) if p is not None and p.is_file() else {}
+
+
+def _f(v, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _memorisation_sentence(nn: dict, mem: dict) -> str:
+    """What the nearest-neighbour distances say, from the numbers (not a fixed claim)."""
+    gen = {k: v for k, v in nn.items() if k.startswith("generated") and v is not None}
+    if all(v >= 0.9 * nn["real_heldout"] for v in gen.values()):
+        return "Generated planes are no closer to the training set than new real planes are."
+    below = [r.get("frac_below_heldout_min", 0) or 0 for g, r in mem.get("generated", {}).items() if g != "0"]
+    return ("Generated planes sit closer to the training set than held-out real planes do (whose cells drift in z), "
+            f"but at guidance 1 and above {max(below, default=0):.0%} are closer than the closest held-out real "
+            "plane" + (": no sign of copies" if max(below, default=0) == 0 else ": look at those pairs")
+            + " (docs/evaluation.md).")
+
+
+def cascade_card(a: argparse.Namespace) -> int:
+    """MODEL_CARD.md and the ``quality`` of cascade.json for a cascade folder."""
+    card = _load(a.model / "cascade.json")
+    if a.name:
+        card["name"] = a.name
+    ev = _load(a.eval)
+    acc = ev.get("accuracy", {})
+    mem = ev.get("memorisation", {})
+    if ev:
+        card["quality"] = {
+            "chance": acc.get("chance"),
+            "real_heldout_accuracy": acc.get("real_heldout", {}).get("mean"),
+            "generated_accuracy_by_guidance": {g: r["mean"] for g, r in acc.get("generated", {}).items()},
+            "nn_pixel_median": {"real_heldout": mem.get("real_heldout", {}).get("pixel", {}).get("median"),
+                                **{f"generated_g{g}": r.get("pixel", {}).get("median")
+                                   for g, r in mem.get("generated", {}).items()}},
+            "evaluated_at_commit": ev.get("git_commit"),
+        }
+    volume = all(_load(a.model / st / "stage.json").get("prev_channels", 0)
+                 for st in ("base", "sr128", "sr256", "sr512") if (a.model / st / "stage.json").is_file())
+    card["description"] = ("Demo depth cascade (64 -> 128 -> 256 -> 512) trained on CPU on real CHO nuclei "
+                           "z-stacks, a public stand-in for zebrafish brain depth planes."
+                           + (" It also makes volumes: every stage takes the plane above." if volume else ""))
+    vev = _load(a.volume_eval) if volume else {}
+    if vev:
+        card.setdefault("quality", {})["volume_neighbour_correlation"] = {
+            name: r["neighbour_correlation"]["mean"] for name, r in vev["sets"].items()}
+        card["quality"]["volume_evaluated_at_commit"] = vev.get("git_commit")
+    (a.model / "cascade.json").write_text(json.dumps(card, indent=2) + "\n")
+    rows = []
+    for st in ("base", "sr128", "sr256", "sr512"):
+        info = _load(a.model / st / "stage.json")
+        if not info:
+            continue
+        tr = info.get("training", {})
+        cfg = _load(a.model / st / "config.json")
+        size = (a.model / st / "diffusion_pytorch_model.safetensors").stat().st_size / 2**20
+        steps, minutes = str(tr.get("steps_done")), (tr.get("train_seconds") or 0) / 60
+        earlier = []
+        for par in a.parent:
+            pinfo = _load(par / st / "stage.json")
+            if pinfo and pinfo != info:  # a stage copied unchanged from a parent is not counted twice
+                earlier.append(str(pinfo.get("training", {}).get("steps_done")))
+                minutes += (pinfo.get("training", {}).get("train_seconds") or 0) / 60
+        if earlier:
+            steps = " + ".join([*earlier, steps])
+        rows.append(
+            f"| {st} | {info.get('input_resolution') or '-'} -> {info['resolution']} | "
+            f"{tuple(cfg.get('block_out_channels', ()))} | {size:.1f} MB | {steps} | "
+            f"{tr.get('batch_size')} | {tr.get('loss')} | {tr.get('final_loss_ema', 0):.4f} | "
+            f"{minutes:.0f} min |"
+        )
+    norm = card.get("normalisation", {})
+    classes = "\n".join(f"| {d['index']} | {d['label']} |" for d in card.get("depth_classes", []))
+    data = card.get("training_data", {})
+    quality = "Not measured yet: run `python -m napari_zfdiffusion.evaluation.cascade`."
+    if ev:
+        q = card["quality"]
+        qrows = "\n".join(f"| generated, guidance {g} | {v:.2f} |" for g, v in q["generated_accuracy_by_guidance"].items())
+        quality = (
+            "Depth fidelity: a small CNN depth classifier trained on real planes (time points 0-11) "
+            "names the depth class of held-out real planes and of generated ones, 100 per guidance "
+            "(docs/evaluation.md).\n\n"
+            f"| planes | classifier accuracy |\n|---|---|\n| chance | {q['chance']:.2f} |\n"
+            f"| real, held out (t16-19) | {q['real_heldout_accuracy']:.2f} |\n{qrows}\n"
+        )
+        nn = q["nn_pixel_median"]
+        quality += ("\nMemorisation check (RMS pixel distance to the nearest training view, 64x64, median): "
+                    f"held-out real planes {nn['real_heldout']:.3f}; generated "
+                    + ", ".join(f"guidance {k[11:]}: {v:.3f}" for k, v in nn.items() if k.startswith("generated"))
+                    + ". " + _memorisation_sentence(nn, mem) + "\n")
+    sr_losses = {_load(a.model / st / "stage.json").get("training", {}).get("loss")
+                 for st in ("sr128", "sr256", "sr512") if (a.model / st / "stage.json").is_file()}
+    targets = ("Base: v-prediction (see Limits); super-resolution stages: epsilon prediction, L1."
+               if sr_losses != {"v"} else
+               "Base: v-prediction; super-resolution stages: first epsilon prediction with L1, then fine-tuned "
+               "to v-prediction together with the volume training (see Limits).")
+    sr_limit = ("- The super-resolution stages saw only 450-1000 steps: they keep the nuclei's shapes and add texture,\n"
+                "  but lift the background to grey (about 0.2 instead of 0) and leave faint noise.")
+    if sr_losses == {"v"}:
+        sr_limit = ("- The super-resolution stages were first trained on epsilon with L1 (450-1000 steps); most of their\n"
+                    "  samples came out grey or as bright noise. Fine-tuned to v-prediction (300-800 steps, with the\n"
+                    "  volume training) their outputs keep the real intensity per depth and a dark background\n"
+                    "  (docs/evaluation.md, Volumes). They are still briefly trained: fine texture is soft.")
+    volume_time = ("" if not volume else
+                   ", then fine-tuned for volumes in about 50 minutes (`scripts/train_demo_volume.sh`, base and "
+                   "super-resolution stages side by side)")
+    base_limit = ("- The base model is small and briefly trained (5000 CPU steps at batch 8): generated planes follow\n"
+                  "  the real brightness profile over depth, but a classifier trained on real planes names their depth\n"
+                  "  only about half as well as for real planes (docs/evaluation.md).")
+    q = card.get("quality", {})
+    if volume and q.get("generated_accuracy_by_guidance") and q.get("real_heldout_accuracy"):
+        best = max(q["generated_accuracy_by_guidance"].values())
+        base_limit = ("- The base model is small and briefly trained (6200 CPU steps at batch 8): generated planes follow\n"
+                      "  the real brightness profile over depth; a classifier trained on real planes names their depth\n"
+                      f"  with accuracy up to {best:.2f}, against {q['real_heldout_accuracy']:.2f} for held-out real "
+                      "planes (docs/evaluation.md).")
+    volumes = ""
+    if volume:
+        volumes = """## Volumes
+
+Every stage also takes the plane above (the previous plane of the same volume, at the stage's
+resolution). The stages were fine-tuned from the slice-only cascade (`--continuity --init-from`,
+`scripts/train_demo_volume.sh`) on consecutive planes of the same 16 stacks, with the plane above
+lightly noised (up to 0.1 of the schedule) and dropped with probability 0.2 (always absent at the
+top plane), so depth and continuity guidance can be set separately. Continuity guidance 0 makes
+independent planes: the model is then a slice model.
+"""
+        if vev:
+            st = vev["settings"]
+            vrows = "\n".join(
+                f"| {name} | {r['neighbour_correlation']['mean']:.3f} | {r['neighbour_ssim']['mean']:.3f} | "
+                f"{r['depth']['accuracy']:.2f} |" for name, r in vev["sets"].items())
+            volumes += f"""
+Plane-to-plane agreement at {st['resolution']} px ({st['n_volumes']} generated volumes per row, depths
+{st['depths'][0]}-{st['depths'][-1]}, depth guidance {st['guidance']}; docs/evaluation.md):
+
+| volumes | neighbour correlation | neighbour SSIM | depth-classifier accuracy |
+|---|---|---|---|
+{vrows}
+"""
+    text = f"""# Model card: {card.get('name', a.model.name)}
+
+{card['description']}
+
+**This is a demo model.** It was trained on a CPU (2 cores) in about two and a half hours with the project's own
+command, `scripts/train_demo_cascade.sh` (`zfdiffusion train cascade`), on a small public data set{volume_time}.
+It shows that the pipeline works end to end; how well the depth condition is learned is measured
+below. It is not a zebrafish model. Train your own on your stacks (docs/training.md); on a GPU use `--size base` and more steps.
+
+## Data
+
+- {data.get('credit', '')}
+- Licence: {data.get('licence', '')}
+- Files: {', '.join(data.get('files', []))}
+- Each time point is treated as one specimen: 16 specimens x {card.get('n_planes')} planes, 443x512 px,
+  uint8. The planes are 1 um apart; deeper planes are dimmer and more blurred.
+- Intensity: per-stack percentile normalisation ({norm.get('low')}th percentile -> 0,
+  {norm.get('high')}th -> 1); outputs are
+  normalised intensities in [0, 1]. Planes are cut to a 443x443 square (random offset in training)
+  and resized to each stage's resolution, so the 512 stage has learnt from slightly upsampled data.
+
+## Depth classes
+
+| class | meaning |
+|---|---|
+{classes}
+
+## Stages
+
+| stage | resolution | UNet channels | weights | steps | batch | loss | final loss (EMA) | CPU time |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+All stages: diffusers `UNet2DModel` with depth embedding + learned null class (condition dropped with
+probability 0.15 in training), cosine noise schedule (1000 steps), AdamW, EMA 0.999. {targets}
+Base: attention at 16x16 and 8x8. Super-resolution stages: fully convolutional, trained on random
+crops (64/96/128 px), conditioned on the bilinearly upsampled low-res image with noise augmentation
+(level drawn from [0, 0.3] in training; 0.1 at sampling) and its level.
+
+## Measured quality
+
+{quality}
+{volumes}
+## Limits
+
+- Trained on 80 real planes of one cell line: generated images are nuclei-like blobs with the
+  intensity and blur of each depth, not new biology.
+{base_limit}
+- Base recipe: 4000 steps of L1 on the noise (epsilon), then 1000 steps fine-tuned to v-prediction.
+  The epsilon model left a third of its samples as bright noise; v-prediction removed that (0/16
+  failures with every sampler). New models train with `--loss v` by default.
+{sr_limit}
+- Loading uses safetensors only; the folder holds no pickles.
+"""
+    (a.model / "MODEL_CARD.md").write_text(text)
+    print(f"wrote {a.model / 'MODEL_CARD.md'}")
+    return 0
+
+
+def patch_card(a: argparse.Namespace) -> int:
+    """MODEL_CARD.md and the ``quality`` of model.json for a patch (latent) model folder."""
+    card = _load(a.model / "model.json")
+    name = a.name or card.get("name") or a.model.name
+    card["name"] = name
+    eval_path = a.eval or a.results / f"em_eval_{name}.json"
+    ev = _load(eval_path)
+    unet = _load(a.model / "unet" / "stage.json")
+    vae = _load(a.model / "vae" / "stage.json")
+    ut, vt = unet.get("training", {}), vae.get("training", {})
+    data = card.get("training_data", {})
+    paired = len(card.get("channels", [])) > 1
+
+    rec = ev.get("reconstruction", {})
+    mem = ev.get("memorisation", {})
+    masks = ev.get("masks") or {}
+    if ev:
+        card["quality"] = {
+            "reconstruction_heldout": {k: rec.get(k) for k in ("crops", "mse", "psnr", "ssim")},
+            "nn_rms_median": {"generated": mem.get("generated", {}).get("median"),
+                              "real_heldout": mem.get("real_heldout", {}).get("median")},
+            "evaluation": str(eval_path),
+        }
+        if paired and masks:
+            card["quality"]["objects_per_patch"] = {
+                "generated": masks.get("generated", {}).get("objects_per_patch_mean"),
+                "real_heldout": masks.get("real_heldout", {}).get("objects_per_patch_mean")}
+    (a.model / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+
+    v = card.get("validation") or {}
+    lines = [
+        f"# {name}",
+        "",
+        f"Generates {card['patch_size']}x{card['patch_size']} grayscale patches"
+        + (" with an aligned mask (instance labels)" if paired else "")
+        + f" by latent diffusion; trained on {', '.join(data.get('files', []))}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| kind | latent diffusion (`zfdiffusion em generate --model {name}`) |",
+        f"| channels | {', '.join(card.get('channels', []))}"
+        + (f" (mask encoding: {card.get('mask_encoding')})" if paired else "") + " |",
+        f"| autoencoder | diffusers AutoencoderKL, size `{vt.get('size')}`, downsampling {card.get('downsampling')}, "
+        f"latent {card.get('latent_shape')}, MSE + beta*KL with beta {card.get('beta')} per latent element, "
+        f"{vt.get('steps_done')} steps of batch {vt.get('batch_size')} on {vt.get('crop') or card['patch_size']}px crops |",
+        f"| latent scale factor | {_f(card.get('scaling_factor'), '.4f')} (1 / std of the training latents, measured) |",
+        f"| diffusion UNet | ZfUNet (diffusers UNet2DModel), size `{ut.get('size')}`, loss {ut.get('loss')}, "
+        f"{ut.get('steps_done')} steps of batch {ut.get('batch_size')} on {ut.get('bank')} encoded crops, EMA {ut.get('ema_decay')}; "
+        "weights stored in float16, loaded as float32 |",
+        f"| schedule | {unet.get('schedule', {}).get('beta_schedule')}, {unet.get('schedule', {}).get('prediction_type')} |",
+        f"| normalisation | per image, percentiles {card.get('normalisation', {}).get('low')}-"
+        f"{card.get('normalisation', {}).get('high')} to [0, 1], then (x - 0.5) / 0.5 |",
+        f"| training time | autoencoder {_f(vt.get('train_seconds'), '.0f')} s, UNet {_f(ut.get('train_seconds'), '.0f')} s "
+        f"(CPU, one thread each; torch {ut.get('torch')}) |",
+        f"| plugin version | {card.get('plugin_version')} |",
+        "",
+        "## Data",
+        "",
+        f"* Files: {', '.join(data.get('files', []))} ({data.get('images')} image(s)); validation: {data.get('validation')}.",
+        f"* Credit: {data.get('credit') or 'n/a'}",
+        f"* Licence: {data.get('licence') or 'n/a'}",
+        "",
+        "## Measured quality",
+        "",
+        f"Autoencoder on held-out crops at the end of training: MSE {_f(v.get('mse'), '.4f')}, "
+        f"PSNR {_f(v.get('psnr'), '.2f')} dB, SSIM {_f(v.get('ssim'))}"
+        + (f", mask Dice {_f(v.get('mask_dice'))}" if v.get("mask_dice") is not None else "") + f" ({v.get('crops')} crops).",
+    ]
+    if ev:
+        lines += [
+            "",
+            f"From `napari_zfdiffusion.evaluation.em` ({ev.get('settings', {}).get('n')} generated patches, "
+            f"{ev.get('settings', {}).get('sampler')} {ev.get('settings', {}).get('steps')} steps; "
+            "docs/evaluation.md has the figures):",
+            "",
+            f"* Reconstruction of {rec.get('crops')} held-out crops: PSNR {_f(rec.get('psnr'), '.2f')} dB, "
+            f"SSIM {_f(rec.get('ssim'))}.",
+            f"* Nearest-neighbour RMS distance to {mem.get('reference', 'the training crops')}: generated median "
+            f"{_f(mem.get('generated', {}).get('median'))}, held-out real median "
+            f"{_f(mem.get('real_heldout', {}).get('median'))}.",
+        ]
+        ex = mem.get("exhaustive_ncc") or {}
+        if ex:
+            lines.append(f"* Highest correlation with any training window: generated median "
+                         f"{_f(ex.get('generated', {}).get('median'))}, held-out real median "
+                         f"{_f(ex.get('real_heldout', {}).get('median'))}; generated above the best held-out "
+                         f"real: {_f(ex.get('frac_generated_above_real_max'), '.2f')}.")
+        if paired and masks:
+            g, r = masks.get("generated", {}), masks.get("real_heldout", {})
+            lines.append(f"* Objects per patch: generated {_f(g.get('objects_per_patch_mean'), '.1f')}, real held-out "
+                         f"{_f(r.get('objects_per_patch_mean'), '.1f')}; median object area "
+                         f"{_f(g.get('object_area_median_px'), '.0f')} vs {_f(r.get('object_area_median_px'), '.0f')} px; "
+                         f"foreground fraction {_f(g.get('foreground_fraction'), '.2f')} vs "
+                         f"{_f(r.get('foreground_fraction'), '.2f')}.")
+    bench = _load(a.bench)
+    if bench:
+        lines += ["", "Speed: see docs/benchmarks.md (`benchmarks/bench_latent.py`)."]
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "* A demo trained on a CPU in about 1.5 hours on two images (EM) or 16 frames (nuclei): the autoencoder "
+        "(16x compression) smooths fine texture, and the samples cover only what those images show.",
+        "* Not for biological conclusions. Train on your own data with `zfdiffusion train vae` and "
+        "`zfdiffusion train ldm` (docs/training.md); on a GPU use `--size base` and 10x the steps.",
+    ]
+    if paired:
+        lines.append("* The nuclei masks it learned from are the Cell Tracking Challenge's automatic segmentation "
+                     "(ERR_SEG), not manual annotation: they miss some nuclei, and so will the generated masks.")
+    (a.model / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {a.model / 'MODEL_CARD.md'}")
+    return 0
+
+
+def seg_card(a: argparse.Namespace) -> int:
+    """MODEL_CARD.md and the ``quality`` of model.json for a segmentation model folder."""
+    card = _load(a.model / "model.json")
+    name = a.name or card.get("name") or a.model.name
+    card["name"] = name
+    stage = _load(a.model / "unet" / "stage.json").get("training", {})
+    ev = _load(a.eval)
+    data = card.get("training_data", {})
+    val = card.get("validation") or {}
+    rows = []
+    quality = {}
+    for set_name, label in (("hela_test", "HeLa frames 16-19 (held out) vs ERR_SEG"),
+                            ("dsb_manual", "DSB 2018 nuclei (another lab) vs manual masks")):
+        res = ev.get("sets", {}).get(set_name, {})
+        for method in ("Otsu + watershed", f"U-Net {a.run_name}"):
+            r = res.get(method)
+            if r:
+                shown = "this model" if method.startswith("U-Net") else method
+                rows.append(f"| {label} | {shown} | {r['iou']:.3f} | {r['dice']:.3f} | {r['f1']:.3f} |")
+                if method.startswith("U-Net"):
+                    quality[set_name] = {k: r[k] for k in ("iou", "dice", "f1", "precision", "recall")}
+    if quality:
+        card["quality"] = quality
+    bench = _load(a.bench)
+    speed = ""
+    threads = bench.get("settings", {}).get("threads")
+    for case in bench.get("cases", []):
+        med = case.get("median", {})
+        if med.get("job_s"):
+            what = "x".join(str(v) for v in case["shape"])
+            speed += (f"* {what}: {med['job_s']:.1f} s, {case['megapixels'] / med['job_s']:.2f} megapixels/s "
+                      f"(CPU, {threads or '?'} threads)\n")
+    (a.model / "model.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+    text = f"""# {name}
+
+A residual U-Net ({stage.get('size', 'small')}, 0.66 M parameters) that segments fluorescent nuclei:
+per-pixel foreground probability and object interiors; instance labels by a watershed of the
+foreground seeded by the interiors. Made by `zfdiffusion train unet` and
+`scripts/train_demo_unet.sh`; used by the Segment widget and `zfdiffusion segment`.
+
+## Training data
+
+* {data.get('images', '?')} image(s) from {', '.join(data.get('files', []))}, masks
+  {', '.join(data.get('mask_files', []))} ({data.get('mask_encoding')}); validation: {data.get('validation')}.
+* Credit: {data.get('credit') or 'n/a'}. Licence: {data.get('licence') or 'n/a'}.
+* The masks are the Cell Tracking Challenge's automatic segmentation (ERR_SEG), not manual
+  annotation: the model learns to reproduce that segmentation, including its misses.
+
+## Training
+
+{stage.get('steps_done', '?')} steps, batch {stage.get('batch_size', '?')} random {stage.get('crop', '?')}x{stage.get('crop', '?')}
+crops with flips, rotations and random intensity changes (background offset, contrast,
+gamma, noise), AdamW lr {stage.get('lr', '?')}, EMA {stage.get('ema_decay', '?')}, on a CPU
+({stage.get('train_seconds', 0) / 60:.0f} min, torch {stage.get('torch', '?')}). Loss: BCE on both outputs + soft Dice on
+the foreground. Percentile normalisation per plane (1st to 99.8th percentile).
+
+## Quality
+
+Validation at the last checkpoint (the held-out frames): foreground IoU {val.get('iou', float('nan')):.3f},
+Dice {val.get('dice', float('nan')):.3f}, object F1 at IoU 0.5 {val.get('f1', float('nan')):.3f}.
+
+| test set | method | foreground IoU | Dice | object F1 (IoU 0.5) |
+|---|---|---|---|---|
+{chr(10).join(rows) if rows else '| (run napari_zfdiffusion.evaluation.seg) | | | | |'}
+
+Full tables, the generated-to-real experiment and figures: docs/evaluation.md (Segmentation).
+
+## Speed
+
+{speed or 'See docs/benchmarks.md (Segmentation).'}
+Tile 256, overlap 32, batch 4, whole job (normalisation, tiles, watershed, memory-mapped outputs);
+docs/benchmarks.md (Segmentation).
+
+## Limits
+
+Trained on one cell line, one microscope and automatic masks. Expect to retrain (`zfdiffusion
+train unet`, minutes on a GPU) for other stains, magnifications or modalities; EM needs EM masks.
+"""
+    (a.model / "MODEL_CARD.md").write_text(text)
+    print(f"wrote {a.model / 'MODEL_CARD.md'}")
+    return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=PROG + "cards", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="kind", required=True, metavar="{cascade,patch,seg}")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", type=Path, help="the model folder (MODEL_CARD.md and its JSON card are written there)")
+        p.add_argument("--name", default=None)
+        p.add_argument("--results", type=Path, default=RESULTS,
+                       help="folder of the evaluation and benchmark results (default: docs/results)")
+
+    c = sub.add_parser("cascade", help="a depth cascade (cascade.json)")
+    common(c)
+    c.add_argument("--eval", type=Path, default=None, help="default: RESULTS/cascade_eval.json")
+    c.add_argument("--volume-eval", type=Path, default=None, help="default: RESULTS/volume_eval.json")
+    c.add_argument("--parent", type=Path, action="append", default=[],
+                   help="a cascade the stages were fine-tuned from (--init-from), oldest first; repeat for a "
+                        "chain. Only for the step counts and training time")
+    p = sub.add_parser("patch", help="a latent diffusion patch model (model.json, kind latent)")
+    common(p)
+    p.add_argument("--eval", type=Path, default=None, help="default: RESULTS/em_eval_<name>.json")
+    p.add_argument("--bench", type=Path, default=None, help="default: RESULTS/bench_latent.json")
+    s = sub.add_parser("seg", help="a segmentation U-Net (model.json, kind segmentation)")
+    common(s)
+    s.add_argument("--run-name", default="real", help="the model's name in the evaluation JSON")
+    s.add_argument("--eval", type=Path, default=None, help="default: RESULTS/seg_eval.json")
+    s.add_argument("--bench", type=Path, default=None, help="default: RESULTS/bench_segment.json")
+    a = ap.parse_args(argv)
+    if a.kind == "cascade":
+        a.eval = a.eval or a.results / "cascade_eval.json"
+        a.volume_eval = a.volume_eval or a.results / "volume_eval.json"
+    elif a.kind == "patch":
+        a.bench = a.bench or a.results / "bench_latent.json"
+    else:
+        a.eval = a.eval or a.results / "seg_eval.json"
+        a.bench = a.bench or a.results / "bench_segment.json"
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    return {"cascade": cascade_card, "patch": patch_card, "seg": seg_card}[a.kind](a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
