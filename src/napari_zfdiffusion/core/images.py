@@ -78,6 +78,19 @@ def planes_of(arr: np.ndarray, name: str) -> list[np.ndarray]:
     )
 
 
+def unit_to_model(unit: np.ndarray) -> np.ndarray:
+    """A float32 image in [0, 1] mapped to model space [-1, 1], in place."""
+    unit *= 2.0
+    unit -= 1.0
+    return unit
+
+
+def model_space(arr: np.ndarray, norm: Normalisation) -> np.ndarray:
+    """``arr`` as the models see it: percentile-normalised, then mapped to [-1, 1] (float32; one copy
+    of ``arr``, the rest in place, so a big plane costs one plane of memory)."""
+    return unit_to_model(norm.apply(arr))
+
+
 def to_model(image, norm: Normalisation = Normalisation(), *, normalise: bool = True,
              name: str = "the image") -> torch.Tensor:
     """A user's 2D image (any dtype) as a (1, 1, H, W) float32 tensor in model space [-1, 1].
@@ -94,8 +107,8 @@ def to_model(image, norm: Normalisation = Normalisation(), *, normalise: bool = 
     if not np.issubdtype(arr.dtype, np.number) or arr.dtype == bool:
         raise UserInputError(f"{name} must hold numbers, got {arr.dtype}.")
     check_finite(arr, name)
-    unit = norm.apply(arr) if normalise else np.clip(arr.astype(np.float32), 0.0, 1.0)
-    return torch.from_numpy(unit * 2.0 - 1.0)[None, None]
+    x = model_space(arr, norm) if normalise else np.clip(arr.astype(np.float32), 0.0, 1.0) * 2.0 - 1.0
+    return torch.from_numpy(x)[None, None]
 
 
 def to_unit(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -155,5 +168,5 @@ def random_crop(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tenso
     return x[..., y:y + crop, x0:x0 + crop]
 
 
-__all__ = ["Normalisation", "augment", "check_finite", "dihedral", "looks_rgb", "planes_of", "random_crop",
-           "random_dihedral", "resize", "square", "to_gray", "to_model", "to_unit"]
+__all__ = ["Normalisation", "augment", "check_finite", "dihedral", "looks_rgb", "model_space", "planes_of",
+           "random_crop", "random_dihedral", "resize", "square", "to_gray", "to_model", "to_unit", "unit_to_model"]

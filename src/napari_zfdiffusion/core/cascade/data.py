@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..images import Normalisation, check_finite, looks_rgb
+from ..images import Normalisation, check_finite, looks_rgb, model_space
 from ..io import list_images, read_image
 from .depths import depth_bins
 
@@ -73,7 +73,7 @@ class DepthDataset:
         bins = depth_bins(n_planes, depth_classes)
         raw, classes, spec = [], [], []
         for i, s in enumerate(stacks):
-            t = torch.from_numpy(norm.apply(s) * 2.0 - 1.0)
+            t = torch.from_numpy(model_space(s, norm))
             raw.append(t)  # (Z, Y, X), kept whole so training can choose a crop offset
             classes.extend(bins)
             spec.extend([i] * n_planes)

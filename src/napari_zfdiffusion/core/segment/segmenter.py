@@ -28,7 +28,7 @@ import torch
 
 from ..device import resolve_device
 from ..errors import UserInputError
-from ..images import Normalisation, check_finite, looks_rgb, to_gray
+from ..images import Normalisation, check_finite, looks_rgb, to_gray, unit_to_model
 from ..masks import instances
 from ..progress import ProgressCallback, rescaled
 from ..provenance import stamp
@@ -104,15 +104,13 @@ class Segmenter:
         return "interior" in self.outputs
 
     def normalise(self, plane: np.ndarray, name: str = "the image") -> tuple[np.ndarray, bool]:
-        """A plane in [-1, 1] exactly as training normalised it (``norm.apply(x) * 2 - 1``, in place),
-        and whether nothing in it rises above the background (a constant plane). NaN or infinite
-        values are refused."""
+        """A plane in [-1, 1] exactly as training normalised it (:func:`..images.model_space`), and
+        whether nothing in it rises above the background (a constant plane). NaN or infinite values
+        are refused."""
         check_finite(plane, name)
-        out = self.norm.apply(plane)
-        constant = not out.any()
-        out *= 2.0
-        out -= 1.0
-        return out, constant
+        unit = self.norm.apply(plane)
+        constant = not unit.any()
+        return unit_to_model(unit), constant
 
     def check_tiling(self, tile: int, overlap: int) -> None:
         if overlap < 0:

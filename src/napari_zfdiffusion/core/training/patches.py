@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..images import Normalisation, check_finite, planes_of, random_dihedral, to_gray
+from ..images import Normalisation, check_finite, model_space, planes_of, random_dihedral, to_gray
 from ..io import list_images, read_image
 from ..masks import encode_mask, mask_encoding, targets_from_mask
 
@@ -76,7 +76,7 @@ class PatchData:
         norm = norm or Normalisation(per="image")
         notices: list[str] = []
         imgs, names = read_images_2d(images, min_size=patch, notices=notices)
-        chans = [torch.from_numpy(norm.apply(i) * 2.0 - 1.0)[None] for i in imgs]
+        chans = [torch.from_numpy(model_space(i, norm))[None] for i in imgs]
         encoding = None
         if masks is not None:
             mks, mnames = read_images_2d(masks, min_size=patch, notices=notices)
