@@ -81,6 +81,14 @@ def output_dirs(out: Path) -> tuple[Path, Path]:
     return img_dir, res_dir
 
 
+def begin(a) -> tuple[Path, Path]:
+    """The start of every evaluation: check that matplotlib is there (now, not after minutes of
+    sampling), set the torch threads, create ``--out``; returns (images folder, results folder)."""
+    plt()
+    set_threads(getattr(a, "threads", None))
+    return output_dirs(a.out)
+
+
 def command(module: str, argv) -> str:
     """The command line that ran ``module``, for the results."""
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]

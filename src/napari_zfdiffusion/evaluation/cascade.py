@@ -50,15 +50,14 @@ from ..core.store import resolve_model
 from ._common import (
     PROG,
     add_compute,
+    begin,
     command,
     floats,
     git_commit,
     log,
-    output_dirs,
     quartiles,
     rounded,
     run,
-    set_threads,
     shown_path,
 )
 from ._common import plt as _plt
@@ -428,10 +427,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    _plt()  # the figures need matplotlib: say so now, not after minutes of sampling
-    set_threads(a.threads)
+    img_dir, res_dir = begin(a)
     t_start = time.perf_counter()
-    img_dir, res_dir = output_dirs(a.out)
     written: list[Path] = []
 
     def fig_path(what: str) -> Path:

@@ -80,14 +80,13 @@ from ..core.training.patches import PatchData
 from ._common import (
     PROG,
     add_compute,
+    begin,
     command,
     git_commit,
     log,
-    output_dirs,
     quartiles,
     rounded,
     run,
-    set_threads,
     shown_path,
 )
 from ._common import plt as _plt
@@ -434,12 +433,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    _plt()  # the figures need matplotlib: say so now, not after minutes of sampling
-    set_threads(a.threads)
+    img_dir, res_dir = begin(a)
     t_start = time.perf_counter()
     model = LatentModel.load(a.model, device=a.device)
     card, patch, name = model.card, model.patch_size, model.name
-    img_dir, res_dir = output_dirs(a.out)
     out_json = res_dir / f"em_eval_{name}.json"
     unet_steps = model.stage.get("training", {}).get("steps_done")
     log(f"model {model.path} ({'image + mask' if model.paired else 'image'}, {patch}x{patch}; autoencoder steps "

@@ -39,7 +39,7 @@ from ..core.cascade import Cascade
 from ..core.images import resize, square, to_unit
 from ..core.metrics import neighbour_agreement
 from ..core.store import resolve_model
-from ._common import PROG, command, git_commit, log, output_dirs, rounded, run, set_threads
+from ._common import begin, PROG, command, git_commit, log, rounded, run
 from ._common import plt as _plt
 from .cascade import TEST_TPS, RealData, cho_dirs, predict, train_classifier
 
@@ -178,10 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    _plt()  # the figures need matplotlib: say so now, not after minutes of sampling
-    set_threads(a.threads)
+    img_dir, res_dir = begin(a)
     t0 = time.perf_counter()
-    img_dir, res_dir = output_dirs(a.out)
     cas = Cascade.load(a.model, "cpu")
     cas.check_resolution(a.resolution)
     depths = list(range(cas.n_classes))
