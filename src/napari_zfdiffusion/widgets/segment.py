@@ -1,7 +1,7 @@
 """Dock widget: segment an Image layer (2D, a (N, Y, X) stack or a time series) with a U-Net, and
 the "Segment with zfdiffusion" layer command that opens it for a chosen layer.
 
-The widget gathers parameters, starts a worker (:mod:`._worker`) and puts results into layers; all
+The widget gathers parameters, starts a worker (:mod:`._jobs`) and puts results into layers; all
 computing is :meth:`Segmenter.segment` from the GUI-free core (tiled, plane by plane; 4D/5D, NaN
 and non-numeric layers are refused there with the reason).
 
