@@ -119,7 +119,7 @@ def test_upsample_a_generated_layer_keeps_its_depth(widget, notes):
     assert w.wait(60)
     assert errors(notes) == []
     out = viewer.layers[-1]
-    assert out.data.shape == (1, 128, 128)
+    assert out.data.shape == (128, 128)  # one sample: a 2D layer
     prov = out.metadata["zfdiffusion"]
     assert prov["operation"] == "upsample" and prov["depth"] == 1 and prov["source"]["depth"] == 1
     assert prov["stages"] == ["sr128"]
@@ -154,7 +154,7 @@ def test_upsample_a_plane_of_a_real_stack(widget, notes):
     assert w.wait(60)
     assert errors(notes) == []
     out = viewer.layers[-1]
-    assert out.name == "cho [plane 3] x256" and out.data.shape == (1, 256, 256)
+    assert out.name == "cho [plane 3] x256" and out.data.shape == (256, 256)
     assert out.metadata["zfdiffusion"]["input_shape"] == [128, 128]
 
 
@@ -243,3 +243,25 @@ def test_the_bundled_demo_is_chosen_when_the_widget_opens(make_napari_viewer, no
     w = GenerateSlicesWidget(make_napari_viewer())
     assert w.model.value is not None and w.model.value.endswith("zf-cascade-demo")
     assert w.generate_button.enabled and [m for s, m in notes if s == "error"] == []
+
+
+def test_all_resolutions_of_one_field_overlay(make_napari_viewer, tmp_path):
+    """With the training field in the card, a 64 and a 256 px slice cover the same world extent."""
+    import json
+
+    from conftest import make_tiny_cascade
+
+    model = make_tiny_cascade(tmp_path / "geo", stages=("base", "sr128", "sr256"))
+    card = json.loads((model / "cascade.json").read_text())
+    (model / "cascade.json").write_text(json.dumps({**card, "field_um": 90.0, "z_step_um": 1.0}))
+    viewer = make_napari_viewer()
+    w = _dock(viewer, model, resolution=64, steps=1)
+    for res in (64, 256):
+        w.generate(resolution=res)
+        assert w.wait(60)
+    small, big = viewer.layers[-2], viewer.layers[-1]
+    assert small.data.shape == (64, 64) and big.data.shape == (256, 256)
+    assert tuple(small.scale) == (90 / 64, 90 / 64) and tuple(big.scale) == (90 / 256, 90 / 256)
+    for layer, n in ((small, 64), (big, 256)):  # the outer edges of the first and last pixels: 0 and 90 um
+        np.testing.assert_allclose(layer.data_to_world((-0.5, -0.5)), (0, 0), atol=1e-9)
+        np.testing.assert_allclose(layer.data_to_world((n - 0.5, n - 0.5)), (90, 90))

@@ -262,3 +262,18 @@ def test_demo_docks_four_tabs(monkeypatch):
         assert {"Generate slices", "Generate volume", "Generate EM patches", "Segment"} <= set(docks)
     finally:
         viewer.close()
+
+
+def test_a_volume_layer_has_its_true_z_step(make_napari_viewer, tmp_path):
+    import json
+
+    model = make_tiny_cascade(tmp_path / "geo", stages=("base",), continuity=True)
+    card = json.loads((model / "cascade.json").read_text())
+    (model / "cascade.json").write_text(json.dumps({**card, "field_um": 32.0, "z_step_um": 2.0}))
+    viewer = make_napari_viewer()
+    w = _dock(viewer, model, resolution=64, steps=1)
+    w.generate()
+    assert w.wait(60)
+    layer = viewer.layers[-1]
+    assert tuple(layer.scale) == (2.0, 0.5, 0.5)  # z-step, and 32 um over 64 px
+    assert layer.metadata["zfdiffusion"]["pixel_size_um"] == {"z": 2.0, "y": 0.5, "x": 0.5}

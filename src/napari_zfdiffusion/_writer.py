@@ -19,5 +19,9 @@ def write_image_tiff(path: str, data: Any, meta: dict) -> list[str]:
     prov = dict((meta or {}).get("metadata", {}).get(METADATA_KEY) or {})
     if meta and meta.get("name"):
         prov.setdefault("layer_name", meta["name"])
+    scale = [float(s) for s in (meta or {}).get("scale") or []]
+    if "pixel_size_um" not in prov and len(scale) >= 2 and scale[-2:] != [1.0, 1.0]:  # a layer in micrometres
+        prov["pixel_size_um"] = {"y": scale[-2], "x": scale[-1], **({"z": scale[-3]} if len(scale) >= 3 and
+                                                                     scale[-3] != 1.0 else {})}
     write_tiff(path, np.asarray(data), prov)
     return [path]

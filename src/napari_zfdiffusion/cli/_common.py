@@ -13,6 +13,15 @@ from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 RESOLUTIONS = (64, 128, 256, 512)
 
 
+def add_channel(p: argparse.ArgumentParser) -> None:
+    """How to read the input: --channel for multichannel files, --axes for files that do not name theirs."""
+    p.add_argument("--channel", type=int, default=None,
+                   help="the channel to use when the input has several (axis C of an OME-TIFF or OME-Zarr, 0-based)")
+    p.add_argument("--axes", default=None,
+                   help="what the input's dimensions are when the file does not say, e.g. TZYX (T: time points "
+                        "or specimens, Z: depth, C: channels)")
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda > mps > cpu")
 
@@ -48,6 +57,7 @@ def add_training(p: argparse.ArgumentParser, *, steps: int, batch: int, out_help
     p.add_argument("--seed", type=int, default=0)
     add_device(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    add_channel(p)
 
 
 def add_patch_training(q: argparse.ArgumentParser, steps: int, batch: int, **kw) -> None:
@@ -63,19 +73,20 @@ def training_options(a: argparse.Namespace) -> dict:
     """The shared training options as keyword arguments of a training config."""
     return {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
             "checkpoint_every": a.checkpoint_every, "seed": a.seed, "data_credit": a.credit,
-            "data_licence": a.licence}
+            "data_licence": a.licence, "channel": a.channel, "axes": a.axes}
 
 
-def own_provenance(path: Path) -> dict:
-    """The provenance of a TIFF this plugin wrote ({} for any other file): its values are then already
-    in [0, 1], and its depth and model are known."""
-    from ..core.io import read_provenance
-    from ..core.provenance import is_ours
+def read_input(path: Path, channel: int | None = None, axes: str | None = None):
+    """A small input image (a plane to upsample or to start a volume from) read whole: its planes
+    ((Y, X) for one plane, else (N, Y, X)) and its provenance if this plugin wrote it ({} otherwise:
+    its values are then normalised like the training data)."""
+    import numpy as np
 
-    if Path(path).suffix.lower() not in (".tif", ".tiff"):
-        return {}
-    prov = read_provenance(path)
-    return prov if is_ours(prov) else {}
+    from ..core.reader import open_image
+
+    src = open_image(path, channel=channel, axes=axes)
+    planes = np.asarray(src.planes())
+    return (planes[0] if len(planes) == 1 else planes), src.provenance
 
 
 class TqdmProgress:

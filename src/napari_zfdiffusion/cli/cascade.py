@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import TqdmProgress, add_cascade_sampling, add_training, own_provenance, training_options
+from ._common import TqdmProgress, add_cascade_sampling, add_channel, add_training, read_input, training_options
 
 
 def cmd_generate(a) -> int:
@@ -30,11 +30,10 @@ def cmd_generate(a) -> int:
 def cmd_upsample(a) -> int:
     from ..core.cascade import Cascade
     from ..core.errors import UserInputError
-    from ..core.io import check_writable, read_image, write_tiff
+    from ..core.io import check_writable, write_tiff
 
     out = check_writable(a.out)
-    img = read_image(a.input)
-    prov = own_provenance(a.input)
+    img, prov = read_input(a.input, a.channel, a.axes)
     depth = a.depth if a.depth is not None else prov.get("depth")
     if depth is None:
         raise UserInputError("the image carries no depth: pass --depth D.")
@@ -50,15 +49,15 @@ def cmd_upsample(a) -> int:
 
 def cmd_volume(a) -> int:
     from ..core.cascade import Cascade
-    from ..core.io import check_writable, read_image, write_png_preview, write_tiff
+    from ..core.io import check_writable, write_png_preview, write_tiff
 
     out = check_writable(a.out)
     if a.preview:
         check_writable(a.preview)
     first, ours = None, False
     if a.first_plane is not None:
-        first = read_image(a.first_plane)
-        ours = bool(own_provenance(a.first_plane))
+        first, prov = read_input(a.first_plane, a.channel, a.axes)
+        ours = bool(prov)
     cas = Cascade.load(a.model, a.device)
     res = cas.generate_volume(a.depths, guidance=a.guidance, continuity_guidance=a.continuity_guidance,
                               resolution=a.resolution, seed=a.seed, first_plane=first, first_plane_normalised=ours,
@@ -142,6 +141,7 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     u.add_argument("input", type=Path, help="2D image file (TIFF or PNG), square")
     u.add_argument("--depth", type=int, default=None, help="depth class (default: from the file's provenance)")
     u.add_argument("--out", type=Path, required=True)
+    add_channel(u)
     u.set_defaults(func=cmd_upsample)
 
     ds = sub.add_parser("dataset", help="fill a folder with generated slices: resumable, parallel under torchrun")
@@ -168,6 +168,7 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
                    help="start from this real 2D plane (square TIFF/PNG, at least --resolution on a side)")
     v.add_argument("--out", type=Path, required=True, help="output (Z, Y, X) TIFF")
     v.add_argument("--preview", type=Path, default=None, help="also write a PNG of the planes side by side")
+    add_channel(v)
     v.set_defaults(func=cmd_volume)
 
     c = train.add_parser("cascade", help="train the depth cascade on (Z, Y, X) TIFF stacks")

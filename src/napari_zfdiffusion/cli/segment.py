@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import TqdmProgress, add_device, add_patch_training, own_provenance, training_options
+from ._common import TqdmProgress, add_channel, add_device, add_patch_training, training_options
 
 
 def cmd_train_unet(a) -> int:
@@ -29,7 +29,8 @@ def cmd_segment(a) -> int:
 
     import numpy as np
 
-    from ..core.io import TiffMemmap, check_writable, read_image_lazy
+    from ..core.io import TiffMemmap, check_writable
+    from ..core.reader import open_image
     from ..core.segment import Segmenter
     from ..core.segment.segmenter import as_planes
 
@@ -40,11 +41,16 @@ def cmd_segment(a) -> int:
     for key, fallback in (("tile", 256), ("overlap", 32), ("threshold", 0.5), ("min_size", 16)):
         if getattr(a, key) is None:  # as the widget does: the model's own defaults
             setattr(a, key, type(fallback)(seg.card.get(key, fallback)))
-    image = read_image_lazy(a.input)
-    planes, two_d, _ = as_planes(image, a.input.name)  # checks the shape before any output is created
-    shape = planes.shape[1:] if two_d else planes.shape
-    # only our own provenance (tifffile's shape metadata would make the output look "shaped")
-    prov = {"input": str(a.input), "input_provenance": own_provenance(a.input) or None}
+    src = open_image(a.input, channel=a.channel, axes=a.axes)
+    image = src.planes()  # every plane (time points x depth), lazily; the chosen channel
+    as_planes(image[:1], a.input.name)  # checks the planes before any output is created
+    axes = src.stack_axes()
+    outer = [s for ax, s in zip(*src.image_axes()) if ax not in ("Y", "X", "S")]
+    shape = (*outer, *image.shape[1:3])  # the input's shape without channels: (T, Z, Y, X), (Z, Y, X), (Y, X)
+    pixel = {ax.lower(): v for ax, v in src.pixel_um.items() if v and (ax != "Z" or "Z" in axes)}
+    prov = {"input": str(a.input), "input_provenance": src.provenance or None, "input_axes": src.axes,
+            "channel": a.channel, "axes": "".join(ax for ax in src.image_axes()[0] if ax != "S"),
+            "pixel_size_um": pixel or None}
     bar = TqdmProgress(a.quiet)
     with ExitStack() as stack:
         labels = stack.enter_context(TiffMemmap(out, shape, np.int32, {**prov, "content": "instance labels"}))
@@ -108,5 +114,6 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     sg.add_argument("--min-size", type=int, default=None, help="smallest object in pixels (card; 16)")
     sg.add_argument("--batch", type=int, default=4, help="tiles per forward pass")
     sg.add_argument("--no-interior", action="store_true", help="connected components instead of the watershed")
+    add_channel(sg)
     add_device(sg)
     sg.set_defaults(func=cmd_segment)

@@ -133,6 +133,9 @@ def fetch(name: str, dest: Path | None = None, *, quiet: bool = False) -> list[P
     return targets
 
 
+CHO_PIXEL_UM, CHO_Z_STEP_UM = 0.202, 1.0  # Fluo-N3DH-CHO voxel size (Cell Tracking Challenge), not in the file
+
+
 def prepare_cho(dest: Path | None = None, *, held_out: int = 4, quiet: bool = False) -> tuple[Path, Path]:
     """Split the CHO (T, Z, Y, X) movie into one (Z, Y, X) stack per time point ("specimen").
 
@@ -151,8 +154,9 @@ def prepare_cho(dest: Path | None = None, *, held_out: int = 4, quiet: bool = Fa
         d.mkdir(exist_ok=True)
     for t in range(n):
         target = (test if t >= n - held_out else train) / f"cho_t{t:02d}.tif"
-        if not target.exists():
-            tifffile.imwrite(target, np.ascontiguousarray(arr[t]))
+        if not target.exists():  # with the voxel size of the Cell Tracking Challenge's description
+            tifffile.imwrite(target, np.ascontiguousarray(arr[t]), imagej=True, resolution=(1 / CHO_PIXEL_UM,) * 2,
+                             metadata={"axes": "ZYX", "spacing": CHO_Z_STEP_UM, "unit": "um"})
     return train, test
 
 

@@ -66,18 +66,6 @@ def to_gray(arr: np.ndarray, name: str, notices: list[str]) -> np.ndarray:
     return gray
 
 
-def planes_of(arr: np.ndarray, name: str) -> list[np.ndarray]:
-    """The 2D images a file holds: one (Y, X) image or a (N, Y, X) stack."""
-    if arr.ndim == 2:
-        return [arr]
-    if arr.ndim == 3:
-        return list(arr)
-    raise UserInputError(
-        f"{name} has {arr.ndim} dimensions {arr.shape}: give 2D images or (N, Y, X) stacks of them. "
-        "Split channels or time points into separate files first (e.g. with tifffile)."
-    )
-
-
 def unit_to_model(unit: np.ndarray) -> np.ndarray:
     """A float32 image in [0, 1] mapped to model space [-1, 1], in place."""
     unit *= 2.0
@@ -168,5 +156,5 @@ def random_crop(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tenso
     return x[..., y:y + crop, x0:x0 + crop]
 
 
-__all__ = ["Normalisation", "augment", "check_finite", "dihedral", "looks_rgb", "model_space", "planes_of",
+__all__ = ["Normalisation", "augment", "check_finite", "dihedral", "looks_rgb", "model_space",
            "random_crop", "random_dihedral", "resize", "square", "to_gray", "to_model", "to_unit", "unit_to_model"]

@@ -108,14 +108,30 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def resolution_tags(provenance: dict | None) -> dict:
+    """TIFF resolution tags (pixels per centimetre, as Fiji and napari read them) for the pixel size
+    the provenance records (``pixel_size_um``: x, y in micrometres); {} when it records none. The z-step
+    has no TIFF tag: it stays in the provenance, where :mod:`.reader` finds it."""
+    px = (provenance or {}).get("pixel_size_um") or {}
+    try:
+        x, y = float(px["x"]), float(px["y"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    if not (x > 0 and y > 0):
+        return {}
+    return {"resolution": (1e4 / x, 1e4 / y), "resolutionunit": "CENTIMETER"}
+
+
 def write_tiff(path: str | Path, data: np.ndarray, provenance: dict | None = None) -> Path:
-    """Write ``data`` as a TIFF whose ImageDescription holds the provenance as JSON."""
+    """Write ``data`` as a TIFF whose ImageDescription holds the provenance as JSON, with the pixel
+    size it records in the resolution tags."""
     import tifffile
 
     desc = json.dumps(provenance or {}, default=str)
 
     def _write(tmp: Path) -> None:
-        tifffile.imwrite(tmp, np.ascontiguousarray(data), description=desc, metadata=None)
+        tifffile.imwrite(tmp, np.ascontiguousarray(data), description=desc, metadata=None,
+                         **resolution_tags(provenance))
 
     return atomic_write(path, _write)
 
@@ -167,7 +183,8 @@ class TiffMemmap:
         self.tmp = Path(tmp)
         try:
             self.array = tifffile.memmap(self.tmp, shape=self.shape, dtype=self.dtype,
-                                         description=json.dumps(self.provenance, default=str), metadata=None)
+                                         description=json.dumps(self.provenance, default=str), metadata=None,
+                                         **resolution_tags(self.provenance))
         except OSError as e:
             self.tmp.unlink(missing_ok=True)
             raise UserInputError(f"could not write '{self.path}': {e.strerror or e}.") from None

@@ -10,6 +10,7 @@ from napari.layers import Image
 
 from ..core.errors import UserInputError
 from ..core.provenance import METADATA_KEY, is_ours
+from ..core.reader import layer_geometry
 
 if TYPE_CHECKING:
     import napari
@@ -55,4 +56,4 @@ def shown_image(viewer, layer: Image, purpose: str) -> tuple[np.ndarray, int | N
     return np.asarray(data[plane]), plane
 
 
-__all__ = ["PROVENANCE_KEY", "generated_provenance", "image_layers", "layer_image", "shown_image", "shown_plane"]
+__all__ = ["PROVENANCE_KEY", "generated_provenance", "image_layers", "layer_geometry", "layer_image", "shown_image", "shown_plane"]

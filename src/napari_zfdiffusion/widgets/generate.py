@@ -22,7 +22,7 @@ from napari.utils.notifications import show_error
 from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ..core.errors import UserInputError
 from ._jobs import CascadeJobWidget, row
-from ._layers import PROVENANCE_KEY, generated_provenance, layer_image, shown_plane
+from ._layers import PROVENANCE_KEY, generated_provenance, layer_image, layer_geometry, shown_plane
 from ._models import cascade_choices, get_cascade
 
 if TYPE_CHECKING:
@@ -147,8 +147,13 @@ class GenerateSlicesWidget(CascadeJobWidget):
         self._start(job, "upsampling", done)
 
     def _add_layer(self, result, name: str) -> None:
-        self._viewer.add_image(result.images.astype(np.float32, copy=False), name=name, contrast_limits=(0, 1),
-                               colormap="gray", metadata={PROVENANCE_KEY: result.provenance})
+        images = result.images.astype(np.float32, copy=False)
+        if len(images) == 1:  # one sample: a 2D layer, shown whatever plane another stack is at
+            images = images[0]
+        # micrometres, when the model knows its pixel size: all resolutions of one field overlay
+        geometry = layer_geometry(result.provenance.get("pixel_size_um"), images.ndim, z=False)
+        self._viewer.add_image(images, name=name, contrast_limits=(0, 1), colormap="gray",
+                               metadata={PROVENANCE_KEY: result.provenance}, **geometry)
         self.status.value = f"added '{name}'"
 
 

@@ -28,7 +28,7 @@ from napari.utils.notifications import show_error, show_info
 from ..core.errors import UserInputError
 from ..core.progress import Progress
 from ._jobs import CascadeJobWidget, ItemRelay
-from ._layers import PROVENANCE_KEY, generated_provenance, image_layers, layer_image, shown_plane
+from ._layers import PROVENANCE_KEY, generated_provenance, image_layers, layer_image, layer_geometry, shown_plane
 from ._models import cascade_choices, get_cascade
 
 if TYPE_CHECKING:
@@ -185,8 +185,9 @@ class GenerateVolumeWidget(CascadeJobWidget):
         depths = tuple(params["depths"])
         res = int(params["resolution"])
         name = f"volume d{depths[0]}-{depths[-1]} s{params['seed']}" if depths else "volume"
+        geometry = layer_geometry(self._cascade.pixel_size_um(res, volume=True), 3)  # the true z-step in 3D
         layer = self._viewer.add_image(np.zeros((max(len(depths), 1), res, res), np.float32), name=name,
-                                       contrast_limits=(0, 1), colormap="gray")
+                                       contrast_limits=(0, 1), colormap="gray", **geometry)
         request = {k: v for k, v in params.items() if k not in ("first_plane", "depths")}
         request.update(depths=list(depths), model=self.model.value, **source)
         run = self._run = _Run(layer, layer.name, len(depths), request)

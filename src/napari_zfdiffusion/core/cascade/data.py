@@ -8,38 +8,54 @@ to [-1, 1] after percentile normalisation, and resized once per cascade resoluti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..images import Normalisation, check_finite, looks_rgb, model_space
-from ..io import list_images, read_image
+from ..images import Normalisation, check_finite, model_space
+from ..io import list_images
+from ..reader import open_image
 from .depths import depth_bins
 
 
-def read_stack(path: str | Path) -> np.ndarray:
-    """A (Z, Y, X) stack from one file; 2D, 4D/5D and RGB files are refused with the reason."""
-    arr = read_image(path)
-    name = Path(path).name
-    if looks_rgb(arr):
+def read_stacks(path: str | Path, channel: int | None = None,
+                axes: str | None = None) -> tuple[list[tuple[str, np.ndarray]], dict]:
+    """The (Z, Y, X) stacks of one file, one per specimen (time points and other axes besides Z, Y, X
+    become specimens; see :mod:`..reader`), with the file's pixel sizes in micrometres. 2D and RGB
+    files, several channels without ``channel``, NaNs and tiny planes are refused with the reason."""
+    src = open_image(path, channel=channel, axes=axes)
+    name = src.name
+    if src.rgb:
         raise UserInputError(
-            f"{name} looks like an RGB(A) image, shape {arr.shape}: the models take one grayscale "
+            f"{name} looks like an RGB(A) image, shape {src.shape}: the models take one grayscale "
             "channel. Save a single channel as a (Z, Y, X) TIFF."
         )
-    if arr.ndim == 2:
-        raise UserInputError(f"{name} is a single 2D plane {arr.shape}: training needs a (Z, Y, X) stack per specimen.")
-    if arr.ndim != 3:
-        raise UserInputError(
-            f"{name} has {arr.ndim} dimensions {arr.shape}: give one (Z, Y, X) stack per file. "
-            "Split time points or channels into separate files first (e.g. with tifffile)."
-        )
-    check_finite(arr, name)
-    if min(arr.shape[1:]) < 16:
-        raise UserInputError(f"{name}: planes of {arr.shape[1:]} pixels are too small (need at least 16x16).")
-    return arr
+    axes = src.stack_axes(channel)
+    if "Z" not in axes:
+        raise UserInputError(f"{name} is a single 2D plane {src.shape}: training needs a (Z, Y, X) stack per "
+                             "specimen.")
+    out = []
+    for stack_name, lazy in src.stacks(channel):
+        arr = lazy[...]
+        check_finite(arr, name)
+        if min(arr.shape[1:]) < 16:
+            raise UserInputError(f"{name}: planes of {arr.shape[1:]} pixels are too small (need at least 16x16).")
+        out.append((stack_name, arr))
+    return out, dict(src.pixel_um)
+
+
+def _agreed(values: list[float | None], what: str, notices: list[str]) -> float | None:
+    """One physical size for the data set: the value all files give, or the median with a notice."""
+    known = [v for v in values if v]
+    if not known:
+        return None
+    if len(known) < len(values) or max(known) > min(known) * 1.01:
+        notices.append(f"the files disagree on the {what} ({', '.join(f'{v:g}' if v else '?' for v in values)} um): "
+                       f"the card records the median, {float(np.median(known)):g} um")
+    return float(np.median(known))
 
 
 @dataclass
@@ -56,15 +72,22 @@ class DepthDataset:
     n_planes: int
     files: list[str]
     raw: list[torch.Tensor]
+    names: list[str] = field(default_factory=list)  # one per specimen (file, time point, ...)
+    pixel_um: dict = field(default_factory=dict)  # Z / Y / X in micrometres, where the files say
+    side_px: int = 0  # the median side of the square cut from each plane (the field generated slices show)
+    notices: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_paths(cls, paths, *, depth_classes: int | None = None,
-                   norm: Normalisation = Normalisation()) -> DepthDataset:
+    def from_paths(cls, paths, *, depth_classes: int | None = None, norm: Normalisation = Normalisation(),
+                   channel: int | None = None, axes: str | None = None) -> DepthDataset:
         files = list_images(paths)
-        stacks = [read_stack(f) for f in files]
-        zs = {s.shape[0] for s in stacks}
+        read = [read_stacks(f, channel, axes) for f in files]
+        stacks = [(name, arr) for per_file, _ in read for name, arr in per_file]
+        notices: list[str] = []
+        pixel = {a: _agreed([px.get(a) for _, px in read], f"{a.lower()} pixel size", notices) for a in "ZYX"}
+        zs = {s.shape[0] for _, s in stacks}
         if len(zs) != 1:
-            detail = ", ".join(f"{f.name}: {s.shape[0]}" for f, s in zip(files, stacks))
+            detail = ", ".join(f"{name}: {s.shape[0]}" for name, s in stacks)
             raise UserInputError(
                 f"the stacks have different numbers of planes ({detail}): depth classes need the same "
                 "planes in every specimen. Crop them to the same z range, or use --depth-classes K."
@@ -72,13 +95,14 @@ class DepthDataset:
         n_planes = zs.pop()
         bins = depth_bins(n_planes, depth_classes)
         raw, classes, spec = [], [], []
-        for i, s in enumerate(stacks):
+        for i, (_, s) in enumerate(stacks):
             t = torch.from_numpy(model_space(s, norm))
             raw.append(t)  # (Z, Y, X), kept whole so training can choose a crop offset
             classes.extend(bins)
             spec.extend([i] * n_planes)
+        side = int(np.median([min(s.shape[1:]) for _, s in stacks]))
         return cls(torch.tensor(classes), torch.tensor(spec), max(bins) + 1, n_planes,
-                   [str(f) for f in files], raw)
+                   [str(f) for f in files], raw, [name for name, _ in stacks], pixel, side, notices)
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -92,4 +116,4 @@ class DepthDataset:
         return idx[(self.specimen % world) == rank]
 
 
-__all__ = ["DepthDataset", "read_stack"]
+__all__ = ["DepthDataset", "read_stacks"]

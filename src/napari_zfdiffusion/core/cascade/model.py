@@ -149,6 +149,19 @@ class Cascade:
     def normalisation(self) -> Normalisation:
         return Normalisation.from_dict(self.card.get("normalisation"))
 
+    def pixel_size_um(self, resolution: int, *, volume: bool = False) -> dict | None:
+        """The physical pixel size of a generated image at ``resolution`` (micrometres; and the z-step
+        for a volume): the training field (``field_um`` in the card) over the pixels that show it.
+        None when the training data carried no pixel size."""
+        field_um = self.card.get("field_um")
+        if not field_um:
+            return None
+        px = float(field_um) / int(resolution)
+        out = {"y": px, "x": px}
+        if volume and self.card.get("z_step_um"):
+            out = {"z": float(self.card["z_step_um"]), **out}
+        return out
+
     def depth_label(self, depth: int) -> str:
         return self.depth_classes[depth].get("label", f"depth {depth}")
 
@@ -245,6 +258,7 @@ class Cascade:
             depth=depth, depth_label=self.depth_label(depth), guidance=guidance, sr_guidance=sr_guidance,
             seed=seed, seeds=[seed + i for i in range(n)], sampler=sampler, steps=steps, sr_steps=sr_steps,
             noise_aug=noise_aug, resolution=resolution, stages=names,
+            pixel_size_um=self.pixel_size_um(resolution),
         )
         return Result(to_unit(x[:, 0]), prov, inter)
 
@@ -313,6 +327,7 @@ class Cascade:
             guidance=guidance, continuity_guidance=continuity_guidance, sr_guidance=sr_guidance, seed=seed,
             sampler=sampler, steps=steps, sr_steps=sr_steps, noise_aug=noise_aug, resolution=resolution,
             stages=names, first_plane_given=first_plane is not None, z_step_um=self.card.get("z_step_um"),
+            pixel_size_um=self.pixel_size_um(resolution, volume=True),
         )
         return Result(np.stack(planes), prov)
 
@@ -363,6 +378,7 @@ class Cascade:
             operation="upsample", depth=depth, depth_label=self.depth_label(depth), sr_guidance=sr_guidance,
             seed=seed, sampler=sampler, steps=steps, noise_aug=noise_aug, resolution=resolution,
             stages=names, input_shape=[int(h), int(w)],
+            pixel_size_um=None if normalise else self.pixel_size_um(resolution),
         )
         return Result(to_unit(x[:, 0]), prov)
 

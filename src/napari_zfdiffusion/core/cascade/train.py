@@ -74,7 +74,8 @@ class TrainConfig(loop.TrainOptions):
 def _update_cascade_card(out: Path, ds: DepthDataset, cfg: TrainConfig) -> dict:
     """Create ``cascade.json``, or check that this stage's data agrees with the stages already there."""
     card_path = out / CASCADE_FILE
-    classes = depth_class_cards(ds.n_planes, ds.n_classes, cfg.z_step_um)
+    z_step = cfg.z_step_um or ds.pixel_um.get("Z")
+    classes = depth_class_cards(ds.n_planes, ds.n_classes, z_step)
     norm = Normalisation(cfg.norm_low, cfg.norm_high).to_dict()
     if card_path.is_file():
         card = read_json(card_path)
@@ -88,13 +89,17 @@ def _update_cascade_card(out: Path, ds: DepthDataset, cfg: TrainConfig) -> dict:
         "kind": "cascade",
         "format_version": 1,
         "name": out.name,
-        "description": f"depth cascade trained on {len(ds.files)} stack(s)",
+        "description": f"depth cascade trained on {len(ds.names)} stack(s)",
         "depth_classes": classes,
         "n_planes": ds.n_planes,
-        "z_step_um": cfg.z_step_um,
+        "z_step_um": z_step,
+        # the training planes' pixel size, and the side of the square field each generated slice shows
+        "pixel_size_um": {a.lower(): ds.pixel_um.get(a) for a in ("Y", "X")},
+        "field_um": ds.side_px * ds.pixel_um["X"] if ds.pixel_um.get("X") else None,
         "normalisation": norm,
         "intensity": "outputs are normalised intensities in [0, 1] (percentile low -> 0, high -> 1)",
-        "training_data": {"files": [Path(f).name for f in ds.files], "credit": cfg.data_credit,
+        "training_data": {"files": [Path(f).name for f in ds.files], "specimens": len(ds.names),
+                          "channel": cfg.channel, "credit": cfg.data_credit,
                           "licence": cfg.data_licence},
         **made_by(),
     }
@@ -142,7 +147,7 @@ def _export(out: Path, ema, cfg: TrainConfig, step: int, losses: list[float], ds
         "schedule": schedule_for(cfg.loss),
         "default_noise_aug": 0.1 if lres else None,
         "prev_channels": 1 if cfg.continuity else 0,
-        **loop.training_info(cfg, step, losses, seconds, world, images=len(ds), specimens=len(ds.files)),
+        **loop.training_info(cfg, step, losses, seconds, world, images=len(ds), specimens=len(ds.names)),
     }
     save_model(ema, out / cfg.stage, info)
 
@@ -176,7 +181,11 @@ def train_stage(data, out: str | Path, cfg: TrainConfig, *, device: str = "auto"
 def _train(dev: torch.device, di: loop.DistInfo, data, out: Path, cfg: TrainConfig, resume: bool,
            show_progress: bool, callback) -> dict:
     norm = Normalisation(cfg.norm_low, cfg.norm_high)
-    ds = DepthDataset.from_paths(data, depth_classes=cfg.depth_classes, norm=norm)
+    ds = DepthDataset.from_paths(data, depth_classes=cfg.depth_classes, norm=norm, channel=cfg.channel,
+                                 axes=cfg.axes)
+    if di.main:
+        for note in ds.notices:
+            print(f"note: {note}")
     res = STAGES[cfg.stage][0]
     state_path = loop.prepare_state_dir(out / "training" / cfg.stage, out, resume, di)
     if di.main:

@@ -121,8 +121,8 @@ def train_vae(images, out: str | Path, cfg: VaeConfig, *, masks=None, device: st
 
 
 def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_progress, callback) -> dict:
-    data = PatchData.from_paths(images, masks, patch=cfg.patch_size, norm=Normalisation(cfg.norm_low, cfg.norm_high,
-                                                                                         per="image"))
+    data = PatchData.from_paths(images, masks, patch=cfg.patch_size, channel=cfg.channel, axes=cfg.axes,
+                                norm=Normalisation(cfg.norm_low, cfg.norm_high, per="image"))
     if di.main:
         for note in data.notices:
             print(f"note: {note}")
@@ -219,7 +219,8 @@ def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks,
             "(`zfdiffusion train vae --images ... --masks ...`) to generate masks.")
     vae = load_vae(vae_dir / "vae").to(dev)
     patch = int(vcard["patch_size"])
-    data = PatchData.from_paths(images, masks, patch=patch, norm=Normalisation.from_dict(vcard["normalisation"]))
+    data = PatchData.from_paths(images, masks, patch=patch, norm=Normalisation.from_dict(vcard["normalisation"]),
+                                channel=cfg.channel, axes=cfg.axes)
     if data.mask_encoding and vcard.get("mask_encoding") and data.mask_encoding != vcard["mask_encoding"]:
         raise UserInputError(
             f"these masks are {data.mask_encoding} but the autoencoder learned {vcard['mask_encoding']} masks: "

@@ -151,14 +151,15 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
                 val_masks, resume, show_progress, callback) -> dict:
     norm = Normalisation(cfg.norm_low, cfg.norm_high, per="image")
     explicit_val = val_images is not None
-    data = PatchData.from_paths(images, masks, patch=cfg.crop, norm=norm, segmentation=True,
-                                val_fraction=0.0 if explicit_val else cfg.val_fraction)
+    data = PatchData.from_paths(images, masks, patch=cfg.crop, norm=norm, segmentation=True, channel=cfg.channel,
+                                axes=cfg.axes, val_fraction=0.0 if explicit_val else cfg.val_fraction)
     extra = (PatchData.from_paths(extra_images, extra_masks, patch=cfg.crop, norm=norm, segmentation=True,
                                   val_fraction=0.0) if extra_images is not None else None)
     val = data.val
     val_card = data.split
     if explicit_val:
-        vdata = PatchData.from_paths(val_images, val_masks, patch=32, norm=norm, segmentation=True, val_fraction=0.0)
+        vdata = PatchData.from_paths(val_images, val_masks, patch=32, norm=norm, segmentation=True, val_fraction=0.0,
+                                     channel=cfg.channel, axes=cfg.axes)
         val, val_card = vdata.train, f"{len(vdata.train)} separate validation image(s)"
     if di.main:
         for note in data.notices + (extra.notices if extra else []):

@@ -100,6 +100,8 @@ class TrainOptions:
     seed: int = 0
     data_credit: str = ""
     data_licence: str = ""
+    channel: int | None = None  # the channel of multichannel training images (see core.reader)
+    axes: str | None = None  # what the images' dimensions are, for files that do not say (e.g. "TZYX")
 
     def loop_config(self, desc: str) -> LoopConfig:
         return LoopConfig(steps=self.steps, lr=self.lr, warmup=self.warmup, ema_decay=self.ema_decay,

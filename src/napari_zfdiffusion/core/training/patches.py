@@ -24,26 +24,30 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..images import Normalisation, check_finite, model_space, planes_of, random_dihedral, to_gray
-from ..io import list_images, read_image
+from ..images import Normalisation, check_finite, model_space, random_dihedral, to_gray
+from ..io import list_images
+from ..reader import open_image
 from ..masks import encode_mask, mask_encoding, targets_from_mask
 
 
-def read_images_2d(paths, *, min_size: int, notices: list[str]) -> tuple[list[np.ndarray], list[str]]:
-    """All 2D images in ``paths`` (files or folders), as float32 arrays, with a name for each."""
+def read_images_2d(paths, *, min_size: int, notices: list[str], channel: int | None = None,
+                   axes: str | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """All 2D images in ``paths`` (files or folders; every plane of a stack, time series or OME file,
+    ``channel`` of a multichannel one), as float32 arrays, with a name for each."""
     out, names = [], []
     for f in list_images(paths):
-        arr = to_gray(read_image(f), f.name, notices)
-        check_finite(arr, f.name)
-        planes = planes_of(arr, f.name)
-        for i, p in enumerate(planes):
+        planes = open_image(f, channel=channel, axes=axes).planes()
+        n = len(planes)
+        for i in range(n):
+            p = to_gray(np.asarray(planes[i]), f.name, notices if i == 0 else [])
+            check_finite(p, f.name)
             if min(p.shape) < min_size:
                 raise UserInputError(
-                    f"{f.name}{f' plane {i}' if len(planes) > 1 else ''} is {p.shape[0]}x{p.shape[1]} pixels: "
+                    f"{f.name}{f' plane {i}' if n > 1 else ''} is {p.shape[0]}x{p.shape[1]} pixels: "
                     f"smaller than the {min_size}x{min_size} patches. Use larger images, or a smaller --patch-size."
                 )
             out.append(p.astype(np.float32))
-            names.append(f"{f.name}[{i}]" if len(planes) > 1 else f.name)
+            names.append(f"{f.name}[{i}]" if n > 1 else f.name)
     return out, names
 
 
@@ -67,7 +71,8 @@ class PatchData:
 
     @classmethod
     def from_paths(cls, images, masks=None, *, patch: int = 256, norm: Normalisation | None = None,
-                   val_fraction: float = 0.2, segmentation: bool = False) -> PatchData:
+                   val_fraction: float = 0.2, segmentation: bool = False, channel: int | None = None,
+                   axes: str | None = None) -> PatchData:
         """Read ``images`` (and ``masks``) and split off validation images (none if ``val_fraction`` is 0).
 
         ``segmentation``: the masks become two target channels, foreground and interior (see
@@ -75,7 +80,7 @@ class PatchData:
         """
         norm = norm or Normalisation(per="image")
         notices: list[str] = []
-        imgs, names = read_images_2d(images, min_size=patch, notices=notices)
+        imgs, names = read_images_2d(images, min_size=patch, notices=notices, channel=channel, axes=axes)
         chans = [torch.from_numpy(model_space(i, norm))[None] for i in imgs]
         encoding = None
         if masks is not None:
