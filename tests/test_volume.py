@@ -102,7 +102,7 @@ def test_training_pairs_each_plane_with_the_plane_above_under_the_same_crop_and_
     assert (cond is None) == (stage == "base")
     assert has_prev.tolist() == [0, 1, 1, 1, 1, 1]  # the top plane has none
     assert torch.count_nonzero(prev[0]) == 0
-    step = float((ds.raw[0][1] - ds.raw[0][0]).mean())
+    step = float((ds.plane(0, 1) - ds.plane(0, 0)).mean())
     for k in range(1, 6):
         np.testing.assert_allclose((x[k] - prev[k]).numpy(), step, atol=2e-3)
 

@@ -25,10 +25,19 @@ class Normalisation:
     per: str = "stack"
 
     def apply(self, arr: np.ndarray) -> np.ndarray:
-        """``arr`` mapped to [0, 1], as a new float32 array (one copy, then in place: big planes cost
-        one plane of memory)."""
+        """``arr`` mapped to [0, 1] by its own percentiles, as a new float32 array (one copy, then in
+        place: big planes cost one plane of memory)."""
         out = np.array(arr, dtype=np.float32)
         lo, hi = (float(v) for v in np.percentile(out, [self.low, self.high]))
+        return self._scaled(out, lo, hi)
+
+    def scale(self, arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        """``arr`` mapped to [0, 1] with given percentile values ``lo`` -> 0 and ``hi`` -> 1 (a stack's,
+        computed once by :func:`stack_percentiles`), clipped: a new float32 array."""
+        return self._scaled(np.array(arr, dtype=np.float32), lo, hi)
+
+    @staticmethod
+    def _scaled(out: np.ndarray, lo: float, hi: float) -> np.ndarray:
         if not hi > lo:
             hi = lo + 1.0
         out -= lo
@@ -43,6 +52,50 @@ class Normalisation:
         d = dict(d or {})
         d.pop("method", None)
         return cls(**{k: v for k, v in d.items() if k in ("low", "high", "per")})
+
+
+def _numpy_linear(sorted_at, n: int, q: float) -> float:
+    """``np.percentile(..., method="linear")`` at ``q`` (percent) of ``n`` values, given the k-th
+    smallest value as ``sorted_at(k)``: numpy's own index and interpolation formulas."""
+    qq = q / 100
+    virtual = n * qq + (1 + qq * (1 - 1 - 1)) - 1
+    k = int(np.floor(virtual))
+    k = min(max(k, 0), n - 1)
+    t = min(max(virtual - k, 0.0), 1.0)
+    a, b = float(sorted_at(k)), float(sorted_at(min(k + 1, n - 1)))
+    diff = b - a
+    return a + diff * t if t < 0.5 else b - diff * (1 - t)
+
+
+def stack_percentiles(planes, low: float, high: float, *, max_values: int = 1 << 24) -> tuple[float, float]:
+    """The ``low`` and ``high`` percentiles of a whole stack, read one plane at a time (``planes``:
+    anything ``planes[z]`` gives 2D arrays of, e.g. a memory map or a lazy Zarr view).
+
+    8- and 16-bit data: exact (a histogram of every value; equal to ``np.percentile`` of the whole
+    stack). Other data: ``np.percentile`` of an even subsample of at most ``max_values`` values
+    (exact when the stack is that small)."""
+    n_planes = len(planes)
+    dtype = np.dtype(planes.dtype)
+    if dtype.kind in "ui" and dtype.itemsize <= 2:
+        offset = -int(np.iinfo(dtype).min)
+        counts = np.zeros(1 << (8 * dtype.itemsize), np.int64)
+        for z in range(n_planes):
+            counts += np.bincount((np.asarray(planes[z]).ravel().astype(np.int64) + offset), minlength=len(counts))
+        cum = np.cumsum(counts)
+        n = int(cum[-1])
+
+        def sorted_at(k: int) -> int:
+            return int(np.searchsorted(cum, k, side="right")) - offset
+
+        return _numpy_linear(sorted_at, n, low), _numpy_linear(sorted_at, n, high)
+    per_plane = max(1, max_values // max(n_planes, 1))
+    parts = []
+    for z in range(n_planes):
+        flat = np.asarray(planes[z], dtype=np.float32).ravel()
+        parts.append(flat[:: max(1, len(flat) // per_plane)] if len(flat) > per_plane else flat)
+    values = np.concatenate(parts)
+    lo, hi = np.percentile(values, [low, high])
+    return float(lo), float(hi)
 
 
 def looks_rgb(arr: np.ndarray) -> bool:
@@ -156,5 +209,5 @@ def random_crop(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tenso
     return x[..., y:y + crop, x0:x0 + crop]
 
 
-__all__ = ["Normalisation", "augment", "check_finite", "dihedral", "looks_rgb", "model_space",
+__all__ = ["Normalisation", "augment", "check_finite", "dihedral", "looks_rgb", "model_space", "stack_percentiles",
            "random_crop", "random_dihedral", "resize", "square", "to_gray", "to_model", "to_unit", "unit_to_model"]

@@ -133,7 +133,8 @@ class RealData:
             ds = DepthDataset.from_paths(folder, norm=cascade.normalisation)
             if ds.n_classes != cascade.n_classes:
                 raise SystemExit(f"{folder}: {ds.n_classes} planes per stack, the model has {cascade.n_classes} depths")
-            for f, raw in zip(ds.files, ds.raw):
+            for k, f in enumerate(ds.files):  # one stack per file (a CHO time point)
+                raw = ds.stack(k)
                 tp = time_point(f)
                 if tp in self.stacks:
                     raise SystemExit(f"time point {tp} appears twice ({self.files[tp]}, {f})")

@@ -1,9 +1,16 @@
 """A lab's (Z, Y, X) stacks as cascade training data: one stack per specimen, one depth class per
 plane (or per bin of planes, :mod:`.depths`).
 
-Training data for the cascade is a folder (or list) of TIFFs, one per specimen, each (Z, Y, X) of
-any dtype. Every plane is cut to a square (centre crop; a random offset while training), scaled
-to [-1, 1] after percentile normalisation, and resized once per cascade resolution.
+Training data for the cascade is a folder (or list) of files (TIFF, OME-TIFF, OME-Zarr; see
+:mod:`..reader`), each one or more (Z, Y, X) stacks of any dtype. Every plane is cut to a square
+(centre crop; a random offset while training), scaled to [-1, 1] after percentile normalisation
+with its stack's percentiles, and resized to the stage's resolution.
+
+**Memory follows the work, not the data set.** The stacks stay on disk in their own dtype (memory
+maps or chunked Zarr) and a plane is read when a batch needs it. Each stack's percentiles are
+computed once, in one pass that reads a plane at a time (exact for 8- and 16-bit data). The base
+stage's planes are small at 64 px, so they are cached once, already normalised. Under torchrun each
+rank touches only its own specimens' files.
 """
 
 from __future__ import annotations
@@ -15,17 +22,19 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..images import Normalisation, check_finite, model_space
+import torch.nn.functional as F
+
+from ..images import Normalisation, check_finite, resize, square, stack_percentiles, unit_to_model
 from ..io import list_images
 from ..reader import open_image
 from .depths import depth_bins
 
 
-def read_stacks(path: str | Path, channel: int | None = None,
-                axes: str | None = None) -> tuple[list[tuple[str, np.ndarray]], dict]:
-    """The (Z, Y, X) stacks of one file, one per specimen (time points and other axes besides Z, Y, X
-    become specimens; see :mod:`..reader`), with the file's pixel sizes in micrometres. 2D and RGB
-    files, several channels without ``channel``, NaNs and tiny planes are refused with the reason."""
+def read_stacks(path: str | Path, channel: int | None = None, axes: str | None = None) -> tuple[list[tuple], dict]:
+    """The (Z, Y, X) stacks of one file, one lazy view per specimen (time points and other axes
+    besides Z, Y, X become specimens; see :mod:`..reader`), with the file's pixel sizes in
+    micrometres. 2D and RGB files, several channels without ``channel`` and tiny planes are refused
+    with the reason; nothing is read but the metadata."""
     src = open_image(path, channel=channel, axes=axes)
     name = src.name
     if src.rgb:
@@ -38,12 +47,12 @@ def read_stacks(path: str | Path, channel: int | None = None,
         raise UserInputError(f"{name} is a single 2D plane {src.shape}: training needs a (Z, Y, X) stack per "
                              "specimen.")
     out = []
-    for stack_name, lazy in src.stacks(channel):
-        arr = lazy[...]
-        check_finite(arr, name)
-        if min(arr.shape[1:]) < 16:
-            raise UserInputError(f"{name}: planes of {arr.shape[1:]} pixels are too small (need at least 16x16).")
-        out.append((stack_name, arr))
+    stacks = src.stacks(channel)
+    for stack_name, lazy in stacks:
+        if min(lazy.shape[1:]) < 16:
+            raise UserInputError(f"{name}: planes of {lazy.shape[1:]} pixels are too small (need at least 16x16).")
+        label = stack_name[len(src.path.stem) + 1:]  # e.g. "t3" for a time point
+        out.append((name if len(stacks) == 1 else f"{name}[{label}]", lazy))
     return out, dict(src.pixel_um)
 
 
@@ -60,29 +69,39 @@ def _agreed(values: list[float | None], what: str, notices: list[str]) -> float 
 
 @dataclass
 class DepthDataset:
-    """All training stacks in memory, as float tensors in [-1, 1] at the source resolution.
+    """The training stacks, read lazily (see the module docstring).
 
-    ``raw``: one (Z, Y, X) tensor per specimen; ``classes``: (N,) depth class of each plane;
-    ``specimen``: (N,) index of the specimen each plane came from.
+    ``stacks``: one lazy (Z, Y, X) view per specimen in its source dtype; ``classes``, ``specimen``
+    and ``zindex``: (N,) depth class, specimen and plane index of every plane; ``mine``: the
+    specimens this process trains on (all, or its torchrun shard).
     """
 
     classes: torch.Tensor
     specimen: torch.Tensor
+    zindex: torch.Tensor
     n_classes: int
     n_planes: int
     files: list[str]
-    raw: list[torch.Tensor]
+    stacks: list
+    norm: Normalisation
     names: list[str] = field(default_factory=list)  # one per specimen (file, time point, ...)
     pixel_um: dict = field(default_factory=dict)  # Z / Y / X in micrometres, where the files say
     side_px: int = 0  # the median side of the square cut from each plane (the field generated slices show)
     notices: list[str] = field(default_factory=list)
+    mine: list[int] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # specimen -> (low, high) percentile values
+    small: dict = field(default_factory=dict)  # specimen -> (Z, h, w) planes in model space, short side ``small_res``
+    small_res: int | None = None
 
     @classmethod
     def from_paths(cls, paths, *, depth_classes: int | None = None, norm: Normalisation = Normalisation(),
-                   channel: int | None = None, axes: str | None = None) -> DepthDataset:
+                   channel: int | None = None, axes: str | None = None, rank: int = 0, world: int = 1,
+                   cache_res: int | None = None) -> DepthDataset:
+        """Open the stacks (metadata only), check them, compute this process's stacks' percentiles in
+        one pass and, with ``cache_res``, cache their planes at that resolution (short side)."""
         files = list_images(paths)
         read = [read_stacks(f, channel, axes) for f in files]
-        stacks = [(name, arr) for per_file, _ in read for name, arr in per_file]
+        stacks = [(name, lazy) for per_file, _ in read for name, lazy in per_file]
         notices: list[str] = []
         pixel = {a: _agreed([px.get(a) for _, px in read], f"{a.lower()} pixel size", notices) for a in "ZYX"}
         zs = {s.shape[0] for _, s in stacks}
@@ -94,15 +113,26 @@ class DepthDataset:
             )
         n_planes = zs.pop()
         bins = depth_bins(n_planes, depth_classes)
-        raw, classes, spec = [], [], []
-        for i, (_, s) in enumerate(stacks):
-            t = torch.from_numpy(model_space(s, norm))
-            raw.append(t)  # (Z, Y, X), kept whole so training can choose a crop offset
-            classes.extend(bins)
-            spec.extend([i] * n_planes)
+        n = len(stacks)
+        classes = torch.tensor(bins * n)
+        specimen = torch.arange(n).repeat_interleave(n_planes)
+        zindex = torch.arange(n_planes).repeat(n)
         side = int(np.median([min(s.shape[1:]) for _, s in stacks]))
-        return cls(torch.tensor(classes), torch.tensor(spec), max(bins) + 1, n_planes,
-                   [str(f) for f in files], raw, [name for name, _ in stacks], pixel, side, notices)
+        mine = list(range(n)) if world <= 1 or n < world else [i for i in range(n) if i % world == rank]
+        ds = cls(classes, specimen, zindex, max(bins) + 1, n_planes, [str(f) for f in files],
+                 [lazy for _, lazy in stacks], norm, [name for name, _ in stacks], pixel, side, notices, mine)
+        for i in mine:
+            ds.stats[i] = ds._percentiles(i)
+        if cache_res:
+            ds.cache(cache_res)
+        return ds
+
+    def _percentiles(self, spec: int) -> tuple[float, float]:
+        stack = self.stacks[spec]
+        if np.dtype(stack.dtype).kind == "f":  # floats: refuse NaN now, before anything is written
+            for z in range(len(stack)):
+                check_finite(np.asarray(stack[z]), self.names[spec])
+        return stack_percentiles(stack, self.norm.low, self.norm.high)
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -110,10 +140,52 @@ class DepthDataset:
     def shard(self, rank: int, world: int) -> torch.Tensor:
         """Indices of the planes this rank trains on (all of them if there are too few to split)."""
         idx = torch.arange(len(self))
-        n_spec = int(self.specimen.max()) + 1
+        n_spec = len(self.stacks)
         if world <= 1 or n_spec < world:
             return idx
         return idx[(self.specimen % world) == rank]
+
+    # ------------------------------------------------------------------ reading planes
+    def plane(self, spec: int, z: int) -> torch.Tensor:
+        """Plane ``z`` of specimen ``spec`` in model space [-1, 1], (Y, X) float32: read from disk now."""
+        if spec not in self.stats:
+            self.stats[spec] = self._percentiles(spec)
+        unit = self.norm.scale(self.stacks[spec][z], *self.stats[spec])
+        return torch.from_numpy(unit_to_model(unit))
+
+    def stack(self, spec: int) -> torch.Tensor:
+        """A whole specimen in model space, (Z, Y, X) float32 (for evaluation; training reads planes)."""
+        return torch.stack([self.plane(spec, z) for z in range(self.n_planes)])
+
+    def square(self, spec: int, z: int, offset: float | None, res: int) -> torch.Tensor:
+        """The square cut from plane ``z`` at ``offset`` (None: centre), resized to ``res`` x ``res``:
+        (1, 1, res, res). From the cache when it holds planes at ``res``, else read from disk."""
+        if res == self.small_res and spec in self.small:
+            return square(self.small[spec][z], offset)[None, None]
+        return resize(square(self.plane(spec, z), offset)[None, None], res)
+
+    def source_square(self, spec: int, z: int, offset: float | None) -> torch.Tensor:
+        """The square cut from plane ``z`` at ``offset``, at the source resolution: (1, 1, S, S)."""
+        return square(self.plane(spec, z), offset)[None, None]
+
+    def cache(self, res: int) -> None:
+        """Keep this process's planes at short side ``res``, normalised (a 64 px base stage: tens of MB
+        for a lab's data set)."""
+        self.small_res = res
+        for spec in self.mine:
+            planes = []
+            for z in range(self.n_planes):
+                p = self.plane(spec, z)
+                h, w = p.shape
+                s = min(h, w)
+                size = (max(res, round(h * res / s)), max(res, round(w * res / s)))
+                planes.append(F.interpolate(p[None, None], size=size, mode="bilinear", align_corners=False,
+                                            antialias=size[0] < h)[0, 0])
+            self.small[spec] = torch.stack(planes)
+
+    def held_bytes(self) -> int:
+        """Bytes of pixel data this data set holds in memory (the cache; the stacks stay on disk)."""
+        return sum(t.numel() * t.element_size() for t in self.small.values())
 
 
 __all__ = ["DepthDataset", "read_stacks"]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..diffusion.objective import noise_to_level, noised_batch, schedule_for, training_scheduler
 from ..diffusion.unet import SIZES, ZfUNet, add_prev_channel, build_model
 from ..errors import UserInputError
-from ..images import Normalisation, augment, random_crop, resize, square
+from ..images import Normalisation, augment, random_crop, resize
 from ..io import write_json
 from ..progress import ProgressCallback
 from ..provenance import made_by
@@ -114,16 +114,17 @@ def _batch(ds: DepthDataset, idx: torch.Tensor, cfg: TrainConfig, g: torch.Gener
     offsets = torch.rand(len(idx), generator=g)
     hr, lr, prev, has_prev = [], [], [], []
     for j, i in enumerate(idx.tolist()):
-        spec, z = int(ds.specimen[i]), i % ds.n_planes
+        spec, z = int(ds.specimen[i]), int(ds.zindex[i])
         off = float(offsets[j]) if cfg.augment else None
-        sq = square(ds.raw[spec][z], off)[None, None]
-        hr.append(resize(sq, res)[0])
-        if lres:
+        if lres:  # the low-res input is made from the same source square, as in sampling
+            sq = ds.source_square(spec, z, off)
+            hr.append(resize(sq, res)[0])
             lr.append(resize(resize(sq, lres), res)[0])
+        else:
+            hr.append(ds.square(spec, z, off, res)[0])
         if cfg.continuity:
             has_prev.append(z > 0)
-            prev.append(resize(square(ds.raw[spec][z - 1], off)[None, None], res)[0] if z > 0
-                        else torch.zeros_like(hr[-1]))
+            prev.append(ds.square(spec, z - 1, off, res)[0] if z > 0 else torch.zeros_like(hr[-1]))
     parts = [torch.stack(hr)] + ([torch.stack(lr)] if lres else []) + ([torch.stack(prev)] if prev else [])
     both = torch.cat(parts, dim=1)
     if cfg.augment:  # the same flips for the target and its conditions
@@ -182,7 +183,8 @@ def _train(dev: torch.device, di: loop.DistInfo, data, out: Path, cfg: TrainConf
            show_progress: bool, callback) -> dict:
     norm = Normalisation(cfg.norm_low, cfg.norm_high)
     ds = DepthDataset.from_paths(data, depth_classes=cfg.depth_classes, norm=norm, channel=cfg.channel,
-                                 axes=cfg.axes)
+                                 axes=cfg.axes, rank=di.rank, world=di.world,
+                                 cache_res=STAGES[cfg.stage][0] if cfg.stage == "base" else None)
     if di.main:
         for note in ds.notices:
             print(f"note: {note}")
