@@ -71,3 +71,14 @@ def test_nan_in_a_float_stack_is_refused_before_training(tmp_path):
     tifffile.imwrite(tmp_path / "bad.tif", stack)
     with pytest.raises(Exception, match="bad.tif holds 1 NaN"):
         DepthDataset.from_paths(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.float64, np.int32])
+def test_stack_percentiles_equal_numpy_on_the_whole_stack(dtype):
+    from napari_zfdiffusion.core.images import stack_percentiles
+
+    rng = np.random.default_rng(3)
+    a = (rng.normal(size=(5, 37, 41)) * 300 + 200).astype(dtype)
+    for q in ((1.0, 99.8), (33.3, 57.77), (0, 100)):
+        want = np.percentile(a.astype(np.float32), q)
+        assert np.array_equal(stack_percentiles(a, *q), want), (dtype, q)

@@ -54,48 +54,113 @@ class Normalisation:
         return cls(**{k: v for k, v in d.items() if k in ("low", "high", "per")})
 
 
-def _numpy_linear(sorted_at, n: int, q: float) -> float:
-    """``np.percentile(..., method="linear")`` at ``q`` (percent) of ``n`` values, given the k-th
-    smallest value as ``sorted_at(k)``: numpy's own index and interpolation formulas."""
-    qq = q / 100
-    virtual = n * qq + (1 + qq * (1 - 1 - 1)) - 1
-    k = int(np.floor(virtual))
-    k = min(max(k, 0), n - 1)
-    t = min(max(virtual - k, 0.0), 1.0)
-    a, b = float(sorted_at(k)), float(sorted_at(min(k + 1, n - 1)))
-    diff = b - a
-    return a + diff * t if t < 0.5 else b - diff * (1 - t)
+def _blocks(arr, rows: int):
+    """A 2D plane (or each plane of a (Z, Y, X) stack) ``rows`` rows at a time, read as it goes."""
+    planes = [arr] if len(arr.shape) == 2 else (arr[z] for z in range(arr.shape[0]))
+    for plane in planes:
+        for a in range(0, plane.shape[0], rows):
+            yield np.asarray(plane[a:a + rows])
 
 
-def stack_percentiles(planes, low: float, high: float, *, max_values: int = 1 << 24) -> tuple[float, float]:
-    """The ``low`` and ``high`` percentiles of a whole stack, read one plane at a time (``planes``:
-    anything ``planes[z]`` gives 2D arrays of, e.g. a memory map or a lazy Zarr view).
+def _float_keys(rows: np.ndarray) -> np.ndarray:
+    """float32 values as uint32 keys in the same order (-0.0 just below +0.0)."""
+    u = np.ascontiguousarray(rows, np.float32).view(np.uint32)
+    return u ^ np.where(u >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
 
-    8- and 16-bit data: exact (a histogram of every value; equal to ``np.percentile`` of the whole
-    stack). Other data: ``np.percentile`` of an even subsample of at most ``max_values`` values
-    (exact when the stack is that small)."""
-    n_planes = len(planes)
-    dtype = np.dtype(planes.dtype)
-    if dtype.kind in "ui" and dtype.itemsize <= 2:
-        offset = -int(np.iinfo(dtype).min)
-        counts = np.zeros(1 << (8 * dtype.itemsize), np.int64)
-        for z in range(n_planes):
-            counts += np.bincount((np.asarray(planes[z]).ravel().astype(np.int64) + offset), minlength=len(counts))
+
+def _key_value(key: int) -> np.float32:
+    u = key ^ 0x80000000 if key >> 31 else key ^ 0xFFFFFFFF
+    return np.array([u], np.uint32).view(np.float32)[0]
+
+
+def order_statistics(arr, ranks, *, rows: int = 1024, name: str = "the image") -> dict[int, np.float32]:
+    """The values of rank ``ranks`` (0 = smallest) of a 2D plane or a (Z, Y, X) stack as float32, as
+    ``np.sort`` of ``arr.astype(np.float32)`` has them, read ``rows`` rows at a time (memory: a band,
+    not the plane; ``arr`` may be a memory map or a lazy Zarr view).
+
+    Exact for every data type: integers of 8 or 16 bits by one histogram of their values; anything
+    else by two histograms of the float32 bit patterns (the top 16 bits, then the low 16 bits inside
+    the buckets the ranks fall in). Refuses NaN or infinite values, counting them over the plane.
+    """
+    dt = np.dtype(arr.dtype)
+    ranks = sorted({int(r) for r in ranks})
+    out: dict[int, np.float32] = {}
+    if dt.kind in "uib" and dt.itemsize <= 2:
+        lo = int(np.iinfo(dt).min) if dt.kind == "i" else 0
+        counts = np.zeros(2 ** (8 * dt.itemsize), np.int64)
+        for band in _blocks(arr, rows):
+            v = band.ravel()
+            counts += np.bincount(v.astype(np.int32) - lo if lo else v, minlength=len(counts))
         cum = np.cumsum(counts)
-        n = int(cum[-1])
+        for r in ranks:
+            out[r] = np.float32(int(np.searchsorted(cum, r, side="right")) + lo)
+        return out
+    top = np.zeros(65536, np.int64)
+    bad = 0
+    for band in _blocks(arr, rows):
+        if np.issubdtype(band.dtype, np.floating):
+            bad += int(band.size - np.count_nonzero(np.isfinite(band)))
+        top += np.bincount((_float_keys(band) >> 16).ravel(), minlength=65536)
+    if bad:  # as check_finite words it, for the whole plane
+        raise UserInputError(f"{name} holds {bad} NaN or infinite value(s): replace them (e.g. with 0) first.")
+    cum = np.cumsum(top)
+    where = {r: int(np.searchsorted(cum, r, side="right")) for r in ranks}
+    buckets = sorted(set(where.values()))
+    low = {k: np.zeros(65536, np.int64) for k in buckets}
+    for band in _blocks(arr, rows):
+        keys = _float_keys(band).ravel()
+        hi16 = keys >> 16
+        for k in buckets:
+            low[k] += np.bincount((keys[hi16 == k] & 0xFFFF).astype(np.int64), minlength=65536)
+    for r in ranks:
+        k = where[r]
+        within = r - (int(cum[k - 1]) if k else 0)
+        lo16 = int(np.searchsorted(np.cumsum(low[k]), within, side="right"))
+        out[r] = _key_value((k << 16) | lo16)
+    return out
 
-        def sorted_at(k: int) -> int:
-            return int(np.searchsorted(cum, k, side="right")) - offset
 
-        return _numpy_linear(sorted_at, n, low), _numpy_linear(sorted_at, n, high)
-    per_plane = max(1, max_values // max(n_planes, 1))
-    parts = []
-    for z in range(n_planes):
-        flat = np.asarray(planes[z], dtype=np.float32).ravel()
-        parts.append(flat[:: max(1, len(flat) // per_plane)] if len(flat) > per_plane else flat)
-    values = np.concatenate(parts)
-    lo, hi = np.percentile(values, [low, high])
-    return float(lo), float(hi)
+def percentiles_from_ranks(n: int, qs, value_at) -> list[float]:
+    """``np.percentile(a, qs)`` (method "linear") of an array of ``n`` values, given the sorted values
+    by rank (``value_at(rank)`` -> float32): the same arithmetic as NumPy's, so the same floats."""
+    q = np.true_divide(list(qs), 100)
+    virtual = (n - 1) * q
+    prev = np.floor(virtual)
+    nxt = prev + 1
+    above = virtual >= n - 1
+    prev[above] = -1
+    nxt[above] = -1
+    prev, nxt = prev.astype(np.intp), nxt.astype(np.intp)
+    a = np.array([value_at(int(i) % n) for i in prev], np.float32)
+    b = np.array([value_at(int(i) % n) for i in nxt], np.float32)
+    gamma = np.asanyarray(virtual - prev, dtype=virtual.dtype)
+    diff = b - a
+    res = np.add(a, diff * gamma)
+    np.subtract(b, diff * (1 - gamma), out=res, where=gamma >= 0.5, casting="unsafe", dtype=res.dtype)
+    return [float(v) for v in res]
+
+
+def exact_percentiles(arr, qs, *, rows: int = 1024, name: str = "the image") -> tuple[list[float], np.float32]:
+    """``np.percentile(arr.astype(np.float32), qs)`` of a 2D plane or a (Z, Y, X) stack, exactly, read
+    a band of rows at a time (see :func:`order_statistics`), and the largest value. NaN or infinite
+    values are refused, counted over the whole array."""
+    n = int(np.prod(arr.shape))
+    need: set[int] = {n - 1}
+
+    def rank(i: int) -> np.float32:
+        need.add(i)
+        return np.float32(0)
+
+    percentiles_from_ranks(n, qs, rank)  # which ranks the percentiles need
+    values = order_statistics(arr, need, rows=rows, name=name)
+    return percentiles_from_ranks(n, qs, values.__getitem__), values[n - 1]
+
+
+def stack_percentiles(planes, low: float, high: float, *, name: str = "the stack") -> tuple[float, float]:
+    """The ``low`` and ``high`` percentiles of a whole stack, exactly as ``np.percentile`` of it in
+    memory, read a band at a time (:func:`exact_percentiles`)."""
+    (lo, hi), _ = exact_percentiles(planes, (low, high), name=name)
+    return lo, hi
 
 
 def looks_rgb(arr: np.ndarray) -> bool:
@@ -210,4 +275,5 @@ def random_crop(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tenso
 
 
 __all__ = ["Normalisation", "augment", "check_finite", "dihedral", "looks_rgb", "model_space", "stack_percentiles",
-           "random_crop", "random_dihedral", "resize", "square", "to_gray", "to_model", "to_unit", "unit_to_model"]
+           "exact_percentiles", "order_statistics", "percentiles_from_ranks", "random_crop",
+           "random_dihedral", "resize", "square", "to_gray", "to_model", "to_unit", "unit_to_model"]

@@ -6,6 +6,8 @@
 * Labels come back from a probability map by connected components (:func:`labels_from_mask`), or
   by a watershed seeded from predicted interiors (:func:`instances`); the classical baseline is
   :func:`otsu_watershed`. Every path drops small objects through one filter, :func:`drop_small`.
+* :class:`StripInstances` gives :func:`instances` of a plane too big to hold whole, fed a strip of
+  rows at a time.
 """
 
 from __future__ import annotations
@@ -126,5 +128,201 @@ def otsu_watershed(image: np.ndarray, *, min_size: int = 16, min_distance: int =
     return drop_small(watershed(-dist, markers, mask=mask), min_size)
 
 
-__all__ = ["MASK_ENCODINGS", "drop_small", "encode_mask", "instances", "labels_from_mask", "mask_encoding",
-           "otsu_watershed", "targets_from_mask"]
+def _first_pixels(lab: np.ndarray, n: int) -> np.ndarray:
+    """The raster index of the first pixel of each label 1..n of ``lab`` (int64, (n,))."""
+    flat = lab.ravel()
+    nz = np.flatnonzero(flat)
+    ids, first = np.unique(flat[nz], return_index=True)
+    out = np.zeros(n, np.int64)
+    out[ids - 1] = nz[first]
+    return out
+
+
+class StripInstances:
+    """:func:`instances` of one (H, W) plane whose probabilities arrive in horizontal strips, top to
+    bottom, with memory for a few strips instead of the plane.
+
+    ``add(foreground, interior)`` takes the next rows and returns the rows whose labels are settled,
+    as ``(r0, r1, labels)`` (int32 *provisional* ids, 0 background); every row comes back once, in
+    order, the last with the strip that reaches H. Then :meth:`lookup` gives the table that turns the
+    provisional ids into the final labels: ``final = lookup(offset)[provisional]``.
+
+    **Why the result is the whole-plane one.** In :func:`instances` an object never leaves its
+    connected region of ``foreground >= threshold`` (its *component*): the watershed floods a
+    component from the seeds inside it, and a component without a seed is one object. So a component
+    is labelled here only once it is *complete*: all of it received (it does not touch the last row
+    received). Its rows are held back until then, and the watershed runs over the held rows plus the
+    new strip, restricted to the complete components, which gives each of them the labels the
+    whole-plane watershed gives it. Small objects are dropped at the end, by the size of the whole
+    object, and the objects are numbered as :func:`instances` numbers them: seeded objects in the
+    raster order of their seed's first pixel, then the seedless ones in raster order of theirs.
+    One difference remains possible: skimage's watershed pops all seeds first, in an order that
+    depends on how many seeds the whole image has; a pixel that touches two different seeds of
+    exactly equal foreground value may then go to the other one. Objects are the same; a few
+    pixels on such contacts may differ (none in the tests; see tests/test_segment_large.py).
+
+    **Components taller than** ``max_rows``: holding them back would hold the whole plane (a
+    connected tissue, say), so the rows above ``halo`` rows from the strip's end are settled with
+    the watershed over what was received, and the parts on both sides of that cut are merged where
+    they meet across it: when both sides are interior (one seed cut in two) or either is seedless (a
+    fragment of an object whose seed is on the other side). Exact for connected components (no
+    interior channel); for the watershed an approximation near such a cut only.
+
+    ``interior`` False: labels are connected components (``instances`` without an interior map).
+    """
+
+    def __init__(self, height: int, width: int, *, interior: bool = True, threshold: float = 0.5,
+                 min_size: int = 0, max_rows: int | None = None, halo: int | None = None):
+        self.h, self.w = int(height), int(width)
+        self.interior, self.threshold, self.min_size = interior, threshold, min_size
+        self.max_rows = max(1, int(max_rows)) if max_rows else self.h
+        self.halo = max(1, int(halo)) if halo else max(1, self.max_rows // 4)
+        self.row = 0  # the first row held back
+        self.fg = np.zeros((0, self.w), np.float32)
+        self.inner = np.zeros((0, self.w), bool)
+        self.lab = np.zeros((0, self.w), np.int32)  # held rows: labels of the objects already settled
+        self.count = 0  # provisional ids given
+        self._size: list[np.ndarray] = []
+        self._key: list[np.ndarray] = []
+        self._orphan: list[np.ndarray] = []
+        self._cuts: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # forced cuts, resolved when flushed
+        self._pairs: list[np.ndarray] = []  # provisional ids to merge (across forced cuts)
+        self.largest_window = 0  # most rows labelled at once (for tests and benchmarks)
+        self.forced_cuts = 0
+
+    def _label(self, fg: np.ndarray, inner: np.ndarray | None, mask: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+        """:func:`instances` inside ``mask`` before the size filter: labels 1..m (seeded objects
+        first, numbered as ``label`` numbers their seeds, then the seedless), the number of seeded
+        objects, and each object's first pixel (its seed's, for a seeded object)."""
+        from skimage.measure import label
+        from skimage.segmentation import watershed
+
+        if inner is None:
+            lab = label(mask, connectivity=1).astype(np.int32)
+            m = int(lab.max())
+            return lab, 0, _first_pixels(lab, m)
+        seeds = label(inner & mask, connectivity=1).astype(np.int32)
+        ns = int(seeds.max())
+        lab = watershed(-fg, seeds, mask=mask) if ns else np.zeros(mask.shape, np.int32)
+        orphans = label(mask & (lab == 0), connectivity=1).astype(np.int32)
+        no = int(orphans.max())
+        keys = [_first_pixels(seeds, ns)]
+        del seeds
+        if no:
+            lab = np.where(orphans > 0, orphans + ns, lab)
+            keys.append(_first_pixels(orphans, no))
+        return lab.astype(np.int32, copy=False), ns, np.concatenate(keys)
+
+    def add(self, foreground: np.ndarray, interior: np.ndarray | None = None) -> list[tuple[int, int, np.ndarray]]:
+        """The next rows of the probabilities ((rows, W) float); the rows now settled (see the class)."""
+        from scipy import ndimage as ndi
+        from skimage.measure import label
+
+        t = self.threshold
+        rows_in = len(foreground)
+        fg = np.concatenate([self.fg, np.asarray(foreground, np.float32)])
+        inner = np.concatenate([self.inner, np.asarray(interior) >= t]) if self.interior else None
+        lab = np.concatenate([self.lab, np.zeros((rows_in, self.w), np.int32)])
+        r0, n = self.row, len(fg)
+        self.largest_window = max(self.largest_window, n)
+        last = r0 + n >= self.h
+        mask = (fg >= t) & (lab == 0)  # settled objects are left out: they are complete components
+        comp = label(mask, connectivity=1)
+        cut, forced, open_ = n, False, None
+        if not last:
+            ids = np.unique(comp[-1])
+            ids = ids[ids > 0]
+            if ids.size:  # components that may go on below: held back from their first row
+                boxes = ndi.find_objects(comp)
+                top = min(boxes[i - 1][0].start for i in ids)
+                open_ = np.zeros(len(boxes) + 1, bool)
+                open_[ids] = True
+                forced = n - top > self.max_rows
+                cut = max(1, n - self.halo) if forced else top
+        if open_ is not None and not forced:
+            mask &= ~open_[comp]
+        new, ns, first = self._label(fg, inner, mask)
+        del mask
+        if forced:  # the open components' rows below the cut are labelled again with the next strip
+            below = new[cut:]
+            below[open_[comp[cut:]]] = 0
+            self.forced_cuts += 1
+        del comp
+        m = len(first)
+        size = np.bincount(new.ravel(), minlength=m + 1)[1:]
+        lab[new > 0] = new[new > 0] + self.count
+        del new
+        self._size.append(size)
+        self._key.append(first + r0 * self.w)
+        self._orphan.append(np.arange(1, m + 1) > ns)
+        self.count += m
+        # merges across earlier forced cuts whose first row below is settled now
+        for c in [c for c in self._cuts if c[0] < r0 + cut]:
+            self._merge_across(c, lab[c[0] - r0], None if inner is None else inner[c[0] - r0])
+            self._cuts.remove(c)
+        if forced:
+            self._cuts.append((r0 + cut, lab[cut - 1].copy(), None if inner is None else inner[cut - 1].copy()))
+        out = [(r0, r0 + cut, lab[:cut])] if cut else []
+        self.fg, self.lab = fg[cut:].copy(), lab[cut:].copy()
+        if inner is not None:
+            self.inner = inner[cut:].copy()
+        self.row = r0 + cut
+        return out
+
+    def _merge_across(self, cut, below: np.ndarray, inner_below: np.ndarray | None) -> None:
+        _, above, inner_above = cut
+        both = (above > 0) & (below > 0) & (above != below)
+        if not both.any():
+            return
+        orphan = np.concatenate([[False], *self._orphan])
+        a, b = above[both], below[both]
+        join = orphan[a] | orphan[b]
+        if inner_above is not None:
+            join |= inner_above[both] & inner_below[both]
+        if join.any():
+            self._pairs.append(np.unique(np.stack([a[join], b[join]], 1), axis=0))
+
+    def lookup(self, offset: int = 0) -> np.ndarray:
+        """provisional id -> final label (int32; 0 -> 0): merged across forced cuts, objects smaller
+        than ``min_size`` dropped, numbered 1..K as :func:`instances` numbers them, plus ``offset``
+        (the labels of earlier planes). Sets ``self.objects`` = K."""
+        n = self.count
+        size = np.concatenate([[0], *self._size]).astype(np.int64)
+        key = np.concatenate([[0], *self._key]).astype(np.int64)
+        orphan = np.concatenate([[False], *self._orphan])
+        parent = np.arange(n + 1)
+        for pairs in self._pairs:
+            for a, b in pairs:
+                ra, rb = int(a), int(b)
+                while parent[ra] != ra:
+                    ra = parent[ra]
+                while parent[rb] != rb:
+                    rb = parent[rb]
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+        while True:
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+        total = np.bincount(parent, weights=size, minlength=n + 1).astype(np.int64)
+        big = np.iinfo(np.int64).max
+        seeded_key = np.full(n + 1, big)
+        np.minimum.at(seeded_key, parent[~orphan], key[~orphan])
+        any_key = np.full(n + 1, big)
+        np.minimum.at(any_key, parent, key)
+        seedless = seeded_key == big
+        rkey = np.where(seedless, any_key, seeded_key)
+        roots = np.flatnonzero((parent == np.arange(n + 1)) & (total >= max(1, self.min_size)))
+        roots = roots[roots > 0]
+        order = roots[np.lexsort((rkey[roots], seedless[roots]))]
+        final = np.zeros(n + 1, np.int64)
+        final[order] = np.arange(1, len(order) + 1) + offset
+        self.objects = len(order)
+        lut = final[parent]
+        lut[0] = 0
+        return lut.astype(np.int32)
+
+
+__all__ = ["MASK_ENCODINGS", "StripInstances", "drop_small", "encode_mask", "instances", "labels_from_mask",
+           "mask_encoding", "otsu_watershed", "targets_from_mask"]

@@ -4,11 +4,14 @@ A network that maps (B, C_in, t, t) -> (B, C_out, t, t) is run on overlapping ti
 blended with a smooth weight that falls to zero towards each side shared with another tile (so seams
 are invisible and pixels that saw the tile's padding do not count), and accumulated into the output plane by
 plane. Memory beyond the output is one batch of tiles; the output itself may be a NumPy memmap.
+
+:func:`predict_tiled_rows` gives the same result for one plane a band of rows at a time, reading the
+plane a band at a time too: memory for a few hundred rows instead of the plane (big single planes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -65,6 +68,20 @@ def blend_weight(tile: int, overlap: int, edges: tuple[bool, bool, bool, bool] =
     return np.outer(_ramp(tile, overlap, top, bottom), _ramp(tile, overlap, left, right))
 
 
+def _inverse_weight_sums(h: int, w: int, ys: list[int], xs: list[int], tile: int,
+                         overlap: int) -> tuple[np.ndarray, np.ndarray]:
+    """1 / the sum of the tiles' blend weights, by row (h,) and by column (w,): the sum over a plane
+    is their outer product, as each tile's weight is."""
+    hp, wp = ys[-1] + tile, xs[-1] + tile
+    norm_y = np.zeros(hp, np.float32)
+    norm_x = np.zeros(wp, np.float32)
+    for y in ys:
+        norm_y[y:y + tile] += _ramp(tile, overlap, y == 0, y + tile >= h)
+    for x0 in xs:
+        norm_x[x0:x0 + tile] += _ramp(tile, overlap, x0 == 0, x0 + tile >= w)
+    return 1.0 / norm_y[:h], 1.0 / norm_x[:w]
+
+
 def predict_tiled(
     fn: Callable[[torch.Tensor], torch.Tensor],
     image: np.ndarray,
@@ -108,13 +125,7 @@ def predict_tiled(
     # The blend weight of a tile is an outer product of a row ramp and a column ramp that depend only
     # on the tile's row and column: so the sum of the weights is an outer product too, and the output
     # itself is the accumulator.
-    norm_y = np.zeros(hp, np.float32)
-    norm_x = np.zeros(wp, np.float32)
-    for y in ys:
-        norm_y[y:y + tile] += _ramp(tile, overlap, y == 0, y + tile >= h)
-    for x0 in xs:
-        norm_x[x0:x0 + tile] += _ramp(tile, overlap, x0 == 0, x0 + tile >= w)
-    inv_y, inv_x = 1.0 / norm_y[:h], 1.0 / norm_x[:w]
+    inv_y, inv_x = _inverse_weight_sums(h, w, ys, xs, tile, overlap)
     # Tiles are taken plane by plane, and a batch may span planes (small planes of a stack then share
     # one forward pass). A plane is padded when its first tile is taken and divided by the weight sums
     # when its last tile is added; at most the planes of one batch are open at a time.
@@ -149,3 +160,93 @@ def predict_tiled(
     if out_channels == 1:
         result = result[:, 0]
     return result[0] if two_d else result
+
+
+def _padded_rows(read_rows: Callable[[int, int], np.ndarray], a: int, b: int, h: int, w: int, hp: int,
+                 wp: int) -> np.ndarray:
+    """Rows ``a`` to ``b`` of an (h, w) plane padded as :func:`predict_tiled` pads it (by reflection,
+    at the bottom and on the right, to (hp, wp)): float32 (b - a, wp)."""
+    if b <= h:
+        rows = np.asarray(read_rows(a, b), np.float32)
+    elif b - h < h:  # one reflection at the bottom: padded row r >= h is row 2 (h - 1) - r
+        src = np.arange(a, b)
+        src = np.where(src < h, src, 2 * (h - 1) - src)
+        lo = int(src.min())
+        rows = np.asarray(read_rows(lo, int(src.max()) + 1), np.float32)[src - lo]
+    else:  # a plane shorter than the padding: small, pad it whole as predict_tiled does
+        rows = np.pad(np.asarray(read_rows(0, h), np.float32), ((0, hp - h), (0, 0)),
+                      mode="reflect" if min(h, w) > 1 else "edge")[a:b]
+    if wp > w:
+        rows = np.pad(rows, ((0, 0), (0, wp - w)), mode="reflect" if min(h, w) > 1 else "edge")
+    return rows
+
+
+def predict_tiled_rows(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    read_rows: Callable[[int, int], np.ndarray],
+    shape: tuple[int, int],
+    *,
+    tile: int = 256,
+    overlap: int = 32,
+    out_channels: int = 1,
+    batch: int = 4,
+    band_rows: int = 256,
+    callback: ProgressCallback | None = None,
+    align: int = 1,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """:func:`predict_tiled` of one (Y, X) plane, top to bottom, a band of rows at a time.
+
+    ``read_rows(a, b)`` gives rows ``a`` to ``b`` of the plane as float32 (b - a, X) (e.g. a slice of
+    a memory map, normalised); each row is asked for about once. Yields ``(r0, r1, block)``: rows
+    ``r0`` to ``r1`` of the result as float32 (out_channels, r1 - r0, X), the next band starting at
+    ``r1``, the last ending at Y; a band has at least ``band_rows`` rows (except the last) and ends
+    where a row of tiles starts. ``block`` is valid until the next band is asked for.
+
+    The result equals :func:`predict_tiled`'s on the whole plane bit for bit: the same tiles (same
+    starts, same padding), in the same batches, each pixel's weighted sum added in the same order
+    and divided by the same weight sums. Memory: about ``band_rows + tile`` rows of the input and of
+    the output, and one batch of tiles. ``callback`` as in :func:`predict_tiled` (tiles of this plane).
+    """
+    h, w = shape
+    if overlap < 0 or tile < 16:
+        raise UserInputError(f"tile must be at least 16 and overlap at least 0, got {tile} and {overlap}.")
+    band_rows = max(1, int(band_rows))
+    ys, xs = tile_starts(h, tile, overlap, align), tile_starts(w, tile, overlap, align)
+    hp, wp = ys[-1] + tile, xs[-1] + tile
+    inv_y, inv_x = _inverse_weight_sums(h, w, ys, xs, tile, overlap)
+    jobs = [(y, x0) for y in ys for x0 in xs]  # the order predict_tiled takes them in
+    total = len(jobs)
+    inp, in0 = np.zeros((0, wp), np.float32), 0  # padded input rows in0 .. in0 + len(inp)
+    acc, a0 = np.zeros((out_channels, 0, w), np.float32), 0  # output rows a0 .. a0 + acc.shape[1], not yet given
+    done = 0
+    for i in range(0, total, batch):
+        chunk = jobs[i:i + batch]
+        need0, need1 = chunk[0][0], chunk[-1][0] + tile
+        in1 = in0 + len(inp)
+        if need1 > in1:  # read on, a band at a time; drop the rows no tile needs any more
+            end = min(hp, max(need1, need0 + band_rows + tile))
+            if need0 < in1:
+                inp = np.concatenate([inp[need0 - in0:], _padded_rows(read_rows, in1, end, h, w, hp, wp)])
+            else:
+                inp = _padded_rows(read_rows, need0, end, h, w, hp, wp)
+            in0 = need0
+        a1 = min(h, need1)
+        if a1 > a0 + acc.shape[1]:
+            acc = np.concatenate([acc, np.zeros((out_channels, a1 - a0 - acc.shape[1], w), np.float32)], axis=1)
+        x = torch.from_numpy(np.stack([inp[y - in0:y - in0 + tile, x0:x0 + tile] for y, x0 in chunk]))[:, None]
+        with torch.no_grad():
+            pred = fn(x).float().cpu().numpy()
+        for (y, x0), p in zip(chunk, pred):
+            weight = blend_weight(tile, overlap, (y == 0, y + tile >= h, x0 == 0, x0 + tile >= w))
+            y1, x1 = min(y + tile, h), min(x0 + tile, w)
+            acc[:, y - a0:y1 - a0, x0:x1] += (p * weight)[:, : y1 - y, : x1 - x0]
+        done += len(chunk)
+        if callback is not None:
+            callback(Progress("tiles", done, total))
+        # rows above the next tile's first row are complete: no later tile reaches them
+        ready = h if done == total else min(h, jobs[done][0])
+        if ready >= h or ready - a0 >= band_rows:
+            block = acc[:, :ready - a0]
+            block *= inv_y[a0:ready, None] * inv_x[None, :]
+            yield a0, ready, block
+            acc, a0 = acc[:, ready - a0:].copy(), ready

@@ -9,6 +9,9 @@
   over the foreground, so touching objects stay apart; without one, connected components.
 * **Inference at any size** (:class:`Segmenter`): percentile normalisation per plane, then
   :func:`..tiling.predict_tiled` tile by tile, plane by plane, into an array or a memory-mapped file.
+* **Big single planes** (more than :attr:`Segmenter.strip_threshold` pixels, e.g. 9000x9000 or
+  16384x16384): in horizontal strips, so that memory is a few strips plus the outputs, which may be
+  memory maps. See :meth:`Segmenter.segment`.
 
 A model folder::
 
@@ -28,12 +31,12 @@ import torch
 
 from ..device import resolve_device
 from ..errors import UserInputError
-from ..images import Normalisation, check_finite, looks_rgb, to_gray, unit_to_model
-from ..masks import instances
-from ..progress import ProgressCallback, rescaled
+from ..images import Normalisation, check_finite, exact_percentiles, looks_rgb, to_gray, unit_to_model
+from ..masks import StripInstances, instances
+from ..progress import Progress, ProgressCallback, rescaled
 from ..provenance import stamp
 from ..store import load_model, read_card, resolve_model
-from ..tiling import predict_tiled, tile_starts
+from ..tiling import predict_tiled, predict_tiled_rows, tile_starts
 from .net import ResUNet
 
 KIND = "segmentation"
@@ -67,6 +70,18 @@ def as_planes(image, name: str = "the image") -> tuple[np.ndarray, bool, list[st
     return (arr[None] if two_d else arr), two_d, notices
 
 
+def plane_limits(plane, norm: Normalisation, *, rows: int = 1024, name: str = "the image") -> tuple[float, float, bool]:
+    """``(lo, hi, constant)`` of :meth:`..images.Normalisation.apply` for a 2D plane, read a band
+    of rows at a time: the percentiles exactly as ``np.percentile`` gives them on the whole plane as
+    float32 (:func:`..images.exact_percentiles`), and whether nothing in the plane rises above ``lo``."""
+    (lo, hi), top = exact_percentiles(plane, (norm.low, norm.high), rows=rows, name=name)
+    if not hi > lo:
+        hi = lo + 1.0
+    # the map is monotonic: the normalised plane is all -1 (zero in [0, 1]) iff its largest value is
+    constant = not norm.scale(np.array([top], np.float32), lo, hi).any()
+    return lo, hi, constant
+
+
 @dataclass
 class SegResult:
     """Instance labels (int32) and foreground probability (float32, or None when not kept), 2D or
@@ -83,7 +98,20 @@ class SegResult:
 
 
 class Segmenter:
-    """A trained segmentation model, ready to run on images of any size."""
+    """A trained segmentation model, ready to run on images of any size.
+
+    ``strip_threshold``: planes of more pixels than this are segmented in strips (see :meth:`segment`);
+    ``strip_pixels``: about how many pixels a strip has (its rows: this over the plane's width, at
+    least one). Attributes, so that a test or a benchmark can change them on one Segmenter.
+    """
+
+    #: planes of up to 4096x4096 pixels are segmented whole: their results stay exactly what they were
+    #: (and their working memory, about 30 bytes per pixel, is under 1 GB); larger ones in strips
+    strip_threshold: int = 4096 * 4096
+    #: a strip of 2 megapixels (233 rows of a 9000-pixel-wide plane) keeps the labelling's working
+    #: memory (about 40 bytes per pixel of the rows held, see masks.StripInstances) in the low hundreds
+    #: of MB; smaller strips cost no prediction (the tiles are the same) and little else
+    strip_pixels: int = 2 * 1024 * 1024
 
     def __init__(self, path: Path, card: dict, net: ResUNet, device: torch.device):
         self.path, self.card, self.net, self.device = path, card, net, device
@@ -156,6 +184,48 @@ class Segmenter:
                                        else f"{name} is constant: no objects")
         return result
 
+    def _segment_strips(self, plane, labels: np.ndarray, prob: np.ndarray | None, *, tile: int, overlap: int,
+                        threshold: float, min_size: int, batch: int, interior: bool, offset: int,
+                        callback: ProgressCallback | None, notices: list[str], name: str,
+                        constant_note: str) -> int:
+        """One big plane in strips into ``labels`` (and ``prob``), labels numbered from ``offset`` + 1;
+        returns the number of objects. See :meth:`segment`. Leaves what the strips held in
+        ``self.strip_stats`` (rows per strip, the most rows predicted and labelled at once, forced
+        cuts; for tests and benchmarks)."""
+        h, w = plane.shape
+        rows = max(1, self.strip_pixels // w)
+        lo, hi, constant = plane_limits(plane, self.norm, rows=rows, name=name)
+        if constant:  # as predict() does: no objects, zero probability, and a notice
+            for a in range(0, h, rows):
+                b = min(h, a + rows)
+                labels[a:b] = 0
+                if prob is not None:
+                    prob[a:b] = 0.0
+            n_tiles = self.tiles_per_plane(h, w, tile, overlap)
+            if callback is not None:
+                callback(Progress("tiles", n_tiles, n_tiles))
+            notices.append(constant_note)
+            return 0
+        c = self.net.config.out_channels
+        strips = StripInstances(h, w, interior=interior, threshold=threshold, min_size=min_size,
+                                max_rows=4 * rows + tile, halo=rows)
+        largest = 0
+        for r0, r1, block in predict_tiled_rows(
+                self._fn, lambda a, b: unit_to_model(self.norm.scale(plane[a:b], lo, hi)), (h, w), tile=tile,
+                overlap=overlap, out_channels=c, batch=batch, band_rows=rows, callback=callback,
+                align=self.net.multiple):
+            largest = max(largest, r1 - r0)
+            if prob is not None:
+                prob[r0:r1] = block[0]
+            for a, b, lab in strips.add(block[0], block[1] if interior else None):
+                labels[a:b] = lab
+        lut = strips.lookup(offset)
+        for a in range(0, h, rows):  # provisional ids -> the final labels
+            labels[a:a + rows] = lut[labels[a:a + rows]]
+        self.strip_stats = {"strip_rows": rows, "largest_band": largest, "largest_window": strips.largest_window,
+                            "forced_cuts": strips.forced_cuts, "provisional_ids": strips.count}
+        return strips.objects
+
     def tiles_per_plane(self, h: int, w: int, tile: int, overlap: int) -> int:
         m = self.net.multiple
         return len(tile_starts(h, tile, overlap, m)) * len(tile_starts(w, tile, overlap, m))
@@ -174,6 +244,27 @@ class Segmenter:
         ``prob_out`` / ``labels_out``: arrays of the input's shape (e.g. memory maps) to write into.
         ``probability`` False (and no ``prob_out``): the probability map is not kept (memory: one
         plane's worth instead of the stack's). ``name`` names the image in error messages.
+
+        **Big planes** (more than ``strip_threshold`` pixels) go in horizontal strips of about
+        ``strip_pixels`` pixels, so that the working memory is a few strips whatever the plane's
+        size (the input may be a memory map, read a band of rows at a time; the outputs too, written
+        a band at a time). Same results as the whole plane, by construction:
+
+        1. the normalisation limits come from one pass over the plane: its percentiles exactly as
+           ``np.percentile`` has them (histograms of the values, :func:`plane_limits`), and each
+           strip is normalised with them by the same float32 operations;
+        2. :func:`..tiling.predict_tiled_rows` runs the whole plane's tiles, in its batches, and
+           gives its rows band by band: the probabilities equal the whole plane's bit for bit (the
+           strip's "halo" is the tiles that reach into the next strip: their partial sums carry over);
+        3. :class:`..masks.StripInstances` labels each connected foreground region once all of it is
+           there (rows with an unfinished region wait for the next strip), so the watershed of each
+           region is the whole plane's; small objects are dropped by their whole size, and the labels
+           numbered as the whole plane numbers them: after the strips, one pass over the plane's
+           labels (e.g. the memory map) turns provisional ids into the final ones.
+
+        Regions taller than a few strips (e.g. a connected tissue) are cut and merged across the
+        cut instead (an approximation of the watershed near the cut only; see
+        :class:`..masks.StripInstances`). Progress counts tiles over the job as for any plane.
         """
         if not 0.0 < threshold < 1.0:
             raise UserInputError(f"the threshold must be between 0 and 1, got {threshold}.")
@@ -193,6 +284,13 @@ class Segmenter:
         for g in range(0, n, group):
             ks = range(g, min(n, g + group))
             cb = rescaled(callback, g, len(ks), n)
+            if len(ks) == 1 and h * w > self.strip_threshold:
+                next_id += self._segment_strips(
+                    planes[g], labels[g], prob[g] if keep else None, tile=tile, overlap=overlap, threshold=threshold,
+                    min_size=min_size, batch=batch, interior=interior, offset=next_id, callback=cb, notices=notices,
+                    name=f"{name}, plane {g}" if n > 1 else name, constant_note=f"plane {g} is constant: no objects"
+                    if n > 1 else f"{name} is constant: no objects")
+                continue
             p = self.predict(planes[g:g + len(ks)], tile=tile, overlap=overlap, batch=batch, callback=cb,
                              notices=notices, name=name, first_plane=g, stack=n > 1)
             for j, k in enumerate(ks):
