@@ -216,3 +216,23 @@ def test_axes_for_a_file_that_does_not_name_them(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "4 dimensions" in err and "--axes" in err  # the axes it found, and the way out
     assert not (tmp_path / "n").exists()
+
+
+def test_depth_in_micrometres_lets_different_stacks_train_together(tmp_path):
+    """Two stacks, 6 planes 1 um apart and 3 planes 2 um apart: bins of 2 um give 3 shared classes."""
+    rng = np.random.default_rng(1)
+    ome(tmp_path / "fine.ome.tif", (rng.random((6, 40, 48)) * 1000).astype(np.uint16), "ZYX", PhysicalSizeZ=1.0)
+    ome(tmp_path / "coarse.ome.tif", (rng.random((3, 40, 48)) * 1000).astype(np.uint16), "ZYX", PhysicalSizeZ=2.0)
+    with pytest.raises(UserInputError, match="--depth-bin-um"):
+        DepthDataset.from_paths(tmp_path)  # different numbers of planes: the way out is named
+    ds = DepthDataset.from_paths(tmp_path, depth_bin_um=2.0)
+    by_name = {n: ds.classes[ds.specimen == i].tolist() for i, n in enumerate(ds.names)}
+    assert by_name == {"coarse.ome.tif": [0, 1, 2], "fine.ome.tif": [0, 0, 1, 1, 2, 2]} and ds.n_classes == 3
+    with pytest.raises(UserInputError, match="hold no plane"):
+        DepthDataset.from_paths(tmp_path, depth_bin_um=0.5)
+    out = tmp_path / "m"
+    assert cli.main(["-q", "train", "cascade", "--data", str(tmp_path), "--depth-bin-um", "2", "--out", str(out),
+                     "--size", "tiny", "--steps", "1", "--batch-size", "2", "--device", "cpu"]) == 0
+    card = json.loads((out / "cascade.json").read_text())
+    assert card["depth_bin_um"] == 2.0 and [c["z_um"] for c in card["depth_classes"]] == [[0, 2], [2, 4], [4, 6]]
+    assert Cascade.load(out, "cpu").depth_label(1) == "z = 2-4 um (middle)"  # what the depth slider shows

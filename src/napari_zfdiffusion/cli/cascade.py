@@ -115,7 +115,8 @@ def cmd_train_cascade(a) -> int:
     stages = list(STAGES) if a.stage == "all" else [a.stage]
     for st in stages:
         cfg = TrainConfig(stage=st, size=a.size, loss=a.loss, p_uncond=a.p_uncond, crop=a.crop,
-                          depth_classes=a.depth_classes, z_step_um=a.z_step_um, continuity=a.continuity,
+                          depth_classes=a.depth_classes, z_step_um=a.z_step_um, depth_bin_um=a.depth_bin_um,
+                          continuity=a.continuity,
                           p_noprev=a.p_noprev, init_from=a.init_from, retarget=a.retarget, warmup=a.warmup,
                           **training_options(a))
         summary = train_stage(a.data, a.out, cfg, device=a.device, resume=a.resume, show_progress=not a.quiet)
@@ -191,5 +192,9 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     c.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
     c.add_argument("--crop", type=int, default=None, help="crop side for super-resolution stages")
     c.add_argument("--depth-classes", type=int, default=None, help="K depth bins (default: one per plane)")
-    c.add_argument("--z-step-um", type=float, default=None, help="plane spacing in micrometres, for the card")
+    c.add_argument("--z-step-um", type=float, default=None,
+                   help="plane spacing in micrometres, for files that carry none (OME/ImageJ files say it)")
+    c.add_argument("--depth-bin-um", type=float, default=None,
+                   help="depth classes as bins of this many micrometres from the top plane: stacks with other "
+                        "numbers of planes or z-steps train together")
     c.set_defaults(func=cmd_train_cascade)

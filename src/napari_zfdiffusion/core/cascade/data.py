@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..images import Normalisation, check_finite, resize, square, stack_percentiles, unit_to_model
 from ..io import list_images
 from ..reader import open_image
-from .depths import depth_bins
+from .depths import depth_bins, depth_bins_um
 
 
 def read_stacks(path: str | Path, channel: int | None = None, axes: str | None = None) -> tuple[list[tuple], dict]:
@@ -54,6 +54,26 @@ def read_stacks(path: str | Path, channel: int | None = None, axes: str | None =
         label = stack_name[len(src.path.stem) + 1:]  # e.g. "t3" for a time point
         out.append((name if len(stacks) == 1 else f"{name}[{label}]", lazy))
     return out, dict(src.pixel_um)
+
+
+def _physical_classes(stacks, steps, counts, bin_um: float, depth_classes) -> list[list[int]]:
+    """Each stack's planes' depth classes in bins of ``bin_um`` micrometres (see ``from_paths``)."""
+    if depth_classes is not None:
+        raise UserInputError("give depth classes either as bins of planes (--depth-classes) or of micrometres "
+                             "(--depth-bin-um), not both.")
+    if not bin_um > 0:
+        raise UserInputError(f"--depth-bin-um must be more than 0, got {bin_um}.")
+    missing = [name for (name, _), step in zip(stacks, steps) if not step]
+    if missing:
+        raise UserInputError(f"depth in micrometres needs each file's z-step: {', '.join(missing[:3])} carry none. "
+                             "Give --z-step-um for them (or save them as OME-TIFF with PhysicalSizeZ).")
+    per_stack = [depth_bins_um(k, float(step), bin_um) for k, step in zip(counts, steps)]
+    used = {c for bins in per_stack for c in bins}
+    empty = sorted(set(range(max(used) + 1)) - used)
+    if empty:
+        raise UserInputError(f"with --depth-bin-um {bin_um:g}, depth classes {empty[:5]} hold no plane (z-steps "
+                             f"{sorted({float(s) for s in steps})} um): use bins at least as deep as the z-step.")
+    return per_stack
 
 
 def _agreed(values: list[float | None], what: str, notices: list[str]) -> float | None:
@@ -92,35 +112,48 @@ class DepthDataset:
     stats: dict = field(default_factory=dict)  # specimen -> (low, high) percentile values
     small: dict = field(default_factory=dict)  # specimen -> (Z, h, w) planes in model space, short side ``small_res``
     small_res: int | None = None
+    depth_bin_um: float | None = None  # depth classes are bins of this many micrometres (else of planes)
 
     @classmethod
     def from_paths(cls, paths, *, depth_classes: int | None = None, norm: Normalisation = Normalisation(),
                    channel: int | None = None, axes: str | None = None, rank: int = 0, world: int = 1,
-                   cache_res: int | None = None) -> DepthDataset:
+                   cache_res: int | None = None, depth_bin_um: float | None = None,
+                   z_step_um: float | None = None) -> DepthDataset:
         """Open the stacks (metadata only), check them, compute this process's stacks' percentiles in
-        one pass and, with ``cache_res``, cache their planes at that resolution (short side)."""
+        one pass and, with ``cache_res``, cache their planes at that resolution (short side).
+
+        Depth classes: one per plane (all stacks with the same number of planes), ``depth_classes``
+        bins of planes, or, with ``depth_bin_um``, bins of physical depth from the top plane, so that
+        stacks with other numbers of planes or z-steps train together (each file's z-step from its
+        metadata, or ``z_step_um`` for files that carry none)."""
         files = list_images(paths)
         read = [read_stacks(f, channel, axes) for f in files]
         stacks = [(name, lazy) for per_file, _ in read for name, lazy in per_file]
+        steps = [px.get("Z") or z_step_um for per_file, px in read for _ in per_file]
         notices: list[str] = []
         pixel = {a: _agreed([px.get(a) for _, px in read], f"{a.lower()} pixel size", notices) for a in "ZYX"}
-        zs = {s.shape[0] for _, s in stacks}
-        if len(zs) != 1:
-            detail = ", ".join(f"{name}: {s.shape[0]}" for name, s in stacks)
-            raise UserInputError(
-                f"the stacks have different numbers of planes ({detail}): depth classes need the same "
-                "planes in every specimen. Crop them to the same z range, or use --depth-classes K."
-            )
-        n_planes = zs.pop()
-        bins = depth_bins(n_planes, depth_classes)
+        if pixel["Z"] is None and z_step_um:
+            pixel["Z"] = float(z_step_um)
+        counts = [s.shape[0] for _, s in stacks]
+        if depth_bin_um is not None:
+            per_stack = _physical_classes(stacks, steps, counts, depth_bin_um, depth_classes)
+        else:
+            if len(set(counts)) != 1:
+                detail = ", ".join(f"{name}: {s.shape[0]}" for name, s in stacks)
+                raise UserInputError(
+                    f"the stacks have different numbers of planes ({detail}): depth classes need the same "
+                    "planes in every specimen. Crop them to the same z range, use --depth-classes K, or give "
+                    "depth classes in micrometres with --depth-bin-um (and --z-step-um for files without one).")
+            per_stack = [depth_bins(counts[0], depth_classes)] * len(stacks)
         n = len(stacks)
-        classes = torch.tensor(bins * n)
-        specimen = torch.arange(n).repeat_interleave(n_planes)
-        zindex = torch.arange(n_planes).repeat(n)
+        classes = torch.tensor([c for bins in per_stack for c in bins])
+        specimen = torch.cat([torch.full((k,), i) for i, k in enumerate(counts)])
+        zindex = torch.cat([torch.arange(k) for k in counts])
         side = int(np.median([min(s.shape[1:]) for _, s in stacks]))
         mine = list(range(n)) if world <= 1 or n < world else [i for i in range(n) if i % world == rank]
-        ds = cls(classes, specimen, zindex, max(bins) + 1, n_planes, [str(f) for f in files],
+        ds = cls(classes, specimen, zindex, int(classes.max()) + 1, max(counts), [str(f) for f in files],
                  [lazy for _, lazy in stacks], norm, [name for name, _ in stacks], pixel, side, notices, mine)
+        ds.depth_bin_um = depth_bin_um
         for i in mine:
             ds.stats[i] = ds._percentiles(i)
         if cache_res:
@@ -155,7 +188,7 @@ class DepthDataset:
 
     def stack(self, spec: int) -> torch.Tensor:
         """A whole specimen in model space, (Z, Y, X) float32 (for evaluation; training reads planes)."""
-        return torch.stack([self.plane(spec, z) for z in range(self.n_planes)])
+        return torch.stack([self.plane(spec, z) for z in range(len(self.stacks[spec]))])
 
     def square(self, spec: int, z: int, offset: float | None, res: int) -> torch.Tensor:
         """The square cut from plane ``z`` at ``offset`` (None: centre), resized to ``res`` x ``res``:
@@ -174,7 +207,7 @@ class DepthDataset:
         self.small_res = res
         for spec in self.mine:
             planes = []
-            for z in range(self.n_planes):
+            for z in range(len(self.stacks[spec])):
                 p = self.plane(spec, z)
                 h, w = p.shape
                 s = min(h, w)

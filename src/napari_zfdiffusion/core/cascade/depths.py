@@ -32,6 +32,23 @@ def depth_class_cards(n_planes: int, n_classes: int, z_step_um: float | None) ->
     return out
 
 
+def depth_bins_um(n_planes: int, z_step_um: float, bin_um: float) -> list[int]:
+    """The depth class of each plane of a stack whose planes are ``z_step_um`` apart, in bins of
+    ``bin_um`` micrometres from the top plane: stacks with other numbers of planes or other z-steps
+    share the classes by physical depth."""
+    return [int(math.floor(z * z_step_um / bin_um + 1e-9)) for z in range(n_planes)]
+
+
+def depth_class_cards_um(n_classes: int, bin_um: float) -> list[dict]:
+    """What each physical depth class means, for ``cascade.json`` and the depth slider."""
+    out = []
+    for c in range(n_classes):
+        where = "top" if c == 0 else "bottom" if c == n_classes - 1 else "middle"
+        out.append({"index": c, "z_um": [c * bin_um, (c + 1) * bin_um],
+                    "label": f"z = {c * bin_um:g}-{(c + 1) * bin_um:g} um ({where})"})
+    return out
+
+
 def parse_depths(text, n_classes: int, *, consecutive: bool = False) -> tuple[int, ...]:
     """Depth classes from '0-4', '1,3,5', '2' or 'all', checked against the model's ``n_classes``.
 
@@ -67,4 +84,4 @@ def parse_depths(text, n_classes: int, *, consecutive: bool = False) -> tuple[in
     return tuple(out)
 
 
-__all__ = ["depth_bins", "depth_class_cards", "parse_depths"]
+__all__ = ["depth_bins", "depth_bins_um", "depth_class_cards", "depth_class_cards_um", "parse_depths"]

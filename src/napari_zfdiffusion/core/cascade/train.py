@@ -29,7 +29,7 @@ from ..provenance import made_by
 from ..store import CASCADE_FILE, STAGE_FILE, load_model, read_json, resolve_model, save_model
 from ..training import loop
 from .data import DepthDataset
-from .depths import depth_class_cards
+from .depths import depth_class_cards, depth_class_cards_um
 
 STAGES = {"base": (64, None), "sr128": (128, 64), "sr256": (256, 128), "sr512": (512, 256)}
 DEFAULT_CROP = {"sr128": 64, "sr256": 96, "sr512": 128}
@@ -46,6 +46,7 @@ class TrainConfig(loop.TrainOptions):
     noise_aug_max: float = 0.3
     depth_classes: int | None = None
     z_step_um: float | None = None
+    depth_bin_um: float | None = None
     augment: bool = True
     norm_low: float = 1.0
     norm_high: float = 99.8
@@ -75,7 +76,8 @@ def _update_cascade_card(out: Path, ds: DepthDataset, cfg: TrainConfig) -> dict:
     """Create ``cascade.json``, or check that this stage's data agrees with the stages already there."""
     card_path = out / CASCADE_FILE
     z_step = cfg.z_step_um or ds.pixel_um.get("Z")
-    classes = depth_class_cards(ds.n_planes, ds.n_classes, z_step)
+    classes = (depth_class_cards_um(ds.n_classes, cfg.depth_bin_um) if cfg.depth_bin_um
+               else depth_class_cards(ds.n_planes, ds.n_classes, z_step))
     norm = Normalisation(cfg.norm_low, cfg.norm_high).to_dict()
     if card_path.is_file():
         card = read_json(card_path)
@@ -92,6 +94,7 @@ def _update_cascade_card(out: Path, ds: DepthDataset, cfg: TrainConfig) -> dict:
         "description": f"depth cascade trained on {len(ds.names)} stack(s)",
         "depth_classes": classes,
         "n_planes": ds.n_planes,
+        "depth_bin_um": cfg.depth_bin_um,  # depth classes are bins of physical depth (None: of planes)
         "z_step_um": z_step,
         # the training planes' pixel size, and the side of the square field each generated slice shows
         "pixel_size_um": {a.lower(): ds.pixel_um.get(a) for a in ("Y", "X")},
@@ -184,7 +187,8 @@ def _train(dev: torch.device, di: loop.DistInfo, data, out: Path, cfg: TrainConf
     norm = Normalisation(cfg.norm_low, cfg.norm_high)
     ds = DepthDataset.from_paths(data, depth_classes=cfg.depth_classes, norm=norm, channel=cfg.channel,
                                  axes=cfg.axes, rank=di.rank, world=di.world,
-                                 cache_res=STAGES[cfg.stage][0] if cfg.stage == "base" else None)
+                                 cache_res=STAGES[cfg.stage][0] if cfg.stage == "base" else None,
+                                 depth_bin_um=cfg.depth_bin_um, z_step_um=cfg.z_step_um)
     if di.main:
         for note in ds.notices:
             print(f"note: {note}")
