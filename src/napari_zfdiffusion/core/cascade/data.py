@@ -24,7 +24,7 @@ import torch
 from ..errors import UserInputError
 import torch.nn.functional as F
 
-from ..images import Normalisation, check_finite, resize, square, stack_percentiles, unit_to_model
+from ..images import Normalisation, resize, square, stack_percentiles, unit_to_model
 from ..io import list_images
 from ..reader import open_image
 from .depths import depth_bins, depth_bins_um
@@ -161,11 +161,12 @@ class DepthDataset:
         return ds
 
     def _percentiles(self, spec: int) -> tuple[float, float]:
+        """The stack's percentiles, in one pass that also refuses NaN or infinite values."""
         stack = self.stacks[spec]
-        if np.dtype(stack.dtype).kind == "f":  # floats: refuse NaN now, before anything is written
-            for z in range(len(stack)):
-                check_finite(np.asarray(stack[z]), self.names[spec])
-        return stack_percentiles(stack, self.norm.low, self.norm.high)
+        try:
+            return stack_percentiles(stack, self.norm.low, self.norm.high, name=self.names[spec])
+        finally:
+            stack.release()
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -184,6 +185,7 @@ class DepthDataset:
         if spec not in self.stats:
             self.stats[spec] = self._percentiles(spec)
         unit = self.norm.scale(self.stacks[spec][z], *self.stats[spec])
+        self.stacks[spec].release()  # the copy is made: the file's pages need not count in our memory
         return torch.from_numpy(unit_to_model(unit))
 
     def stack(self, spec: int) -> torch.Tensor:
