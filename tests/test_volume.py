@@ -399,3 +399,28 @@ def test_zfunet_config_round_trip_keeps_prev_channels(tmp_path):
     m.save_pretrained(tmp_path / "m", safe_serialization=True)
     back = ZfUNet.from_pretrained(tmp_path / "m", use_safetensors=True)
     assert back.config.prev_channels == 1 and back.prev_embedding is not None
+
+
+def test_a_data_set_of_ome_zarr_volumes_resumes_and_trains(vol_model, vcas, tmp_path, capsys):
+    """--format zarr: one OME-Zarr image per item, atomic, resumable, read back by napari's reader
+    path and by the training commands."""
+    import shutil
+
+    from napari_zfdiffusion.core.cascade.data import DepthDataset
+    from napari_zfdiffusion.core.reader import open_image
+
+    out = tmp_path / "ds"
+    assert ds_cli(vol_model, out, "--seed", "10", "--format", "zarr") == 0
+    items = [json.loads(x) for x in (out / MANIFEST_FILE).read_text().splitlines()]
+    assert [i["file"] for i in items] == [f"items/volume_{j:06d}.ome.zarr" for j in range(3)]
+    src = open_image(out / items[1]["file"])
+    assert src.axes == "ZYX" and src.provenance["seed"] == 11 and items[1]["provenance"]["seed"] == 11
+    np.testing.assert_array_equal(np.asarray(src.data), gen(vcas, depths="0-1", seed=11).images)
+    assert not list((out / "items").glob(".*"))  # no temporary folders left
+    shutil.rmtree(out / items[0]["file"])
+    capsys.readouterr()
+    assert ds_cli(vol_model, out, "--seed", "10", "--format", "zarr") == 0
+    assert "made 1 of its 3 items" in capsys.readouterr().out
+    assert ds_cli(vol_model, out, "--seed", "10") == 2  # the same folder in another format: refused
+    ds = DepthDataset.from_paths(out / "items")  # the items train a cascade as they are
+    assert len(ds.names) == 3 and ds.n_planes == 2

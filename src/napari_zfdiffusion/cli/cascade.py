@@ -93,7 +93,8 @@ def cmd_dataset(a) -> int:
     cas = Cascade.load(a.model, device)
     resolution = cas.check_resolution(a.resolution)
     common = dict(model=cas.name, seed=a.seed, resolution=resolution, guidance=a.guidance, steps=a.steps,
-                  sr_steps=a.sr_steps, sampler=a.sampler, sr_guidance=a.sr_guidance, noise_aug=a.noise_aug)
+                  sr_steps=a.sr_steps, sampler=a.sampler, sr_guidance=a.sr_guidance, noise_aug=a.noise_aug,
+                  format=a.format)
     if a.per_depth is not None:
         spec = SliceSpec(depths=parse_depths(a.depths, cas.n_classes), n_per_depth=a.per_depth, **common)
     else:
@@ -156,7 +157,9 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     ds.add_argument("--guidance", type=float, default=3.0)
     ds.add_argument("--continuity-guidance", type=float, default=1.0,
                     help="volumes: weight of the plane above (0 = independent planes, 1 = as trained)")
-    ds.add_argument("--out", type=Path, required=True, help="data set folder (one TIFF per item + manifest)")
+    ds.add_argument("--out", type=Path, required=True, help="data set folder (one file per item + manifest)")
+    ds.add_argument("--format", default="tiff", choices=("tiff", "zarr"),
+                    help="one TIFF per item (default) or one OME-Zarr image per item (napari and training read both)")
     ds.set_defaults(func=cmd_dataset)
 
     v = sub.add_parser("volume", help="generate a (Z, Y, X) volume whose planes follow each other")

@@ -23,8 +23,11 @@ def list_images(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            files.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
+        if p.is_dir() and p.suffix.lower() != ".zarr":
+            files.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES
+                                or (q.is_dir() and q.suffix.lower() == ".zarr")))
+        elif p.is_dir():  # an OME-Zarr image is a folder
+            files.append(p)
         elif p.is_file():
             files.append(p)
         else:
@@ -32,7 +35,7 @@ def list_images(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     if not files:
         raise UserInputError(
             f"no .tif/.tiff/.png images found in {', '.join(str(p) for p in paths)}: "
-            "put one (Z, Y, X) TIFF per specimen in the folder."
+            "put one (Z, Y, X) TIFF (or OME-Zarr) per specimen in the folder."
         )
     return files
 
@@ -134,6 +137,48 @@ def write_tiff(path: str | Path, data: np.ndarray, provenance: dict | None = Non
                          **resolution_tags(provenance))
 
     return atomic_write(path, _write)
+
+
+def write_ome_zarr(path: str | Path, data: np.ndarray, provenance: dict | None = None) -> Path:
+    """Write ``data`` ((Y, X) or (Z, Y, X)) as an OME-Zarr image (NGFF 0.4, one resolution level, one
+    chunk per plane) with its physical scale (``pixel_size_um`` of the provenance) and the provenance
+    in its attributes (``zfdiffusion``). Built in a hidden folder beside ``path`` and renamed into place:
+    a crash or a full disk leaves no half-written image under the final name."""
+    import shutil
+
+    import zarr
+
+    path = check_writable(path)
+    data = np.ascontiguousarray(data)
+    tmp = path.with_name(f".{path.name}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    prov = provenance or {}
+    px = prov.get("pixel_size_um") or {}
+    names = "zyx"[-data.ndim:]
+    axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if px.get(a) else {})} for a in names]
+    scale = [float(px.get(a) or 1.0) for a in names]
+    try:
+        try:
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        except TypeError:  # zarr 2
+            group = zarr.open_group(str(tmp), mode="w")
+        chunks = (1, *data.shape[-2:]) if data.ndim == 3 else data.shape
+        create = getattr(group, "create_array", None) or group.create_dataset
+        arr = create("0", shape=data.shape, dtype=data.dtype, chunks=chunks)
+        arr[...] = data
+        group.attrs["multiscales"] = [{"version": "0.4", "name": path.name, "axes": axes, "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]
+        group.attrs["zfdiffusion"] = json.loads(json.dumps(prov, default=str))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserInputError(f"could not write '{path}': {e.strerror or e}.") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 def read_provenance(path: str | Path) -> dict:

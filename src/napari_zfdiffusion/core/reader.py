@@ -464,6 +464,7 @@ def _open_zarr(path: Path) -> ImageSource:
     if len(names) != len(arr.shape):
         raise UserInputError(f"'{path}': its metadata names axes {names} but the array has {len(arr.shape)} "
                              "dimensions.")
+    prov = attrs.get("zfdiffusion") if is_ours(attrs.get("zfdiffusion")) else {}
     letters = "".join(n[0].upper() if n.lower() in ("t", "c", "z", "y", "x") else "Q" for n in names)
     scale = [1.0] * len(names)
     for tr in level.get("coordinateTransformations", []) + ms0.get("coordinateTransformations", []):
@@ -473,7 +474,7 @@ def _open_zarr(path: Path) -> ImageSource:
     for letter, s, unit in zip(letters, scale, units):
         if letter in pixel and unit:
             pixel[letter] = to_um(s, unit)
-    return ImageSource(path, arr, letters, pixel)
+    return ImageSource(path, arr, letters, pixel, prov)
 
 
 __all__ = ["ImageSource", "Lazy", "Planes", "layer_geometry", "open_image", "to_um"]
