@@ -91,7 +91,15 @@ class Lazy:
 
 
 def release(data) -> None:
-    """:meth:`Lazy.release` for an array: madvise(DONTNEED) on a memory map's pages (Linux, macOS)."""
+    """:meth:`Lazy.release` for any array this module hands out (a memory map or a view of one, a
+    :class:`Lazy`, :class:`Planes`): madvise(DONTNEED) on the memory map's pages (Linux, macOS).
+    Chunked (Zarr) and in-memory arrays hold nothing to release."""
+    if isinstance(data, Lazy):
+        data = data._data
+    elif isinstance(data, Planes):
+        for base in {id(v._data): v._data for v in data._views}.values():
+            release(base)
+        return
     mm = getattr(data, "_mmap", None)
     if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         try:

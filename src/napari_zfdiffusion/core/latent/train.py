@@ -2,7 +2,8 @@
 
 Both run in the one training loop (:mod:`..training.loop`: EMA, atomic checkpoints, exact resume,
 DistributedDataParallel under ``torchrun``). The data are random crops of 2D images, with flips and
-rotations (:class:`..training.patches.PatchData`); with ``masks`` the mask is a second channel, so the
+rotations (:class:`..training.patches.PatchData`: read from disk crop by crop, each torchrun rank from
+its own share of the images); with ``masks`` the mask is a second channel, so the
 autoencoder and the diffusion model learn image and mask together and every generated patch comes
 with an aligned mask.
 """
@@ -88,9 +89,10 @@ def _data_card(data: PatchData, cfg) -> dict:
 # ----------------------------------------------------------------------------- autoencoder
 @torch.no_grad()
 def measure_scaling(vae, data: PatchData, patch: int, n: int = 64, seed: int = 0) -> float:
-    """1 / std of the (sampled) latents of ``n`` training crops: the latent scale factor."""
+    """1 / std of the (sampled) latents of ``n`` training crops (this process's share of the images
+    under torchrun): the latent scale factor."""
     g = torch.Generator().manual_seed(seed)
-    x = data.random_crops(n, min(patch, min(min(t.shape[1:]) for t in data.train)), g, augment=False)
+    x = data.random_crops(n, min(patch, min(min(s[1:]) for s in data.train.shapes)), g, augment=False)
     dev = next(vae.parameters()).device
     zs = [vae.encode(x[i:i + 8].to(dev)).latent_dist.sample(g) for i in range(0, len(x), 8)]
     return float(1.0 / torch.cat(zs).float().std())
@@ -122,7 +124,8 @@ def train_vae(images, out: str | Path, cfg: VaeConfig, *, masks=None, device: st
 
 def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_progress, callback) -> dict:
     data = PatchData.from_paths(images, masks, patch=cfg.patch_size, channel=cfg.channel, axes=cfg.axes,
-                                norm=Normalisation(cfg.norm_low, cfg.norm_high, per="image"))
+                                norm=Normalisation(cfg.norm_low, cfg.norm_high, per="image"), rank=di.rank,
+                                world=di.world)
     if di.main:
         for note in data.notices:
             print(f"note: {note}")
@@ -220,7 +223,7 @@ def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks,
     vae = load_vae(vae_dir / "vae").to(dev)
     patch = int(vcard["patch_size"])
     data = PatchData.from_paths(images, masks, patch=patch, norm=Normalisation.from_dict(vcard["normalisation"]),
-                                channel=cfg.channel, axes=cfg.axes)
+                                channel=cfg.channel, axes=cfg.axes, rank=di.rank, world=di.world)
     if data.mask_encoding and vcard.get("mask_encoding") and data.mask_encoding != vcard["mask_encoding"]:
         raise UserInputError(
             f"these masks are {data.mask_encoding} but the autoencoder learned {vcard['mask_encoding']} masks: "

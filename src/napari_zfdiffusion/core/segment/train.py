@@ -3,7 +3,8 @@ generated pairs (``zfdiffusion em generate --masks-out``), or on a mix of both.
 
 Runs in the one training loop (:mod:`..training.loop`: EMA, atomic checkpoints, exact resume,
 DistributedDataParallel under ``torchrun``). Data are random crops with flips and rotations
-(:class:`..training.patches.PatchData` with segmentation targets: foreground and interior) and random
+(:class:`..training.patches.PatchData` with segmentation targets: foreground and interior; read from
+disk crop by crop, each torchrun rank from its own share of the images) and random
 intensity changes (background offset, contrast, gamma, noise; :func:`augment_intensity`). With
 ``extra_images`` (e.g. generated pairs) a fixed fraction of every batch comes from them. At every
 checkpoint the EMA model segments the whole held-out images, tile by tile as in use, and foreground
@@ -152,15 +153,18 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
     norm = Normalisation(cfg.norm_low, cfg.norm_high, per="image")
     explicit_val = val_images is not None
     data = PatchData.from_paths(images, masks, patch=cfg.crop, norm=norm, segmentation=True, channel=cfg.channel,
-                                axes=cfg.axes, val_fraction=0.0 if explicit_val else cfg.val_fraction)
+                                axes=cfg.axes, val_fraction=0.0 if explicit_val else cfg.val_fraction,
+                                rank=di.rank, world=di.world)
     extra = (PatchData.from_paths(extra_images, extra_masks, patch=cfg.crop, norm=norm, segmentation=True,
-                                  val_fraction=0.0) if extra_images is not None else None)
-    val = data.val
+                                  val_fraction=0.0, rank=di.rank, world=di.world)
+             if extra_images is not None else None)
+    val = data.val  # whole held-out images, read when validation runs (on rank 0)
     val_card = data.split
-    if explicit_val:
-        vdata = PatchData.from_paths(val_images, val_masks, patch=32, norm=norm, segmentation=True, val_fraction=0.0,
-                                     channel=cfg.channel, axes=cfg.axes)
-        val, val_card = vdata.train, f"{len(vdata.train)} separate validation image(s)"
+    if explicit_val:  # validation runs on rank 0 only: the other ranks do not open these files
+        vdata = (PatchData.from_paths(val_images, val_masks, patch=32, norm=norm, segmentation=True,
+                                      val_fraction=0.0, channel=cfg.channel, axes=cfg.axes) if di.main else None)
+        val = vdata.train if vdata is not None else []
+        val_card = f"{len(val)} separate validation image(s)"
     if di.main:
         for note in data.notices + (extra.notices if extra else []):
             print(f"note: {note}")
