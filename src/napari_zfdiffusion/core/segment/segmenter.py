@@ -35,6 +35,7 @@ from ..images import Normalisation, check_finite, exact_percentiles, looks_rgb, 
 from ..masks import StripInstances, instances
 from ..progress import Progress, ProgressCallback, rescaled
 from ..provenance import stamp
+from ..reader import release
 from ..store import load_model, read_card, resolve_model
 from ..tiling import predict_tiled, predict_tiled_rows, tile_starts
 from .net import ResUNet
@@ -195,6 +196,7 @@ class Segmenter:
         h, w = plane.shape
         rows = max(1, self.strip_pixels // w)
         lo, hi, constant = plane_limits(plane, self.norm, rows=rows, name=name)
+        release(plane)  # the pages of a memory-mapped input: read once, no need to count them
         if constant:  # as predict() does: no objects, zero probability, and a notice
             for a in range(0, h, rows):
                 b = min(h, a + rows)
@@ -219,9 +221,12 @@ class Segmenter:
                 prob[r0:r1] = block[0]
             for a, b, lab in strips.add(block[0], block[1] if interior else None):
                 labels[a:b] = lab
+            for done in (plane, labels, prob):  # written or read: the file keeps them, not our memory
+                release(done)
         lut = strips.lookup(offset)
         for a in range(0, h, rows):  # provisional ids -> the final labels
             labels[a:a + rows] = lut[labels[a:a + rows]]
+            release(labels)
         self.strip_stats = {"strip_rows": rows, "largest_band": largest, "largest_window": strips.largest_window,
                             "forced_cuts": strips.forced_cuts, "provisional_ids": strips.count}
         return strips.objects
