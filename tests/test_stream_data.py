@@ -82,3 +82,33 @@ def test_stack_percentiles_equal_numpy_on_the_whole_stack(dtype):
     for q in ((1.0, 99.8), (33.3, 57.77), (0, 100)):
         want = np.percentile(a.astype(np.float32), q)
         assert np.array_equal(stack_percentiles(a, *q), want), (dtype, q)
+
+
+def test_the_card_records_each_stacks_statistics(many, tmp_path):
+    import json
+
+    from napari_zfdiffusion.core.cascade.train import train_stage
+    from napari_zfdiffusion.core.images import stack_percentiles
+
+    files = sorted(many.glob("*.tif"))[:3]
+    out = tmp_path / "m"
+    train_stage(files, out, TrainConfig(stage="sr128", size="tiny", steps=1, batch_size=2, checkpoint_every=1),
+                device="cpu", show_progress=False)
+    stats = json.loads((out / "cascade.json").read_text())["normalisation_stats"]
+    assert list(stats) == [f.name for f in files]
+    assert stats[files[1].name] == list(stack_percentiles(tifffile.memmap(files[1]), 1.0, 99.8))
+
+
+def test_a_patch_models_card_records_each_images_statistics(tmp_path):
+    import json
+
+    from conftest import make_blobs
+
+    from napari_zfdiffusion.core.latent.train import VaeConfig, train_vae
+
+    imgs, _ = make_blobs(tmp_path / "b", n=2, shape=(64, 64), masks=False)
+    out = tmp_path / "vae"
+    train_vae(imgs, out, VaeConfig(size="tiny", steps=1, batch_size=2, patch_size=32, checkpoint_every=1),
+              device="cpu", show_progress=False)
+    stats = json.loads((out / "model.json").read_text())["training_data"]["normalisation_stats"]
+    assert sorted(stats) == ["blobs_00.tif", "blobs_01.tif"] and all(lo < hi for lo, hi in stats.values())

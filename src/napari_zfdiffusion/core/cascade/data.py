@@ -171,6 +171,10 @@ class DepthDataset:
     def __len__(self) -> int:
         return len(self.classes)
 
+    def normalisation_stats(self) -> dict[str, list[float]]:
+        """Each of this process's stacks' low and high percentile values, by name (for the card)."""
+        return {self.names[i]: [float(lo), float(hi)] for i, (lo, hi) in sorted(self.stats.items())}
+
     def shard(self, rank: int, world: int) -> torch.Tensor:
         """Indices of the planes this rank trains on (all of them if there are too few to split)."""
         idx = torch.arange(len(self))

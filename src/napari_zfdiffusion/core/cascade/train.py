@@ -72,7 +72,7 @@ class TrainConfig(loop.TrainOptions):
             raise UserInputError("--prev-noise-max must be in [0, 1].")
 
 
-def _update_cascade_card(out: Path, ds: DepthDataset, cfg: TrainConfig) -> dict:
+def _update_cascade_card(out: Path, ds: DepthDataset, cfg: TrainConfig, stats: dict | None = None) -> dict:
     """Create ``cascade.json``, or check that this stage's data agrees with the stages already there."""
     card_path = out / CASCADE_FILE
     z_step = cfg.z_step_um or ds.pixel_um.get("Z")
@@ -100,6 +100,7 @@ def _update_cascade_card(out: Path, ds: DepthDataset, cfg: TrainConfig) -> dict:
         "pixel_size_um": {a.lower(): ds.pixel_um.get(a) for a in ("Y", "X")},
         "field_um": ds.side_px * ds.pixel_um["X"] if ds.pixel_um.get("X") else None,
         "normalisation": norm,
+        "normalisation_stats": stats,  # each stack's percentile values (computed once, exactly)
         "intensity": "outputs are normalised intensities in [0, 1] (percentile low -> 0, high -> 1)",
         "training_data": {"files": [Path(f).name for f in ds.files], "specimens": len(ds.names),
                           "channel": cfg.channel, "credit": cfg.data_credit,
@@ -194,8 +195,9 @@ def _train(dev: torch.device, di: loop.DistInfo, data, out: Path, cfg: TrainConf
             print(f"note: {note}")
     res = STAGES[cfg.stage][0]
     state_path = loop.prepare_state_dir(out / "training" / cfg.stage, out, resume, di)
+    stats = loop.gather_dict(ds.normalisation_stats(), di)
     if di.main:
-        _update_cascade_card(out, ds, cfg)
+        _update_cascade_card(out, ds, cfg, stats)
     if di.world > 1:
         dist.barrier()
 

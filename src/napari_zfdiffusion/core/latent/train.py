@@ -82,8 +82,9 @@ def _common_checks(cfg) -> None:
         raise UserInputError(f"--crop must be between 16 and the patch size, got {crop}.")
 
 
-def _data_card(data: PatchData, cfg) -> dict:
-    return {**data.describe(), "credit": cfg.data_credit, "licence": cfg.data_licence}
+def _data_card(data: PatchData, cfg, stats: dict | None = None) -> dict:
+    return {**data.describe(), "credit": cfg.data_credit, "licence": cfg.data_licence,
+            "normalisation_stats": stats}
 
 
 # ----------------------------------------------------------------------------- autoencoder
@@ -129,6 +130,7 @@ def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_p
     if di.main:
         for note in data.notices:
             print(f"note: {note}")
+    stats = loop.gather_dict(data.normalisation_stats(), di)
     state_path = loop.prepare_state_dir(out / "training" / "vae", out, resume, di)
     if di.world > 1:
         dist.barrier()
@@ -172,7 +174,7 @@ def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_p
             "scaling_factor": scale, "downsampling": f, "latent_channels": cfg.latent_channels,
             "patch_size": cfg.patch_size, "beta": cfg.beta, "loss": "MSE + beta * KL (KL per latent element)",
             "steps": step, "validation": dict(last_val) or None,
-            "training_data": _data_card(data, cfg), **made_by(),
+            "training_data": _data_card(data, cfg, stats), **made_by(),
         })
 
     summary = loop.run(vae, loss_fn=loss_fn, export=export, cfg=cfg.loop_config("train vae"), dev=dev, di=di,
@@ -228,6 +230,7 @@ def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks,
         raise UserInputError(
             f"these masks are {data.mask_encoding} but the autoencoder learned {vcard['mask_encoding']} masks: "
             "use the same kind of masks (label images or binary) for both.")
+    stats = loop.gather_dict(data.normalisation_stats(), di)
     state_path = loop.prepare_state_dir(out / "training" / "unet", out, resume, di)
     if di.main:
         for note in data.notices:
@@ -276,7 +279,7 @@ def _train_ldm(dev, di, vae_dir: Path, images, out: Path, cfg: LdmConfig, masks,
             "description": ("latent diffusion for image + mask patches" if paired else "latent diffusion for patches"),
             "latent_shape": shape, "vae_sha256": vsha, "vae_steps": vcard.get("steps"),
             "vae_training_data": vcard.get("training_data"), "unet_steps": step,
-            "training_data": _data_card(data, cfg), **made_by(),
+            "training_data": _data_card(data, cfg, stats), **made_by(),
         })
 
     summary = loop.run(model, loss_fn=loss_fn, export=export, cfg=cfg.loop_config("train ldm"), dev=dev, di=di,

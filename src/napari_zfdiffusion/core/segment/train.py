@@ -168,6 +168,7 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
     if di.main:
         for note in data.notices + (extra.notices if extra else []):
             print(f"note: {note}")
+    stats = loop.gather_dict(data.normalisation_stats(), di)
     state_path = loop.prepare_state_dir(out / "training" / "unet", out, resume, di)
     if di.world > 1:
         dist.barrier()
@@ -207,7 +208,8 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
     def export(ema, step, losses, secs, world):
         save_model(ema, out / "unet", {"kind": "segmentation-unet", **loop.training_info(cfg, step, losses, secs,
                                                                                          world)})
-        td = {**data.describe(), "validation": val_card, "credit": cfg.data_credit, "licence": cfg.data_licence}
+        td = {**data.describe(), "validation": val_card, "credit": cfg.data_credit, "licence": cfg.data_licence,
+              "normalisation_stats": stats}
         write_json(out / CARD_FILE, {
             "kind": KIND, "format_version": 1, "name": out.name,
             "description": "U-Net segmentation: foreground probability" + (" and object interiors" if n_out > 1 else ""),

@@ -81,6 +81,16 @@ def launch(fn, device, *args):
         teardown(di)
 
 
+def gather_dict(d: dict, di: DistInfo) -> dict:
+    """``d`` merged over every torchrun rank (each rank's share of something, e.g. the normalisation
+    statistics of the files it read); ``d`` itself in a single process."""
+    if di.world <= 1:
+        return dict(d)
+    parts: list = [None] * di.world
+    dist.all_gather_object(parts, d)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
 

@@ -407,6 +407,15 @@ class PatchData:
             self.images.release()
         return self.stats[k]
 
+    def normalisation_stats(self) -> dict[str, list[float]]:
+        """The low and high percentile values of each training image this process reads (computed now
+        if not yet), by image name: what the card records about the normalisation."""
+        out = {}
+        for j in self.mine:
+            k = self.train_views[j][0]
+            out[self.names[k]] = [float(v) for v in self.percentiles(k)]
+        return out
+
     def width(self, k: int) -> int:
         return self.images.planes[k].shape[1]
 
