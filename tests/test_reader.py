@@ -236,3 +236,16 @@ def test_depth_in_micrometres_lets_different_stacks_train_together(tmp_path):
     card = json.loads((out / "cascade.json").read_text())
     assert card["depth_bin_um"] == 2.0 and [c["z_um"] for c in card["depth_classes"]] == [[0, 2], [2, 4], [4, 6]]
     assert Cascade.load(out, "cpu").depth_label(1) == "z = 2-4 um (middle)"  # what the depth slider shows
+
+
+def test_a_file_that_changes_while_being_read_is_refused(tmp_path):
+    import os
+
+    f = tmp_path / "s.tif"
+    tifffile.imwrite(f, TZCYX[0, :, 0])
+    stack = open_image(f).stacks()[0][1]
+    stack[0]  # reading works
+    tifffile.imwrite(f, TZCYX[0, :2, 0])  # rewritten by another program
+    os.utime(f, ns=(1, 1))
+    with pytest.raises(UserInputError, match="changed while it was being read"):
+        stack[1]

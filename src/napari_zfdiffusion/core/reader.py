@@ -59,9 +59,10 @@ class Lazy:
     """A read-only view of part of a lazy array (np.memmap, zarr.Array, or an in-memory array): some
     axes fixed at an index, the others free. Indexing reads only what is asked for."""
 
-    def __init__(self, data, fixed: dict[int, int] | None = None):
+    def __init__(self, data, fixed: dict[int, int] | None = None, guard=None):
         self._data = data
         self._fixed = dict(fixed or {})
+        self._guard = guard  # called before every read: refuses a file that changed since it was opened
         self._free = [i for i in range(len(data.shape)) if i not in self._fixed]
         self.shape = tuple(int(data.shape[i]) for i in self._free)
         self.dtype = np.dtype(data.dtype)
@@ -77,6 +78,8 @@ class Lazy:
             key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
         free = iter(key + (slice(None),) * (self.ndim - len(key)))
         full = tuple(self._fixed[i] if i in self._fixed else next(free) for i in range(len(self._data.shape)))
+        if self._guard is not None:
+            self._guard()
         return np.asarray(self._data[full])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -149,6 +152,23 @@ class ImageSource:
     pixel_um: dict = field(default_factory=lambda: {"Z": None, "Y": None, "X": None})
     provenance: dict = field(default_factory=dict)
     channel: int | None = None  # the channel chosen, when the file had several
+    stamp: tuple | None = None  # (size, modification time) of the file when it was opened
+
+    def check_unchanged(self) -> None:
+        """Refuse to read on from a file that was changed (rewritten, truncated) since it was opened:
+        its planes would no longer be those its metadata describe (a truncated memory map can even
+        crash the process)."""
+        if self.stamp is None:
+            return
+        try:
+            st = self.path.stat()
+            now = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            now = None
+        if now != self.stamp:
+            raise UserInputError(f"{self.name} changed while it was being read (it was "
+                                 f"{'deleted' if now is None else 'rewritten'} since it was opened): stop "
+                                 "whatever writes it, then run the command again.")
 
     @property
     def name(self) -> str:
@@ -236,7 +256,7 @@ class ImageSource:
             f = dict(fixed)
             f.update({pos: i for (pos, _), i in zip(outer, combo)})
             label = "".join(f"_{a.lower()}{i}" for (_, a), i in zip(outer, combo))
-            out.append((f"{self.path.stem}{label}", Lazy(self.data, f)))
+            out.append((f"{self.path.stem}{label}", Lazy(self.data, f, self.check_unchanged)))
         return out
 
     def image_axes(self, channel: int | None = None) -> tuple[str, tuple[int, ...]]:
@@ -265,7 +285,8 @@ class ImageSource:
         views = []
         for name, stack in self.stacks(channel):
             if "Z" in axes:
-                views.extend(Lazy(stack._data, {**stack._fixed, stack._free[0]: z}) for z in range(stack.shape[0]))
+                views.extend(Lazy(stack._data, {**stack._fixed, stack._free[0]: z}, self.check_unchanged)
+                             for z in range(stack.shape[0]))
             else:
                 views.append(stack)
         return Planes(views)
@@ -309,6 +330,9 @@ def open_image(path, *, channel: int | None = None, axes: str | None = None) -> 
         src = _open_tiff(path)
     else:
         src = _open_other(path)
+    if path.is_file():
+        st = path.stat()
+        src = replace(src, stamp=(st.st_size, st.st_mtime_ns))
     if axes:
         given = str(axes).strip().upper()
         if len(given) != len(src.shape) or set(given) - set("TZCYXSQ") or len(set(given)) != len(given):
