@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.plane is not None:
         viewer.dims.set_point(0, args.plane)
-    if args.three_d:
-        viewer.dims.ndisplay = 3
-        viewer.camera.angles = (-20, 30, 120)
     viewer.reset_view()
+    if args.three_d:  # the volume at its true z-step (the layer's scale), seen from the side
+        viewer.dims.ndisplay = 3
+        camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+        camera.angles = (-10, 40, 110)
+        camera.zoom *= 0.8
     save_screenshot(viewer, args.out)
     print(f"wrote {args.out} ({viewer.layers[-1].name}, {widget.status.value})")
     viewer.close()
