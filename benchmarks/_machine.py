@@ -1,10 +1,16 @@
-"""What both benchmarks measure about the machine: CPU model, memory, GPU synchronisation."""
+"""What the benchmarks share: the machine (CPU model, memory, GPU synchronisation) and running one
+case in a fresh process while sampling its memory."""
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import resource
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -90,3 +96,45 @@ def run_main(main) -> None:
         sys.exit(main())
     except UserInputError as e:
         sys.exit(f"error: {e}")
+
+
+def run_case(script: str | Path, spec: dict, *, threads: int | None, sample_ms: float) -> dict:
+    """One benchmark case in a fresh Python process (``script --child SPEC.json``), its memory sampled
+    from /proc every ``sample_ms`` by the phase it reports (stdout lines ``@@phase NAME``; other
+    lines are echoed). Returns the result JSON the case wrote to ``spec["result"]``, with ``sampled``."""
+    wd = Path(spec["workdir"])
+    spec_path, spec["result"] = wd / "spec.json", str(wd / "result.json")
+    Path(spec["result"]).unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.Popen([sys.executable, str(Path(script).resolve()), "--child", str(spec_path)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    current: list[str | None] = [None]
+    sampled: dict[str, dict] = {}
+
+    def reader():
+        for line in proc.stdout:
+            if line.startswith("@@phase "):
+                current[0] = line.split(None, 1)[1].strip()
+            else:
+                print("    " + line.rstrip(), flush=True)
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    while proc.poll() is None:
+        m, ph = proc_memory_mb(proc.pid), current[0]
+        if m and ph:
+            s = sampled.setdefault(ph, {"samples": 0, **{f"first_{k}": v for k, v in m.items()}})
+            s["samples"] += 1
+            for k in ("VmRSS", "RssAnon", "RssFile"):
+                if k in m:
+                    s[f"max_{k}"] = max(s.get(f"max_{k}", 0.0), m[k])
+        time.sleep(sample_ms / 1000)
+    th.join()
+    if proc.returncode:
+        raise SystemExit(f"the case {spec['name']} failed (exit status {proc.returncode})")
+    res = json.loads(Path(spec["result"]).read_text())
+    res["sampled"] = sampled
+    return res

@@ -59,17 +59,15 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _machine import cpu_model, proc_memory_mb, reset_peak_rss, run_main, sync, write_results  # benchmarks/_machine.py
+from _machine import cpu_model, proc_memory_mb, reset_peak_rss, run_case, run_main, sync, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "weights" / "nuclei-unet-demo"
@@ -334,43 +332,7 @@ def child_main(spec_path: str) -> int:
 # ----------------------------------------------------------------------------- the parent
 def run_child(spec: dict, a: argparse.Namespace) -> dict:
     """Run one case in a fresh Python process while sampling its memory from /proc every --sample-ms."""
-    wd = Path(spec["workdir"])
-    spec_path, spec["result"] = wd / "spec.json", str(wd / "result.json")
-    Path(spec["result"]).unlink(missing_ok=True)
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    if a.threads:
-        env["OMP_NUM_THREADS"] = str(a.threads)
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    current: list[str | None] = [None]
-    sampled: dict[str, dict] = {}
-
-    def reader():
-        for line in proc.stdout:
-            if line.startswith("@@phase "):
-                current[0] = line.split(None, 1)[1].strip()
-            else:
-                print("    " + line.rstrip(), flush=True)
-
-    th = threading.Thread(target=reader, daemon=True)
-    th.start()
-    while proc.poll() is None:
-        m, ph = proc_memory_mb(proc.pid), current[0]
-        if m and ph:
-            s = sampled.setdefault(ph, {"samples": 0, **{f"first_{k}": v for k, v in m.items()}})
-            s["samples"] += 1
-            for k in ("VmRSS", "RssAnon", "RssFile"):
-                if k in m:
-                    s[f"max_{k}"] = max(s.get(f"max_{k}", 0.0), m[k])
-        time.sleep(a.sample_ms / 1000)
-    th.join()
-    if proc.returncode:
-        raise SystemExit(f"the {spec['mode']} case {spec['name']} failed (exit status {proc.returncode})")
-    res = json.loads(Path(spec["result"]).read_text())
-    res["sampled"] = sampled
-    return res
-
+    return run_case(__file__, spec, threads=a.threads, sample_ms=a.sample_ms)
 
 def memory_summary(res: dict, phase_name: str = "run") -> dict:
     """Peak RSS of the jobs minus the RSS after loading the model; sampled anonymous and file-backed peaks likewise."""
