@@ -226,3 +226,15 @@ def test_the_tiny_cascade_fixture_is_a_valid_model(tiny_cascade):
     assert entry.kind == "cascade" and entry.source == "user"
     for st in ("base", "sr128", "sr256", "sr512"):
         assert (entry.path / st / WEIGHTS_FILE).is_file()
+
+
+def test_saved_models_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        save_model(build_model("base", "tiny", resolution=64, num_classes=2), tmp_path / "base", {"stage": "base"})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "base").iterdir()}
+    assert set(modes.values()) == {0o640}, modes  # the weights too (safetensors alone writes 0600)

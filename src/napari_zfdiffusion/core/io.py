@@ -80,7 +80,8 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (what new files' permissions are masked with)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -100,7 +101,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -245,7 +246,7 @@ class TiffMemmap:
         if exc_type is not None:
             self.tmp.unlink(missing_ok=True)
             return False
-        os.chmod(self.tmp, 0o666 & ~_umask())
+        os.chmod(self.tmp, 0o666 & ~current_umask())
         os.replace(self.tmp, self.path)
         return False
 

@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import UserInputError
+from .io import current_umask
 
 CASCADE_FILE = "cascade.json"
 CARD_FILE = "model.json"  # the card of a patch or segmentation model
@@ -174,6 +175,10 @@ def save_model(model, folder: Path, stage_info: dict) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     with open(tmp / STAGE_FILE, "w") as f:
         json.dump(stage_info, f, indent=2, default=str)
+    mode = 0o666 & ~current_umask()  # safetensors writes its file 0600: give every file the usual permissions
+    for p in tmp.iterdir():
+        if p.is_file():
+            os.chmod(p, mode)
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
