@@ -20,6 +20,8 @@ import hashlib
 import json
 import os
 import shutil
+
+import numpy as np
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -124,6 +126,70 @@ def read_json(path: Path) -> dict:
     return data
 
 
+# The fields of each kind of card a loader uses, and their types: "int", "num", "str", "bool",
+# "dict", "list" (of anything), "list[str]", "list[int]", "list[dict]"; a trailing "?" allows null.
+_NORM = {"normalisation": "dict?"}
+CARD_FIELDS = {
+    "cascade": {"depth_classes": "list[dict]", "z_step_um": "num?", "field_um": "num?", "pixel_size_um": "dict?",
+                "name": "str?", **_NORM},
+    "stage": {"resolution": "int", "input_resolution": "int?", "schedule": "dict?", "prev_channels": "int?"},
+    "vae": {"channels": "list[str]", "scaling_factor": "num", "patch_size": "int", "mask_encoding": "str?",
+            **_NORM},
+    "latent": {"channels": "list[str]", "scaling_factor": "num", "patch_size": "int", "latent_shape": "list[int]",
+               "mask_encoding": "str?", "vae_sha256": "str?", **_NORM},
+    "segmentation": {"outputs": "list[str]?", "tile": "int?", "overlap": "int?", "threshold": "num?",
+                     "min_size": "int?", "name": "str?", **_NORM},
+}
+_NORM_FIELDS = {"low": "num?", "high": "num?", "per": "str?"}
+
+
+def _type_ok(v, t: str) -> bool:
+    if t.endswith("?"):
+        if v is None:
+            return True
+        t = t[:-1]
+    if t == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t == "num":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    if t == "str":
+        return isinstance(v, str)
+    if t == "bool":
+        return isinstance(v, bool)
+    if t == "dict":
+        return isinstance(v, dict)
+    if t.startswith("list"):
+        if not isinstance(v, list):
+            return False
+        inner = t[5:-1] if t != "list" else None
+        return inner is None or all(_type_ok(x, inner) for x in v)
+    raise ValueError(t)
+
+
+_WORDS = {"int": "a whole number", "num": "a number", "str": "text", "bool": "true or false", "dict": "an object",
+          "list": "a list", "list[str]": "a list of text", "list[int]": "a list of whole numbers",
+          "list[dict]": "a list of objects"}
+
+
+def check_fields(data: dict, kind: str, where: str, required: tuple[str, ...] = ()) -> dict:
+    """``data`` (a card, a stage.json) with the fields of ``kind`` checked against :data:`CARD_FIELDS`:
+    a UserInputError names the first field that is missing (of ``required``) or of the wrong type."""
+    for key in required:
+        if key not in data:
+            raise UserInputError(f"{where} lacks the field '{key}': the model folder is incomplete or damaged.")
+    for key, t in CARD_FIELDS[kind].items():
+        if key in data and not _type_ok(data[key], t):
+            raise UserInputError(f"{where} field '{key}' must be {_WORDS[t.rstrip('?')]}"
+                                 f"{' (or null)' if t.endswith('?') else ''}, got {str(data[key])[:60]!r}.")
+    norm = data.get("normalisation")
+    if isinstance(norm, dict):
+        for key, t in _NORM_FIELDS.items():
+            if key in norm and not _type_ok(norm[key], t):
+                raise UserInputError(f"{where} field 'normalisation.{key}' must be {_WORDS[t.rstrip('?')]}, "
+                                     f"got {str(norm[key])[:60]!r}.")
+    return data
+
+
 def read_card(path: Path, kinds: tuple[str, ...]) -> dict:
     """The ``model.json`` card of a patch or segmentation model folder, checked to be one of ``kinds``."""
     what, how = CARD_KINDS.get(kinds[0], ("model", "`zfdiffusion train ...`"))
@@ -136,7 +202,8 @@ def read_card(path: Path, kinds: tuple[str, ...]) -> dict:
     if card.get("kind") not in kinds:
         want = " or ".join(kinds)
         raise UserInputError(f"'{path}' holds a '{card.get('kind')}' model, but a {want} model is needed here.")
-    return card
+    required = {"vae": ("scaling_factor", "patch_size"), "latent": ("scaling_factor", "patch_size", "latent_shape")}
+    return check_fields(card, card["kind"], f"'{path / CARD_FILE}'", required.get(card["kind"], ()))
 
 
 def weights_sha256(folder: Path) -> str:
@@ -148,6 +215,58 @@ def weights_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
+# What a network's config.json may ask for: the largest value of each size field, and the most
+# entries of each list. A hostile or broken config is refused in milliseconds instead of building a
+# network of a million blocks. (The bundled and trainable sizes sit far below these.)
+CONFIG_LIMITS = {"layers_per_block": 32, "blocks": 32, "sample_size": 16384, "num_classes": 100_000,
+                 "in_channels": 64, "out_channels": 64, "cond_channels": 64, "prev_channels": 8,
+                 "latent_channels": 64, "attention_head_dim": 4096, "norm_num_groups": 1024}
+CONFIG_LISTS = {"block_out_channels": 8192, "channels": 8192, "attention": None, "down_block_types": None,
+                "up_block_types": None}
+MAX_LIST = 16
+MAX_PARAMETERS = 2_000_000_000  # the weights file's tensors, from its header: 8 GB of float32
+
+
+def check_network_folder(folder: Path, what: str = "model folder") -> None:
+    """Check a network folder before anything is built: config.json's size fields are whole numbers
+    within :data:`CONFIG_LIMITS` (lists within :data:`MAX_LIST` entries), and the weights file's
+    header (read without the weights) holds at most :data:`MAX_PARAMETERS` values. A clear
+    UserInputError names the field and what was expected."""
+    config = read_json(folder / "config.json")
+    where = f"{what} '{folder}': config.json"
+    for key, limit in CONFIG_LIMITS.items():
+        if key in config and config[key] is not None:
+            v = config[key]
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UserInputError(f"{where} field '{key}' must be a whole number, got {v!r}.")
+            if not 0 <= v <= limit:
+                raise UserInputError(f"{where} field '{key}' is {v}: it must be between 0 and {limit}.")
+    for key, limit in CONFIG_LISTS.items():
+        if key in config and config[key] is not None:
+            v = config[key]
+            if not isinstance(v, list) or len(v) > MAX_LIST:
+                raise UserInputError(f"{where} field '{key}' must be a list of at most {MAX_LIST} entries, "
+                                     f"got {str(v)[:80]}.")
+            if limit is not None and any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= limit
+                                         for x in v):
+                raise UserInputError(f"{where} field '{key}' must hold whole numbers between 1 and {limit}, "
+                                     f"got {str(v)[:80]}.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / WEIGHTS_FILE), framework="np") as f:
+            n = 0
+            for k in f.keys():
+                shape = f.get_slice(k).get_shape()
+                n += int(np.prod(shape)) if shape else 1
+    except Exception as e:  # noqa: BLE001 - an unreadable header is a broken file
+        raise UserInputError(f"{what} '{folder}' could not be loaded: its weights file is corrupted or truncated "
+                             f"(not valid safetensors: {str(e)[:200]}). Copy the whole folder again.") from None
+    if n > MAX_PARAMETERS:
+        raise UserInputError(f"{what} '{folder}': its weights hold {n:,} values, more than the {MAX_PARAMETERS:,} "
+                             "this plugin loads.")
+
+
 def load_model(folder: Path, cls, what: str = "model folder"):
     """The network ``cls`` (a diffusers ``ModelMixin``) saved in ``folder``, in eval mode, from
     safetensors only (never a pickle), with a clear error when the folder is broken. ``what`` names
@@ -156,6 +275,7 @@ def load_model(folder: Path, cls, what: str = "model folder"):
     for name in ("config.json", WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise UserInputError(f"{what} '{folder}' is missing {name}: copy the whole folder again or retrain.")
+    check_network_folder(folder, what)
     try:
         model = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
     except Exception as e:  # noqa: BLE001 - any failure here means broken or mismatched weights

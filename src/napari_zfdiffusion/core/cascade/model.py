@@ -31,7 +31,7 @@ from ..errors import UserInputError
 from ..images import Normalisation, resize, to_model, to_unit
 from ..progress import ProgressCallback
 from ..provenance import stamp
-from ..store import CASCADE_FILE, STAGE_FILE, load_model, read_json, resolve_model
+from ..store import CASCADE_FILE, STAGE_FILE, check_fields, load_model, read_json, resolve_model
 from .depths import parse_depths
 from .volume import first_plane_tensor
 
@@ -105,14 +105,15 @@ class Cascade:
                 f"'{path}' is not a cascade model folder (no {CASCADE_FILE}). "
                 "Give a folder made by `zfdiffusion train cascade`."
             )
-        card = read_json(path / CASCADE_FILE)
+        card = check_fields(read_json(path / CASCADE_FILE), "cascade", f"'{path / CASCADE_FILE}'")
         if card.get("kind", "cascade") != "cascade":
             raise UserInputError(f"'{path}' holds a '{card.get('kind')}' model, not a depth cascade.")
         stages = {}
         for name in STAGE_ORDER:
             folder = path / name
             if (folder / STAGE_FILE).is_file():
-                stages[name] = Stage(name, folder, read_json(folder / STAGE_FILE))
+                stages[name] = Stage(name, folder, check_fields(read_json(folder / STAGE_FILE), "stage",
+                                                                f"'{folder / STAGE_FILE}'", ("resolution",)))
         if "base" not in stages:
             raise UserInputError(f"cascade '{path}' has no trained base stage (base/{STAGE_FILE} is missing).")
         # Stages must chain: sr256 only with sr128, and so on.
