@@ -25,18 +25,33 @@ def cmd_train_unet(a) -> int:
 
 
 def cmd_segment(a) -> int:
-    from contextlib import ExitStack
+    import hashlib
 
-    import numpy as np
-
-    from ..core.io import TiffMemmap, check_writable
-    from ..core.reader import open_image
-    from ..core.segment import Segmenter
-    from ..core.segment.segmenter import as_planes
+    from ..core.io import check_writable, lock_folder
+    from ..core.store import home
 
     out = check_writable(a.out)
     if a.prob_out:
         check_writable(a.prob_out)
+    # one writer per output file; the lock lives in the cache, not beside the user's file
+    key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+    lock = lock_folder(home() / "locks", "segmentation", f"segment-{key}.lock", target=out)
+    try:
+        return _segment(a, out)
+    finally:
+        lock.release()
+
+
+def _segment(a, out) -> int:
+    from contextlib import ExitStack
+
+    import numpy as np
+
+    from ..core.io import TiffMemmap
+    from ..core.reader import open_image
+    from ..core.segment import Segmenter
+    from ..core.segment.segmenter import as_planes
+
     seg = Segmenter.load(a.model, a.device)
     for key, fallback in (("tile", 256), ("overlap", 32), ("threshold", 0.5), ("min_size", 16)):
         if getattr(a, key) is None:  # as the widget does: the model's own defaults

@@ -182,6 +182,50 @@ def write_ome_zarr(path: str | Path, data: np.ndarray, provenance: dict | None =
     return path
 
 
+LOCK_NAME = ".zfdiffusion.lock"
+
+
+def lock_folder(folder: str | Path, what: str, name: str = LOCK_NAME, target: str | Path | None = None):
+    """Take the lock of an output folder for this process (one writer per folder), or refuse with a
+    message naming the run that holds it. Returns the held lock (``.release()`` it when done; it is
+    released anyway when the process ends, so a lock left by a killed run is simply taken over: the
+    lock is an OS file lock, not the file's existence). ``target``: what the lock protects, for the
+    message (default: the folder)."""
+    import socket
+    import sys as _sys
+    import time as _time
+
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"cannot create the folder '{folder}': {e.strerror or e}. Choose another --out.") from None
+    path = folder / name
+    info = path.with_name(path.name + ".json")
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            held = json.loads(info.read_text())
+            by = f" (process {held.get('pid')} on {held.get('host')}, since {held.get('since')}: {held.get('command')})"
+        except (OSError, ValueError):
+            by = ""
+        raise UserInputError(f"'{target or folder}' is being written by another {what}{by}: wait for it to finish, "
+                             "or choose another --out.") from None
+    except OSError as e:
+        raise UserInputError(f"cannot lock '{folder}': {e.strerror or e} (a read-only folder?).") from None
+    try:
+        info.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                    "since": _time.strftime("%Y-%m-%d %H:%M:%S"),
+                                    "command": " ".join(_sys.argv)[:300]}))
+    except OSError:
+        pass  # the lock holds without its description
+    return lock
+
+
 def read_provenance(path: str | Path) -> dict:
     """The provenance JSON stored by :func:`write_tiff` ({} if there is none)."""
     import tifffile

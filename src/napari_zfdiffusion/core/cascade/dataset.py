@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserInputError
-from ..io import atomic_write, read_provenance, write_json, write_ome_zarr, write_tiff
+from ..io import atomic_write, lock_folder, read_provenance, write_json, write_ome_zarr, write_tiff
 from ..reader import open_image
 from ..progress import Progress, ProgressCallback
 from ..provenance import made_by, now
@@ -134,6 +134,12 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _refuse_foreign(out: Path) -> None:
+    """A folder that holds something but no data set (our own lock files aside) is not ours to fill."""
+    if out.exists() and any(not p.name.startswith(".zfdiffusion.") for p in out.iterdir()):
+        raise UserInputError(f"'{out}' is not empty and holds no {DATASET_FILE}: choose an empty or new folder.")
+
+
 def check_folder(out: Path, spec_dict: dict) -> None:
     """Create ``out`` (or accept it if it holds this same data set) and write ``dataset.json``."""
     path = out / DATASET_FILE
@@ -150,8 +156,7 @@ def check_folder(out: Path, spec_dict: dict) -> None:
                 f"'{out}' holds a different data set (it differs in {', '.join(diff)}): run the same command "
                 "to resume it, or choose another --out.")
         return
-    if out.exists() and any(out.iterdir()):
-        raise UserInputError(f"'{out}' is not empty and holds no {DATASET_FILE}: choose an empty or new folder.")
+    _refuse_foreign(out)
     (out / "items").mkdir(parents=True, exist_ok=True)
     write_json(path, {**spec_dict, "created": now(), **made_by()})
 
@@ -162,6 +167,17 @@ def make_items(cascade, spec: SliceSpec | VolumeSpec, out: str | Path, *, show_p
     out = Path(out)
     rank, world = _rank_world()
     spec_dict = spec.to_dict()
+    if rank == 0 and not (out / DATASET_FILE).is_file():
+        _refuse_foreign(out)  # before a lock file is put in it
+    lock = lock_folder(out, "data set run", f".zfdiffusion.rank{rank}.lock")  # one run per folder
+    try:
+        return _make_items(cascade, spec, spec_dict, out, rank, world, show_progress, callback)
+    finally:
+        lock.release()
+
+
+def _make_items(cascade, spec, spec_dict: dict, out: Path, rank: int, world: int, show_progress: bool,
+                callback) -> dict:
     if rank == 0:
         check_folder(out, spec_dict)
     else:  # the other ranks wait for rank 0's dataset.json, then check it the same way

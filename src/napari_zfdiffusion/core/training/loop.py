@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserInputError
+from ..io import lock_folder
 from ..progress import Progress, ProgressCallback
 from ..provenance import made_by
 
@@ -78,6 +79,8 @@ def launch(fn, device, *args):
     try:
         return fn(dev, di, *args)
     finally:
+        while _HELD_LOCKS:
+            _HELD_LOCKS.pop().release()
         teardown(di)
 
 
@@ -143,8 +146,12 @@ class LoopConfig:
     desc: str = "train"
 
 
+_HELD_LOCKS: list = []  # the output folders this process trains into (released by launch())
+
+
 def prepare_state_dir(state_dir: Path, out: Path, resume: bool, di: DistInfo) -> Path:
-    """Create the state folder (rank 0) and refuse to overwrite a run that was not asked to resume."""
+    """Create the state folder (rank 0), take its lock (one training run per folder) and refuse to
+    overwrite a run that was not asked to resume."""
     state_path = state_dir / "state.pt"
     if di.main:
         try:
@@ -152,6 +159,7 @@ def prepare_state_dir(state_dir: Path, out: Path, resume: bool, di: DistInfo) ->
         except OSError as e:
             raise UserInputError(
                 f"cannot create the model folder '{out}': {e.strerror}. Choose another --out.") from None
+        _HELD_LOCKS.append(lock_folder(state_dir, "training run"))
         if state_path.exists() and not resume:
             raise UserInputError(
                 f"'{state_path}' exists: pass --resume to continue that run, or choose another --out.")
