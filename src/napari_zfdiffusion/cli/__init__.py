@@ -8,6 +8,7 @@ prints a clear one-line error for bad input (exit code 2).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..core.errors import Cancelled, UserInputError
 
     args = build_parser().parse_args(argv)
+    previous = _on_sigterm_interrupt()
     try:
         return args.func(args)
     except UserInputError as e:
@@ -82,6 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zfdiffusion: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm_interrupt():
+    """Make SIGTERM (a scheduler's or torchrun's stop) stop the command as Ctrl-C does, so that its
+    temporary files are removed on the way out. Returns the previous handler (None: not installed)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (e.g. called from a GUI worker): leave signals alone
+        return None
 
 
 __all__ = ["build_parser", "main"]

@@ -3,6 +3,7 @@ results (TIFFs with provenance, JSON, PNG previews) to a temporary name that is 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -87,18 +88,74 @@ def current_umask() -> int:
     return mask
 
 
+def temp_path(path: Path) -> Path:
+    """A new temporary file beside ``path`` (``.NAME.PID.XXXX.part``), created empty. Temporary files
+    that a killed run of this tool left for ``path`` (their process is gone) are removed first."""
+    remove_stale_temps(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
+    except OSError as e:
+        raise UserInputError(f"could not write '{path}': {e.strerror or e}. Choose another --out.") from None
+    os.close(fd)
+    return Path(tmp)
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files of ``path`` whose writing process no longer runs (a kill -9, a
+    power cut); returns them. A temporary file of a live process is left alone."""
+    removed = []
+    for p in path.parent.glob(f".{glob_escape(path.name)}.*.part"):
+        pid = p.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def reserve_space(path: Path, what: Path) -> None:
+    """Allocate every block of the (sparse) file ``path`` now, so that a full disk is an error here,
+    with the space needed named, and not a bus error when a memory map writes into a hole later."""
+    size = path.stat().st_size
+    if not hasattr(os, "posix_fallocate") or size == 0:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+            return  # a file system without it (some network ones): writes stay unreserved
+        raise UserInputError(f"could not write '{what}': {e.strerror or e} ({size / 1e6:.0f} MB are needed). "
+                             "Free some space or choose another --out.") from None
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     A crash, a full disk or a cancel leaves no half-written file under the final name.
     """
     path = check_writable(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    except OSError as e:
-        raise UserInputError(f"could not write '{path}': {e.strerror or e}. Choose another --out.") from None
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = temp_path(path)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
@@ -268,16 +325,20 @@ class TiffMemmap:
     def __enter__(self) -> np.ndarray:
         import tifffile
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = temp_path(self.path)
         try:
             self.array = tifffile.memmap(self.tmp, shape=self.shape, dtype=self.dtype,
                                          description=json.dumps(self.provenance, default=str), metadata=None,
                                          **resolution_tags(self.provenance))
+            reserve_space(self.tmp, self.path)  # a full disk: an error now, not a bus error mid-job
         except OSError as e:
+            self.array = None
             self.tmp.unlink(missing_ok=True)
             raise UserInputError(f"could not write '{self.path}': {e.strerror or e}.") from None
+        except BaseException:
+            self.array = None
+            self.tmp.unlink(missing_ok=True)
+            raise
         return self.array
 
     def __exit__(self, exc_type, exc, tb) -> bool:
