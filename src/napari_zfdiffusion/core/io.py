@@ -149,6 +149,30 @@ def reserve_space(path: Path, what: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Push a written file's data to the disk (before it is renamed into place, so that a power cut
+    leaves the old file or the whole new one, never an empty name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
@@ -159,7 +183,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserInputError(f"could not write '{path}': {e.strerror or e}.") from None
@@ -352,7 +378,9 @@ class TiffMemmap:
             self.tmp.unlink(missing_ok=True)
             return False
         os.chmod(self.tmp, 0o666 & ~current_umask())
+        fsync_file(self.tmp)
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
         return False
 
 

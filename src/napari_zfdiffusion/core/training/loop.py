@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserInputError
-from ..io import lock_folder
+from ..io import fsync_file, lock_folder
 from ..progress import Progress, ProgressCallback
 from ..provenance import made_by
 
@@ -198,6 +198,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
+    fsync_file(tmp)
     os.replace(tmp, path)
 
 
