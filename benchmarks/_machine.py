@@ -98,6 +98,11 @@ def run_main(main) -> None:
         sys.exit(f"error: {e}")
 
 
+def phase(name: str) -> None:
+    """In a case's process: tell :func:`run_case` which phase the memory samples from now on belong to."""
+    print(f"@@phase {name}", flush=True)
+
+
 def run_case(script: str | Path, spec: dict, *, threads: int | None, sample_ms: float) -> dict:
     """One benchmark case in a fresh Python process (``script --child SPEC.json``), its memory sampled
     from /proc every ``sample_ms`` by the phase it reports (stdout lines ``@@phase NAME``; other

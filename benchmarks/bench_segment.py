@@ -67,7 +67,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _machine import cpu_model, proc_memory_mb, reset_peak_rss, run_case, run_main, sync, write_results  # noqa: E402
+from _machine import (  # noqa: E402
+    cpu_model, phase, proc_memory_mb, reset_peak_rss, run_case, run_main, sync, write_results)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "weights" / "nuclei-unet-demo"
@@ -177,11 +178,6 @@ class Timers:
             return r
 
         return timed
-
-
-def phase(name: str) -> None:
-    """Tell the parent, which samples this process's memory, that a new phase starts."""
-    print(f"@@phase {name}", flush=True)
 
 
 def tile_count(h: int, w: int, tile: int, overlap: int, align: int = 8) -> int:

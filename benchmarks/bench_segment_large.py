@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 from _machine import (  # benchmarks/_machine.py
     cpu_model,
+    phase,
     proc_memory_mb,
     reset_peak_rss,
     run_case,
@@ -103,10 +104,6 @@ def make_input(path: Path, side: int, seed: int = 0, spacing: int = 40) -> Path:
 
 
 # ----------------------------------------------------------------------------- one case (child process)
-def phase(name: str) -> None:
-    print(f"@@phase {name}", flush=True)
-
-
 def child_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     import torch

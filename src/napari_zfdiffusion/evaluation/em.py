@@ -267,6 +267,13 @@ def object_stats(labels: np.ndarray, images: np.ndarray) -> dict:
 
 
 # ------------------------------------------------------------------------------------- figures
+def _save(fig, path: Path) -> None:
+    """Every figure of this evaluation ends the same way: laid out, saved at 100 dpi, closed."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+
+
 def _off(ax) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -286,9 +293,7 @@ def fig_samples(path: Path, rows: list[tuple[str, np.ndarray]], title: str) -> N
                 ax.axis("off")
         axes[r, 0].set_ylabel(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def fig_nn_hist(path: Path, panels: list[tuple[dict[str, np.ndarray], str]], title: str) -> None:
@@ -307,9 +312,7 @@ def fig_nn_hist(path: Path, panels: list[tuple[dict[str, np.ndarray], str]], tit
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def fig_pairs(path: Path, groups: list[tuple[str, np.ndarray, np.ndarray, list[str]]]) -> None:
@@ -332,9 +335,7 @@ def fig_pairs(path: Path, groups: list[tuple[str, np.ndarray, np.ndarray, list[s
                  "the generated patches\nwith the best-correlated window anywhere in the training images (r, "
                  "exhaustive search; file and window corner (y, x)); right: the closest and a median held-out real "
                  "crop (d), for scale", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def fig_stats(path: Path, hists: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -358,9 +359,7 @@ def fig_stats(path: Path, hists: dict[str, tuple[np.ndarray, np.ndarray]],
     axes[1].set_ylabel("power")
     axes[1].set_title("Radially averaged power spectrum (mean over patches)", fontsize=10)
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def overlay(img: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -388,9 +387,7 @@ def fig_masks(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]], title:
                 ax.axis("off")
         axes[r, 0].set_ylabel(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------- main
