@@ -84,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zfdiffusion: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
+    except OSError as e:  # a write outside the helpers of core.io: the same message, no traceback
+        import errno
+
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        from ..core.io import write_failed
+
+        print(f"zfdiffusion: error: {write_failed(e.filename or 'the output', e)}", file=sys.stderr)
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

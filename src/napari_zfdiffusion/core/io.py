@@ -3,9 +3,11 @@ results (TIFFs with provenance, JSON, PNG previews) to a temporary name that is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -73,12 +75,61 @@ def check_writable(path: str | Path) -> Path:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserInputError(f"cannot create the folder '{parent}' for the output: {e.strerror}.") from None
+            raise write_failed(parent, e) from None
     if not parent.is_dir():
         raise UserInputError(f"cannot write '{path}': '{parent}' is a file, not a folder. Choose another --out.")
     if not os.access(parent, os.W_OK):
-        raise UserInputError(f"cannot write into '{parent}': no permission. Choose another --out.")
+        raise write_failed(path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
     return path
+
+
+def write_failed(path: str | Path, e: OSError, needed: int | None = None) -> UserInputError:
+    """One clear message for a write that the system refused, by cause: a full disk (ENOSPC), a used-up
+    quota (EDQUOT), a read-only file system (EROFS), no permission (EACCES, EPERM), or another error.
+    It names the path, and the space needed (``needed``, bytes) and free where they matter."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    where = f"'{path}'"
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        sizes = []
+        if needed:
+            sizes.append(f"{_mb(needed)} needed")
+        free = _free_bytes(folder)
+        if free is not None:
+            sizes.append(f"{_mb(free)} free")
+        size = f" ({', '.join(sizes)})" if sizes else ""
+        cause = "your disk quota is used up" if e.errno != errno.ENOSPC else "the disk is full"
+        return UserInputError(f"could not write {where}: {cause}{size} [{e.strerror or e}]. "
+                              "Free some space or choose another --out.")
+    if e.errno == errno.EROFS:
+        return UserInputError(f"could not write {where}: '{folder}' is on a read-only file system. "
+                              "Choose another --out.")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return UserInputError(f"could not write {where}: no permission to write in '{folder}'. "
+                              "Choose another --out, or ask for write access to it.")
+    return UserInputError(f"could not write {where}: {e.strerror or e}.")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 10e6 else f"{n / 1e6:.0f} MB"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, needed: int | None = None):
+    """Turn an ``OSError`` raised while writing ``path`` into :func:`write_failed`'s message."""
+    try:
+        yield
+    except OSError as e:
+        raise write_failed(path, e, needed) from None
 
 
 def current_umask() -> int:
@@ -95,7 +146,7 @@ def temp_path(path: Path) -> Path:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
     except OSError as e:
-        raise UserInputError(f"could not write '{path}': {e.strerror or e}. Choose another --out.") from None
+        raise write_failed(path, e) from None
     os.close(fd)
     return Path(tmp)
 
@@ -143,8 +194,7 @@ def reserve_space(path: Path, what: Path) -> None:
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
             return  # a file system without it (some network ones): writes stay unreserved
-        raise UserInputError(f"could not write '{what}': {e.strerror or e} ({size / 1e6:.0f} MB are needed). "
-                             "Free some space or choose another --out.") from None
+        raise write_failed(what, e, size) from None
     finally:
         os.close(fd)
 
@@ -173,10 +223,19 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (before the folder is renamed into place)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fsync_file(Path(root) / name)
+        fsync_dir(Path(root))
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
-    A crash, a full disk or a cancel leaves no half-written file under the final name.
+    A crash, a full disk or a cancel leaves no half-written file under the final name; a refused
+    write is :func:`write_failed`'s message (``needed``: the size of the file, for it).
     """
     path = check_writable(path)
     tmp = temp_path(path)
@@ -188,7 +247,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserInputError(f"could not write '{path}': {e.strerror or e}.") from None
+        raise write_failed(path, e, needed) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -220,7 +279,7 @@ def write_tiff(path: str | Path, data: np.ndarray, provenance: dict | None = Non
         tifffile.imwrite(tmp, np.ascontiguousarray(data), description=desc, metadata=None,
                          **resolution_tags(provenance))
 
-    return atomic_write(path, _write)
+    return atomic_write(path, _write, data.nbytes)
 
 
 def write_ome_zarr(path: str | Path, data: np.ndarray, provenance: dict | None = None) -> Path:
@@ -228,8 +287,6 @@ def write_ome_zarr(path: str | Path, data: np.ndarray, provenance: dict | None =
     chunk per plane) with its physical scale (``pixel_size_um`` of the provenance) and the provenance
     in its attributes (``zfdiffusion``). Built in a hidden folder beside ``path`` and renamed into place:
     a crash or a full disk leaves no half-written image under the final name."""
-    import shutil
-
     import zarr
 
     path = check_writable(path)
@@ -253,12 +310,14 @@ def write_ome_zarr(path: str | Path, data: np.ndarray, provenance: dict | None =
         group.attrs["multiscales"] = [{"version": "0.4", "name": path.name, "axes": axes, "datasets": [
             {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]
         group.attrs["zfdiffusion"] = json.loads(json.dumps(prov, default=str))
+        fsync_tree(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserInputError(f"could not write '{path}': {e.strerror or e}.") from None
+        raise write_failed(path, e, data.nbytes) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -284,7 +343,7 @@ def lock_folder(folder: str | Path, what: str, name: str = LOCK_NAME, target: st
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserInputError(f"cannot create the folder '{folder}': {e.strerror or e}. Choose another --out.") from None
+        raise write_failed(folder, e) from None
     path = folder / name
     info = path.with_name(path.name + ".json")
     lock = FileLock(str(path), timeout=0)
@@ -299,7 +358,7 @@ def lock_folder(folder: str | Path, what: str, name: str = LOCK_NAME, target: st
         raise UserInputError(f"'{target or folder}' is being written by another {what}{by}: wait for it to finish, "
                              "or choose another --out.") from None
     except OSError as e:
-        raise UserInputError(f"cannot lock '{folder}': {e.strerror or e} (a read-only folder?).") from None
+        raise write_failed(path, e) from None
     try:
         info.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                     "since": _time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -360,7 +419,7 @@ class TiffMemmap:
         except OSError as e:
             self.array = None
             self.tmp.unlink(missing_ok=True)
-            raise UserInputError(f"could not write '{self.path}': {e.strerror or e}.") from None
+            raise write_failed(self.path, e, self.array_bytes()) from None
         except BaseException:
             self.array = None
             self.tmp.unlink(missing_ok=True)
@@ -372,16 +431,26 @@ class TiffMemmap:
         try:
             if exc_type is None:
                 arr.flush()
-        finally:
+        except OSError as e:
             del arr
+            self.tmp.unlink(missing_ok=True)
+            raise write_failed(self.path, e, self.array_bytes()) from None
+        del arr
         if exc_type is not None:
             self.tmp.unlink(missing_ok=True)
             return False
-        os.chmod(self.tmp, 0o666 & ~current_umask())
-        fsync_file(self.tmp)
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        try:
+            os.chmod(self.tmp, 0o666 & ~current_umask())
+            fsync_file(self.tmp)
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            self.tmp.unlink(missing_ok=True)
+            raise write_failed(self.path, e, self.array_bytes()) from None
         return False
+
+    def array_bytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
 
 
 def read_image_lazy(path: str | Path) -> np.ndarray:

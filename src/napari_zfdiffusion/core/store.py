@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import UserInputError
-from .io import current_umask
+from .io import current_umask, fsync_dir, fsync_tree, writing
 
 CASCADE_FILE = "cascade.json"
 CARD_FILE = "model.json"  # the card of a patch or segmentation model
@@ -272,6 +272,10 @@ def load_model(folder: Path, cls, what: str = "model folder"):
     safetensors only (never a pickle), with a clear error when the folder is broken. ``what`` names
     the folder in messages (e.g. "autoencoder folder")."""
     folder = Path(folder)
+    old = folder.with_name(folder.name + ".old")
+    if not folder.exists() and old.is_dir():
+        raise UserInputError(f"{what} '{folder}' is missing, but a save that was interrupted left its previous "
+                             f"version in '{old}': rename that to '{folder.name}', or resume the training.")
     for name in ("config.json", WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise UserInputError(f"{what} '{folder}' is missing {name}: copy the whole folder again or retrain.")
@@ -287,20 +291,33 @@ def load_model(folder: Path, cls, what: str = "model folder"):
 
 
 def save_model(model, folder: Path, stage_info: dict) -> None:
-    """Write a network folder atomically: into ``folder.tmp``, then swap it into place."""
+    """Write a network folder atomically: into ``folder.tmp``, pushed to the disk, then swapped into
+    place (the previous version goes to ``folder.old`` for the instant of the swap). A kill leaves the
+    old folder or the new one; the next save puts back a ``.old`` that a kill mid-swap left. A refused
+    write (full disk, no permission, ...) is one clear message, and ``folder.tmp`` is removed."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    with open(tmp / STAGE_FILE, "w") as f:
-        json.dump(stage_info, f, indent=2, default=str)
-    mode = 0o666 & ~current_umask()  # safetensors writes its file 0600: give every file the usual permissions
-    for p in tmp.iterdir():
-        if p.is_file():
-            os.chmod(p, mode)
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with writing(folder, needed):
+        if old.is_dir() and not folder.exists():  # a kill between the two renames of an earlier save
+            os.replace(old, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            with open(tmp / STAGE_FILE, "w") as f:
+                json.dump(stage_info, f, indent=2, default=str)
+            mode = 0o666 & ~current_umask()  # safetensors writes its file 0600: give every file the usual permissions
+            for p in tmp.iterdir():
+                if p.is_file():
+                    os.chmod(p, mode)
+            fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+        shutil.rmtree(old, ignore_errors=True)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserInputError
-from ..io import fsync_file, lock_folder
+from ..io import atomic_write, fsync_dir, fsync_file, lock_folder, temp_path, write_failed, writing
 from ..progress import Progress, ProgressCallback
 from ..provenance import made_by
 
@@ -196,10 +196,55 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    """Save the training state under a temporary name, push it to the disk and rename it into place:
+    a kill or a full disk leaves the previous checkpoint, never a truncated one."""
+    tmp = temp_path(path)
+    try:
+        torch.save(obj, tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, e, _state_bytes(obj)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _state_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
+
+
+def append_log(path: Path, record: dict) -> None:
+    """One line of the training log (JSON lines)."""
+    with writing(path), open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_log(path: Path, step: int, keep_last_validation: bool = True) -> None:
+    """On resume, keep the log's records up to ``step`` (the checkpoint resumed from): the lines a
+    killed run wrote after its last checkpoint are written again, and a line cut by the kill goes."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict) or int(rec.get("step", 0)) > step:
+            continue
+        if not keep_last_validation and "validation" in rec and int(rec["step"]) == step:
+            continue
+        kept.append(line + "\n")
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 def run(
@@ -229,6 +274,10 @@ def run(
         start = int(saved["step"])
         losses = [float(v) for v in saved["losses"].tolist()]
         elapsed = float(saved["elapsed"])
+        if di.main:  # a finished run asked again checkpoints (and validates) its last step again
+            trim_log(log_path, start, keep_last_validation=start < cfg.steps)
+    elif di.main:
+        log_path.unlink(missing_ok=True)  # a run killed before its first checkpoint: start the log again
     model.to(dev).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -253,17 +302,17 @@ def run(
         if not di.main:
             return
         secs = elapsed + time.perf_counter() - t0
+        if validate is not None:  # before export, so the exported card can carry the figures
+            append_log(log_path, {"step": step, "validation": validate(ema, step)})
+        export(ema, step, losses, secs, di.world)
+        # The state last: a checkpoint is complete once it is saved, and a run killed before that
+        # resumes from the previous one and makes the same validation and export again.
         atomic_torch_save({
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "step": torch.tensor(step), "losses": torch.tensor(losses, dtype=torch.float64),
             "elapsed": torch.tensor(secs), "model_config": json.dumps(
                 {k: v for k, v in model.config.items() if not k.startswith("_")}, default=list),  # no bookkeeping
         }, state_path)
-        if validate is not None:  # before export, so the exported card can carry the figures
-            rec = {"step": step, "validation": validate(ema, step)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        export(ema, step, losses, secs, di.world)
 
     step = start
     for step in range(start + 1, cfg.steps + 1):
@@ -286,8 +335,7 @@ def run(
             if di.main:
                 rec = {"step": step, "loss": sum(run_losses) / len(run_losses), "loss_smooth": ema_loss,
                        "lr": opt.param_groups[0]["lr"], "seconds": round(elapsed + time.perf_counter() - t0, 2)}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_log(log_path, rec)
             run_losses = []
         if bar is not None:
             bar.update(1)
