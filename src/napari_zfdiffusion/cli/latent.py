@@ -70,9 +70,10 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     """``em generate``, ``train vae`` and ``train ldm``."""
     v = train.add_parser("vae", help="train a KL autoencoder (MSE + beta*KL) on random crops of 2D images")
     add_patch_training(v, 20000, 8)
-    v.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    v.add_argument("--size", default="small", choices=("tiny", "small", "base"),
+                   help="tiny (tests; downsamples by 2), small (CPU; by 8), base (GPU; by 8, wider)")
     v.add_argument("--beta", type=float, default=1e-4, help="weight of the KL term (per latent element)")
-    v.add_argument("--latent-channels", type=int, default=4)
+    v.add_argument("--latent-channels", type=int, default=4, help="channels of the latent")
     v.add_argument("--patch-size", type=int, default=256, help="side of the patches the models generate")
     v.add_argument("--crop", type=int, default=None, help="train on smaller crops (default: the patch size)")
     v.set_defaults(func=cmd_train_vae)
@@ -80,7 +81,8 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     ld = train.add_parser("ldm", help="train a latent diffusion UNet in an autoencoder's latent space")
     add_patch_training(ld, 20000, 16)
     ld.add_argument("--vae", required=True, help="autoencoder folder made by `train vae`")
-    ld.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    ld.add_argument("--size", default="small", choices=("tiny", "small", "base"),
+                    help="the latent UNet: tiny (tests), small (CPU), base (GPU)")
     ld.add_argument("--loss", default="v", choices=("v", "l2"), help="v-prediction (default) or MSE on the noise")
     ld.add_argument("--bank", type=int, default=4096, help="number of encoded random crops to train on")
     ld.set_defaults(func=cmd_train_ldm)

@@ -102,7 +102,8 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     """``segment`` and ``train unet``."""
     un = train.add_parser("unet", help="train a segmentation U-Net on images with masks (real, generated or both)")
     add_patch_training(un, 4000, 8, lr=1e-3, ema_decay=0.99)
-    un.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    un.add_argument("--size", default="small", choices=("tiny", "small", "base"),
+                    help="tiny (tests), small (0.66 M parameters; a CPU trains it), base (GPU)")
     un.add_argument("--crop", type=int, default=128, help="side of the random training crops (multiple of 16)")
     un.add_argument("--extra-images", nargs="+", default=None, help="more training images, e.g. generated patches")
     un.add_argument("--extra-masks", nargs="+", default=None, help="their masks (e.g. `em generate --masks-out`)")
@@ -115,7 +116,7 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     un.add_argument("--no-intensity-aug", action="store_true",
                     help="no random background offset / contrast / gamma / noise in training (on by default)")
     un.add_argument("--tile", type=int, default=256, help="tile side for validation and the card's default")
-    un.add_argument("--overlap", type=int, default=32)
+    un.add_argument("--overlap", type=int, default=32, help="pixels shared by neighbouring tiles (as --tile)")
     un.set_defaults(func=cmd_train_unet)
 
     sg = sub.add_parser("segment", help="segment a 2D image, a (N, Y, X) stack or a time series with a U-Net")
