@@ -25,7 +25,7 @@ def test_a_full_disk_is_found_before_the_memory_map_is_written(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     out = tmp_path / "labels.tif"
-    with pytest.raises(UserInputError, match=r"the disk is full \(\d+ MB needed, \d+ MB free\)"):
+    with pytest.raises(UserInputError, match=r"the disk is full \(\d+ MB needed, \d+ (MB|kB) free\)"):
         with TiffMemmap(out, (64, 4096, 4096), np.int32):
             pytest.fail("the job must not start")
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary file

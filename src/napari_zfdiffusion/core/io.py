@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -107,10 +108,37 @@ def write_failed(path: str | Path, e: OSError, needed: int | None = None) -> Use
     if e.errno in (errno.EACCES, errno.EPERM):
         return UserInputError(f"could not write {where}: no permission to write in '{folder}'. "
                               "Choose another --out, or ask for write access to it.")
+    if e.errno == errno.ENOTDIR:
+        return UserInputError(f"could not write {where}: a part of that path is a file, not a folder. "
+                              "Choose another --out.")
     return UserInputError(f"could not write {where}: {e.strerror or e}.")
 
 
+def refused(e: BaseException, path: str | Path, needed: int | None = None) -> BaseException:
+    """What to raise for ``e``, raised while writing ``path``: :func:`write_failed`'s message when the
+    system refused the write, else ``e`` itself (a bug stays a traceback). Libraries do not all say
+    so with an ``OSError``: torch.save raises a RuntimeError ("unexpected pos"), safetensors a
+    SafetensorError ("os error 28"), numpy an OSError without errno ("requested and written"); when
+    no errno is given, a disk with (nearly) no space left is taken for the cause."""
+    if isinstance(e, OSError) and e.errno:
+        return write_failed(path, e, needed)
+    m = re.search(r"os error (\d+)", str(e))
+    if m:
+        code = int(m.group(1))
+        return write_failed(path, OSError(code, os.strerror(code)), needed)
+    if isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError":
+        path = Path(path)
+        free = _free_bytes(path if path.is_dir() else path.parent)
+        if free is not None and free < max(1 << 20, needed or 0):
+            return write_failed(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
+        if isinstance(e, OSError):
+            return write_failed(path, e, needed)
+    return e
+
+
 def _mb(n: int) -> str:
+    if n < 1e6:
+        return f"{n / 1e3:.0f} kB"
     return f"{n / 1e6:.1f} MB" if n < 10e6 else f"{n / 1e6:.0f} MB"
 
 
@@ -128,8 +156,8 @@ def writing(path: str | Path, needed: int | None = None):
     """Turn an ``OSError`` raised while writing ``path`` into :func:`write_failed`'s message."""
     try:
         yield
-    except OSError as e:
-        raise write_failed(path, e, needed) from None
+    except Exception as e:  # noqa: BLE001 - refused() gives back what is not a refused write
+        raise refused(e, path, needed) from None
 
 
 def current_umask() -> int:
@@ -245,9 +273,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | 
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001
         tmp.unlink(missing_ok=True)
-        raise write_failed(path, e, needed) from None
+        raise refused(e, path, needed) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -315,9 +343,9 @@ def write_ome_zarr(path: str | Path, data: np.ndarray, provenance: dict | None =
             shutil.rmtree(path)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failed(path, e, data.nbytes) from None
+        raise refused(e, path, data.nbytes) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -419,7 +447,7 @@ class TiffMemmap:
         except OSError as e:
             self.array = None
             self.tmp.unlink(missing_ok=True)
-            raise write_failed(self.path, e, self.array_bytes()) from None
+            raise refused(e, self.path, self.array_bytes()) from None
         except BaseException:
             self.array = None
             self.tmp.unlink(missing_ok=True)
@@ -434,7 +462,7 @@ class TiffMemmap:
         except OSError as e:
             del arr
             self.tmp.unlink(missing_ok=True)
-            raise write_failed(self.path, e, self.array_bytes()) from None
+            raise refused(e, self.path, self.array_bytes()) from None
         del arr
         if exc_type is not None:
             self.tmp.unlink(missing_ok=True)
@@ -446,7 +474,7 @@ class TiffMemmap:
             fsync_dir(self.path.parent)
         except OSError as e:
             self.tmp.unlink(missing_ok=True)
-            raise write_failed(self.path, e, self.array_bytes()) from None
+            raise refused(e, self.path, self.array_bytes()) from None
         return False
 
     def array_bytes(self) -> int:

@@ -287,7 +287,9 @@ def load_model(folder: Path, cls, what: str = "model folder"):
             f"{what} '{folder}' could not be loaded ({type(e).__name__}: {str(e)[:300]}). "
             "The weights are corrupted or do not match config.json."
         ) from None
-    return model.eval()
+    # Weights may be stored in float16 (the bundled demos, scripts/slim_weights.py): the network is
+    # float32 whatever the file holds (diffusers copies them into float32 here; .float() makes sure).
+    return model.float().eval()
 
 
 def save_model(model, folder: Path, stage_info: dict) -> None:
@@ -316,8 +318,16 @@ def save_model(model, folder: Path, stage_info: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        fsync_dir(folder.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+        except BaseException:  # e.g. a SIGTERM between the two renames: put the previous version back
+            if not folder.exists() and old.is_dir():
+                os.replace(old, folder)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            fsync_dir(folder.parent)
+        finally:
+            shutil.rmtree(old, ignore_errors=True)

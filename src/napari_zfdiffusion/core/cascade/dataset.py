@@ -134,9 +134,16 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _ours_to_resume(p: Path) -> bool:
+    """What a run killed before its dataset.json was in place can have left: our lock files, a
+    temporary dataset.json, an empty items folder."""
+    return (p.name.startswith(".zfdiffusion.") or p.name.startswith(f".{DATASET_FILE}.") and p.name.endswith(".part")
+            or p.name == "items" and p.is_dir() and not any(p.iterdir()))
+
+
 def _refuse_foreign(out: Path) -> None:
     """A folder that holds something but no data set (our own lock files aside) is not ours to fill."""
-    if out.exists() and any(not p.name.startswith(".zfdiffusion.") for p in out.iterdir()):
+    if out.exists() and any(not _ours_to_resume(p) for p in out.iterdir()):
         raise UserInputError(f"'{out}' is not empty and holds no {DATASET_FILE}: choose an empty or new folder.")
 
 
@@ -157,8 +164,8 @@ def check_folder(out: Path, spec_dict: dict) -> None:
                 "to resume it, or choose another --out.")
         return
     _refuse_foreign(out)
+    write_json(path, {**spec_dict, "created": now(), **made_by()})  # the settings before the first item
     (out / "items").mkdir(parents=True, exist_ok=True)
-    write_json(path, {**spec_dict, "created": now(), **made_by()})
 
 
 def make_items(cascade, spec: SliceSpec | VolumeSpec, out: str | Path, *, show_progress: bool = True,

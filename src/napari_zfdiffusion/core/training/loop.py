@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserInputError
-from ..io import atomic_write, fsync_dir, fsync_file, lock_folder, temp_path, write_failed, writing
+from ..io import atomic_write, fsync_dir, fsync_file, lock_folder, refused, temp_path, writing
 from ..progress import Progress, ProgressCallback
 from ..provenance import made_by
 
@@ -204,9 +204,9 @@ def atomic_torch_save(obj, path: Path) -> None:
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - torch.save says a full disk with a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise write_failed(path, e, _state_bytes(obj)) from None
+        raise refused(e, path, _state_bytes(obj)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -295,8 +295,12 @@ def run(
 
         bar = tqdm(total=cfg.steps, initial=start, desc=cfg.desc, unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
-    run_losses: list[float] = []
+    run_losses: list[float] = []  # the losses since the last log line (saved too, for an exact resume)
+    if saved is not None and "run_losses" in saved:
+        run_losses = [float(v) for v in saved["run_losses"].tolist()]
     ema_loss = losses[-1] if losses else None
+    if saved is not None and "loss_smooth" in saved:  # states from before it was saved: the last logged value
+        ema_loss = float(saved["loss_smooth"]) if torch.isfinite(saved["loss_smooth"]) else None
 
     def checkpoint(step: int) -> None:
         if not di.main:
@@ -310,6 +314,8 @@ def run(
         atomic_torch_save({
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "step": torch.tensor(step), "losses": torch.tensor(losses, dtype=torch.float64),
+            "loss_smooth": torch.tensor(float("nan") if ema_loss is None else ema_loss, dtype=torch.float64),
+            "run_losses": torch.tensor(run_losses, dtype=torch.float64),
             "elapsed": torch.tensor(secs), "model_config": json.dumps(
                 {k: v for k, v in model.config.items() if not k.startswith("_")}, default=list),  # no bookkeeping
         }, state_path)
