@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = t.add_subparsers(dest="what", required=True)
     for family in (cascade, latent, segment):
         family.add_commands(sub, train)
+    from . import export  # `export bioimageio` (light: the core module is imported when it runs)
+
+    export.add_commands(sub)
     return p
 
 

@@ -1,4 +1,5 @@
-"""``zfdiffusion models``: what each model is and does, read from its JSON cards alone.
+"""``zfdiffusion models``: what each model is and does, read from its JSON cards alone; the
+registry's models that can be downloaded, and ``--fetch NAME`` to download one (core.registry).
 
 Light on purpose: nothing here imports torch or diffusers (no network is built), so the listing
 takes a fraction of a second.
@@ -7,25 +8,43 @@ takes a fraction of a second.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 STAGES = ("base", "sr128", "sr256", "sr512")  # the cascade's stages, in order (as core.cascade.model has them)
-WHERE = {"bundled": "bundled with the package", "user": "cached in ZFDIFFUSION_HOME/models", "path": "a folder"}
+WHERE = {"bundled": "bundled with the package", "user": "cached in ZFDIFFUSION_HOME/models", "path": "a folder",
+         "cached": "downloaded from the model registry (sha256-checked), cached in ZFDIFFUSION_HOME/models"}
 
 
 def cmd_models(a) -> int:
+    from ..core.registry import format_size
     from ..core.store import ModelEntry, list_models, model_kind, resolve_model, user_models_dir
 
+    if a.fetch:
+        if a.name and a.name != a.fetch:
+            from ..core.errors import UserInputError
+
+            raise UserInputError(f"give one model: `zfdiffusion models --fetch {a.fetch}`")
+        a.name = a.fetch
+        fetch(a.fetch, offline=True if a.offline else None, quiet=getattr(a, "quiet", False))
     if a.name:
-        path = resolve_model(a.name)
-        known = {m.path.resolve(): m for m in list_models()}
-        models = [known.get(path.resolve()) or ModelEntry(path.name, model_kind(path) or "unknown", path, "path")]
+        listed = {m.name: m for m in list_models(downloadable=True)}
+        if a.name in listed and listed[a.name].source == "downloadable":
+            models = [listed[a.name]]
+        else:
+            path = resolve_model(a.name)
+            known = {m.path.resolve(): m for m in list_models()}
+            models = [known.get(path.resolve()) or ModelEntry(path.name, model_kind(path) or "unknown", path, "path")]
     else:
-        models = list_models()
+        models = list_models(downloadable=True)
     if not models:
         print("no models found")
     for m in models:
-        print(f"{m.name:24s} {m.kind:12s} {m.source:8s} {m.path}")
+        if m.source == "downloadable":
+            print(f"{m.name:24s} {m.kind:12s} downloadable ({format_size(m.size or 0)}): "
+                  f"`zfdiffusion models --fetch {m.name}`")
+        else:
+            print(f"{m.name:24s} {m.kind:12s} {m.source:8s} {m.path}")
         if not a.brief:
             try:
                 lines = describe(m)
@@ -35,8 +54,48 @@ def cmd_models(a) -> int:
             for line in lines:
                 print(f"    {line}")
     print(f"(user models go in {user_models_dir()}: copy a model folder there, or set ZFDIFFUSION_HOME to move "
-          "this cache; `zfdiffusion models NAME` shows one model)")
+          "this cache; `zfdiffusion models NAME` shows one model; `zfdiffusion models --fetch NAME` downloads a "
+          "downloadable one there)")
     return 0
+
+
+def fetch(name: str, offline: bool | None = None, quiet: bool = False) -> Path:
+    """Download the registry's model ``name`` into the cache (once), with a progress bar in bytes."""
+    from ..core.registry import format_size
+    from ..core.store import fetch_model, user_models_dir
+
+    existed = (user_models_dir() / name).is_dir()
+    bar = _ByteBar(quiet)
+    try:
+        path = fetch_model(name, bar, offline=offline)
+    finally:
+        bar.close()
+    files = [p for p in path.rglob("*") if p.is_file()]
+    print(f"{name}: {'already in the cache' if existed else 'downloaded'}, {len(files)} files "
+          f"({format_size(sum(p.stat().st_size for p in files))}), each matching the registry's sha256: {path}",
+          file=sys.stderr)
+    return path
+
+
+class _ByteBar:
+    """A download's progress records (bytes) as one tqdm bar on stderr."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, p) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=p.total, initial=p.step, desc=p.stage, unit="B", unit_scale=True,
+                            file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(p.step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def describe(m) -> list[str]:
@@ -45,6 +104,17 @@ def describe(m) -> list[str]:
     from ..core.errors import UserInputError
     from ..core.store import CARD_FILE, CASCADE_FILE, read_json
 
+    if m.source == "downloadable":
+        from urllib.parse import urlsplit
+
+        from ..core.registry import format_size, load_registry
+
+        r = load_registry()[m.name]
+        hosts = ", ".join(sorted({urlsplit(f.url).hostname or "?" for f in r.files}))
+        lines = [f"what: {m.description}"] if m.description else []
+        lines.append(f"download: {format_size(r.size)} in {len(r.files)} files from {hosts}, each checked against "
+                     f"the registry's sha256, into {m.path}")
+        return lines + ([f"licence: {r.licence}"] if r.licence else [])
     where = f"on disk: {_size(m.path)}; {WHERE.get(m.source, m.source)}"
     try:
         card = read_json(m.path / (CASCADE_FILE if (m.path / CASCADE_FILE).is_file() else CARD_FILE))
@@ -127,10 +197,18 @@ def _size(folder: Path) -> str:
 
 
 def add_commands(sub) -> None:
-    m = sub.add_parser("models", help="list bundled and user models, and what each one does",
-                       description="The bundled models and those in ZFDIFFUSION_HOME/models: kind, what each makes "
-                                   "(slices, volumes, patches, masks), depth classes, pixel size, size on disk. Read "
-                                   "from the models' cards, without loading any network.")
+    m = sub.add_parser("models", help="list bundled, user and downloadable models, and what each one does; "
+                                      "download one",
+                       description="The bundled models, those in ZFDIFFUSION_HOME/models, and the model registry's "
+                                   "downloadable ones: kind, what each makes (slices, volumes, patches, masks), "
+                                   "depth classes, pixel size, size on disk. Read from the models' cards, without "
+                                   "loading any network. --fetch NAME downloads a registry model into "
+                                   "ZFDIFFUSION_HOME/models, every file checked against the registry's sha256.")
     m.add_argument("name", nargs="?", default=None, help="only this model (a name or a model folder)")
     m.add_argument("--brief", action="store_true", help="one line per model")
+    m.add_argument("--fetch", metavar="NAME", default=None,
+                   help="download this registry model into the cache (once; the files are sha256-checked)")
+    m.add_argument("--offline", action="store_true",
+                   help="use only the cache, never the network (as ZFDIFFUSION_OFFLINE=1): --fetch then checks the "
+                        "files copied there by hand and names each missing one")
     m.set_defaults(func=cmd_models)

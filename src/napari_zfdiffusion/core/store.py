@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .errors import UserInputError
 from .io import current_umask, fsync_dir, fsync_tree, writing
+from .registry import download_model, load_registry, not_downloaded, registry_path
 
 CASCADE_FILE = "cascade.json"
 CARD_FILE = "model.json"  # the card of a patch or segmentation model
@@ -64,9 +65,10 @@ def bundled_dir() -> Path | None:
 class ModelEntry:
     name: str
     kind: str
-    path: Path
-    source: str  # "bundled", "user" or "path"
+    path: Path  # for a "downloadable" model: the folder it will be fetched into
+    source: str  # "bundled", "user", "cached" (a user model fetched from the registry), "downloadable" or "path"
     description: str = ""
+    size: int | None = None  # bytes to download, for a "downloadable" model
 
 
 def model_kind(path: Path) -> str | None:
@@ -77,13 +79,16 @@ def model_kind(path: Path) -> str | None:
     return None
 
 
-def list_models() -> list[ModelEntry]:
+def list_models(downloadable: bool = False) -> list[ModelEntry]:
+    """The bundled and user models (a user model that the registry names is "cached"); with
+    ``downloadable``, also the registry's models not fetched yet (source "downloadable")."""
     out = []
+    registry = load_registry()
     for source, root in (("bundled", bundled_dir()), ("user", user_models_dir())):
         if root is None or not root.is_dir():
             continue
         for p in sorted(root.iterdir()):
-            if not p.is_dir():
+            if not p.is_dir() or p.name.startswith("."):  # hidden: e.g. a download being assembled
                 continue
             try:
                 kind = model_kind(p)
@@ -94,7 +99,12 @@ def list_models() -> list[ModelEntry]:
                 if kind != "corrupted":
                     card = p / CASCADE_FILE if (p / CASCADE_FILE).is_file() else p / CARD_FILE
                     desc = read_json(card).get("description", "")
-                out.append(ModelEntry(p.name, kind, p, source, desc))
+                cached = source == "user" and p.name in registry
+                out.append(ModelEntry(p.name, kind, p, "cached" if cached else source, desc))
+    if downloadable:
+        have = {m.name for m in out}
+        out += [ModelEntry(r.name, r.kind, user_models_dir() / r.name, "downloadable", r.description, r.size)
+                for r in registry.values() if r.name not in have]
     return out
 
 
@@ -106,11 +116,30 @@ def resolve_model(model: str | Path) -> Path:
     for root in (bundled_dir(), user_models_dir()):
         if root is not None and (root / str(model)).is_dir():
             return root / str(model)
+    registry = load_registry()
+    if str(model) in registry:
+        raise UserInputError(not_downloaded(registry[str(model)], user_models_dir() / str(model)))
     names = ", ".join(m.name for m in list_models()) or "none"
     raise UserInputError(
         f"no model folder or known model named '{model}'. Known models: {names}. "
         "Give a folder path, or run `zfdiffusion models` to list them."
     )
+
+
+def fetch_model(name: str, progress=None, *, offline: bool | None = None) -> Path:
+    """The folder of the registry's model ``name`` in the cache (``ZFDIFFUSION_HOME/models/NAME``),
+    downloaded on first use with every file's sha256 checked (:func:`.registry.download_model`);
+    ``progress`` gets Progress records in bytes. Offline (``offline``, default ``ZFDIFFUSION_OFFLINE``)
+    nothing is downloaded and the error names each missing file and where to put it."""
+    registry = load_registry()
+    if name not in registry:
+        bundled = bundled_dir()
+        if bundled is not None and (bundled / name).is_dir():
+            raise UserInputError(f"'{name}' is bundled with the package: there is nothing to download.")
+        known = ", ".join(registry) or "none"
+        raise UserInputError(f"no model named '{name}' in the model registry ({registry_path()}). Downloadable "
+                             f"models: {known}. `zfdiffusion models` lists every model.")
+    return download_model(registry[name], user_models_dir() / name, progress, offline)
 
 
 def read_json(path: Path) -> dict:
@@ -138,7 +167,7 @@ CARD_FIELDS = {
     "latent": {"channels": "list[str]", "scaling_factor": "num", "patch_size": "int", "latent_shape": "list[int]",
                "mask_encoding": "str?", "vae_sha256": "str?", **_NORM},
     "segmentation": {"outputs": "list[str]?", "tile": "int?", "overlap": "int?", "threshold": "num?",
-                     "min_size": "int?", "name": "str?", **_NORM},
+                     "min_size": "int?", "name": "str?", "object_diameter_px": "num?", **_NORM},
 }
 _NORM_FIELDS = {"low": "num?", "high": "num?", "per": "str?"}
 

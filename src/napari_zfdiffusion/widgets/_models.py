@@ -1,5 +1,5 @@
 """The models behind the docks: one cache of loaded models for every widget, and the choices a
-widget's model box offers (bundled and user models of the kinds it can use)."""
+widget's model box offers (bundled, user and downloadable models of the kinds it can use)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from ..core.cascade import Cascade
 from ..core.errors import UserInputError
+from ..core.registry import format_size
 from ..core.store import list_models, resolve_model
 
 _CACHE: OrderedDict[tuple[type, str, str], object] = OrderedDict()
@@ -63,11 +64,15 @@ def get_cascade(model: str, device: str) -> Cascade:
 
 def model_choices(kinds: tuple[str, ...], demo: str, notes: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """(label, folder) of every model of ``kinds`` (in that order of kinds), bundled before user models,
-    the ``demo`` model first of all. ``notes``: a word added to the label per kind."""
+    the ``demo`` model first of all, the registry's models not downloaded yet last: (label, name), with
+    "(download, SIZE)" in the label; choosing one says how to fetch it (resolve_model's message).
+    ``notes``: a word added to the label per kind."""
     notes = notes or {}
-    entries = [m for m in list_models() if m.kind in kinds]
-    entries.sort(key=lambda m: (kinds.index(m.kind), m.name != demo, m.source != "bundled"))
-    return [(f"{m.name} ({m.source}{notes.get(m.kind, '')})", str(m.path)) for m in entries]
+    entries = [m for m in list_models(downloadable=True) if m.kind in kinds]
+    entries.sort(key=lambda m: (m.source == "downloadable", kinds.index(m.kind), m.name != demo,
+                                m.source != "bundled"))
+    return [(f"{m.name} (download, {format_size(m.size or 0)})", m.name) if m.source == "downloadable" else
+            (f"{m.name} ({m.source}{notes.get(m.kind, '')})", str(m.path)) for m in entries]
 
 
 def cascade_choices() -> list[tuple[str, str]]:
