@@ -52,7 +52,8 @@ def test_controls_follow_the_model_card(widget, tiny_segmenter, notes):
     assert w.use_interior.enabled and w.use_interior.value and not w.add_probability.value
     assert "U-Net (foreground, interior)" in w.info.value
     assert w.segment_button.enabled and not w.cancel_button.enabled
-    assert w.params() == {"tile": 64, "overlap": 16, "threshold": 0.5, "min_size": 16, "use_interior": True}
+    assert w.params() == {"tile": 64, "overlap": 16, "threshold": 0.5, "min_size": 16, "use_interior": True,
+                          "diameter": None, "stack": "planes"}
     assert errors(notes) == []
 
 
@@ -123,6 +124,9 @@ def test_segment_a_stack_with_the_probability_map(widget, tmp_path, notes):
     viewer.add_image(np.zeros((16, 16), np.float32), name="other")  # above it in the list
     w.add_probability.value = True
     w.use_interior.value = False
+    viewer.layers.selection.active = src
+    assert w.stack.enabled and w.stack.value == "volume"  # a stack with a z scale: a volume by default
+    w.stack.value = "planes"  # three unrelated images
     w.segment(src, min_size=4)
     assert w.wait(120)
     assert errors(notes) == []
@@ -140,6 +144,47 @@ def test_segment_a_stack_with_the_probability_map(widget, tmp_path, notes):
     assert prov["input_shape"] == [3, 80, 72]
     assert "3 planes" in w.status.value
     assert viewer.layers.selection.active is labels and w.layer.value is src
+
+
+def test_a_zstack_becomes_3d_objects_and_a_time_series_planes(widget, tmp_path, notes):
+    viewer, w = widget
+    img, _ = blob_images(tmp_path, n=1, shape=(80, 72), seed=3)
+    z = viewer.add_image(np.concatenate([img] * 3), name="zstack")  # no z scale: a note says how to set it
+    assert w.layer.value is z and w.stack.enabled and w.stack.value == "volume"
+    w.segment(z)
+    assert w.wait(120)
+    assert errors(notes) == []
+    lab = viewer.layers["zstack labels"].data
+    assert np.array_equal(lab[0], lab[2]) and lab.max() == len(np.unique(lab[0])) - 1  # one label per 3D object
+    assert any("set the z scale" in str(n) for n in notes)
+    t = viewer.add_image(np.concatenate([img] * 2), name="movie", axis_labels=("t", "y", "x"))
+    viewer.layers.selection.active = t
+    assert w.layer.value is t and w.stack.value == "planes"  # from the layer's axis label
+    w.segment(t)
+    assert w.wait(120)
+    lab = viewer.layers["movie labels"].data
+    assert lab.max() == 2 * (len(np.unique(lab[0])) - 1)  # time points labelled apart
+    flat = viewer.add_image(img[0], name="flat")
+    viewer.layers.selection.active = flat
+    assert not w.stack.enabled  # a single plane: nothing to ask
+
+
+def test_the_object_size_is_a_control(widget, tmp_path, notes):
+    viewer, w = widget
+    img, _ = blob_images(tmp_path, n=1, shape=(96, 96), seed=4)
+    src = viewer.add_image(img[0], name="img")
+    assert "objects of about" in w.info.value  # the model's training size, in 'about'
+    w.auto_diameter.value = True
+    assert not w.diameter.enabled
+    w.segment(src)
+    assert w.wait(120)
+    prov = viewer.layers["img labels"].metadata["zfdiffusion"]
+    assert "rescaled_by" in prov and prov["model_diameter_px"] > 0
+    w.auto_diameter.value = False
+    w.diameter.value = 10_000  # larger than the image: a notification, no layer
+    w.segment(src)
+    w.wait(60)
+    assert any("larger than the image" in e for e in errors(notes))
 
 
 def test_source_layer_deleted_while_running(widget, tmp_path, notes):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..core.errors import UserInputError
 from ._common import TqdmProgress, add_channel, add_device, add_patch_training, training_options
 
 
@@ -13,7 +14,8 @@ def cmd_train_unet(a) -> int:
 
     cfg = UnetConfig(size=a.size, crop=a.crop, interior=not a.no_interior, extra_fraction=a.extra_fraction,
                      val_fraction=a.val_fraction, tile=a.tile, overlap=a.overlap,
-                     intensity_aug=not a.no_intensity_aug, **training_options(a))
+                     intensity_aug=not a.no_intensity_aug, zoom_aug=tuple(a.zoom_aug), blur_aug=a.blur_aug,
+                     **training_options(a))
     s = train_unet(a.images, a.masks, a.out, cfg, extra_images=a.extra_images, extra_masks=a.extra_masks,
                    val_images=a.val_images, val_masks=a.val_masks, device=a.device, resume=a.resume,
                    show_progress=not a.quiet)
@@ -60,7 +62,10 @@ def _segment(a, out) -> int:
     image = src.planes()  # every plane (time points x depth), lazily; the chosen channel
     as_planes(image[:1], a.input.name)  # checks the planes before any output is created
     axes = src.stack_axes()
-    outer = [s for ax, s in zip(*src.image_axes()) if ax not in ("Y", "X", "S")]
+    all_axes, sizes = src.image_axes()
+    outer = [s for ax, s in zip(all_axes, sizes) if ax not in ("Y", "X", "S")]
+    mode, depth, notes = _stack_mode(a, all_axes, sizes, src.pixel_um)
+    diameter = _diameter(a, src.pixel_um)
     shape = (*outer, *image.shape[1:3])  # the input's shape without channels: (T, Z, Y, X), (Z, Y, X), (Y, X)
     pixel = {ax.lower(): v for ax, v in src.pixel_um.items() if v and (ax != "Z" or "Z" in axes)}
     prov = {"input": str(a.input), "input_provenance": src.provenance or None, "input_axes": src.axes,
@@ -74,19 +79,59 @@ def _segment(a, out) -> int:
                 if a.prob_out else None)
         res = seg.segment(image, tile=a.tile, overlap=a.overlap, threshold=a.threshold, min_size=a.min_size,
                           batch=a.batch, use_interior=not a.no_interior, labels_out=labels, prob_out=prob,
-                          probability=False, callback=bar, source=str(a.input), name=a.input.name)
+                          probability=False, callback=bar, source=str(a.input), name=a.input.name,
+                          diameter=diameter, stack=mode, depth=depth, stitch_iou=a.stitch_iou)
         # the full provenance is known only now: rewrite the description in place (same length or shorter)
     _write_description(out, {**prov, **res.provenance, "content": "instance labels"})
     if a.prob_out:
         _write_description(a.prob_out, {**prov, **res.provenance, "content": "foreground probability",
                                          "labels": str(out)})
-    for note in res.notices:
+    for note in notes + res.notices:
         print(f"note: {note}")
     print(f"wrote {out} {shape} int32: {res.provenance['objects']} objects "
           f"({res.provenance['labels_from']}, threshold {a.threshold}, min size {a.min_size})")
     if a.prob_out:
         print(f"wrote {a.prob_out} {shape} float32 foreground probability")
     return 0
+
+
+def _stack_mode(a, axes: str, sizes: tuple, pixel_um: dict) -> tuple[str, int | None, list[str]]:
+    """How to segment the input's planes ("planes" or "volume"), the planes per volume, and notes.
+    --stack auto: a z-stack (a Z axis) as a volume, a time series or a single plane as planes."""
+    has_z = "Z" in axes and dict(zip(axes, sizes))["Z"] > 1
+    mode = a.stack if a.stack != "auto" else ("volume" if has_z else "planes")
+    if mode == "planes" or not has_z and "T" not in axes:
+        return mode, None, []  # (a single plane asked as a volume: the segmenter says why not)
+    if not has_z:
+        raise UserInputError(f"'{a.input.name}' is a time series (axes {axes}), not a z-stack: its planes are not "
+                             "depths of one volume. Segment it with --stack planes, or, if the planes are depths, "
+                             "say so with --axes ZYX.")
+    depth = dict(zip(axes, sizes))["Z"]
+    notes = [f"segmented as a volume: labels linked across neighbouring planes (objects overlapping with IoU >= "
+             f"{a.stitch_iou:g}); --stack planes segments each plane on its own"]
+    if not pixel_um.get("Z"):
+        notes.append("the file gives no z-step: linking assumes an object spans several planes. If the planes are "
+                     "far apart compared with the objects, objects split into one per plane; set the z-step in the "
+                     "file (Fiji: Image > Properties; ImageJ or OME metadata) or segment with --stack planes")
+    elif pixel_um.get("X") and pixel_um["Z"] > 4 * pixel_um["X"]:
+        notes.append(f"the z-step ({pixel_um['Z']:g} um) is {pixel_um['Z'] / pixel_um['X']:.0f}x the pixel size: "
+                     "small objects may appear in one plane only")
+    return "volume", depth, notes
+
+
+def _diameter(a, pixel_um: dict):
+    """The object diameter in pixels (or "auto", or None) from --diameter or --diameter-um."""
+    if a.diameter is not None and a.diameter_um is not None:
+        raise UserInputError("give --diameter (pixels) or --diameter-um (micrometres), not both.")
+    if a.diameter_um is None:
+        return a.diameter
+    px = a.pixel_size_um or pixel_um.get("X")
+    if not px:
+        raise UserInputError(f"--diameter-um needs the pixel size, and '{a.input.name}' does not give it: add "
+                             "--pixel-size-um, or give the diameter in pixels with --diameter.")
+    if a.diameter_um <= 0:
+        raise UserInputError(f"--diameter-um must be positive, got {a.diameter_um:g}.")
+    return a.diameter_um / px
 
 
 def _write_description(path, provenance: dict) -> None:
@@ -115,6 +160,11 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
                     help="predict the foreground only (labels by connected components; touching objects merge)")
     un.add_argument("--no-intensity-aug", action="store_true",
                     help="no random background offset / contrast / gamma / noise in training (on by default)")
+    un.add_argument("--zoom-aug", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
+                    help="random zoom of the training crops (objects of other sizes, as other microscopes give "
+                         "them); 1 1: none")
+    un.add_argument("--blur-aug", type=float, default=1.5,
+                    help="largest Gaussian blur sigma (pixels) put on a third of the crops; 0: none")
     un.add_argument("--tile", type=int, default=256, help="tile side for validation and the card's default")
     un.add_argument("--overlap", type=int, default=32, help="pixels shared by neighbouring tiles (as --tile)")
     un.set_defaults(func=cmd_train_unet)
@@ -130,6 +180,18 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     sg.add_argument("--min-size", type=int, default=None, help="smallest object in pixels (card; 16)")
     sg.add_argument("--batch", type=int, default=4, help="tiles per forward pass")
     sg.add_argument("--no-interior", action="store_true", help="connected components instead of the watershed")
+    sg.add_argument("--diameter", default=None,
+                    help="typical object diameter in pixels, or 'auto' (measured in a first pass): the image is "
+                         "rescaled so that its objects have the size the model was trained on (see `zfdiffusion "
+                         "models NAME`); default: the image as it is")
+    sg.add_argument("--diameter-um", type=float, default=None,
+                    help="the object diameter in micrometres (with the file's pixel size, or --pixel-size-um)")
+    sg.add_argument("--pixel-size-um", type=float, default=None, help="pixel size when the file does not give it")
+    sg.add_argument("--stack", choices=("auto", "planes", "volume"), default="auto",
+                    help="volume: 3D objects, labels linked across planes; planes: each plane on its own (time "
+                         "series); auto: volume for a z-stack, planes otherwise")
+    sg.add_argument("--stitch-iou", type=float, default=0.25,
+                    help="with --stack volume: the overlap (IoU) at which objects of neighbouring planes are one")
     add_channel(sg)
     add_device(sg)
     sg.set_defaults(func=cmd_segment)

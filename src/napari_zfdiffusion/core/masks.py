@@ -66,6 +66,81 @@ def drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return relabel_sequential(lab.astype(np.int32))[0].astype(np.int32)
 
 
+def object_diameters(labels: np.ndarray, min_size: int = 16) -> np.ndarray:
+    """The equivalent diameter (of the disc of the same area, in pixels) of each object of a 2D
+    label image (a binary mask: its connected components); objects under ``min_size`` pixels left out."""
+    from skimage.measure import label
+
+    lab = np.asarray(labels)
+    if lab.max() <= 1:
+        lab = label(lab > 0, connectivity=1)
+    areas = np.bincount(lab.ravel().astype(np.int64))[1:]
+    areas = areas[areas >= max(1, min_size)]
+    return 2.0 * np.sqrt(areas / np.pi)
+
+
+def median_diameter(label_images, min_size: int = 16) -> float | None:
+    """The median equivalent diameter over the objects of several 2D label images (None: no objects)."""
+    d = [object_diameters(lab, min_size) for lab in label_images]
+    d = np.concatenate(d) if d else np.zeros(0)
+    return float(np.median(d)) if d.size else None
+
+
+def stitch_planes(labels: np.ndarray, iou: float = 0.25) -> np.ndarray:
+    """Link the 2D labels of a (Z, Y, X) stack into 3D objects, in place: an object of plane z takes
+    the label of the object of plane z-1 it overlaps most, when their intersection over union is at
+    least ``iou`` (each object of z-1 goes to at most one of z, best matches first); the others start
+    new objects. Labels are then renumbered 1..K over the stack. Plane by plane, so ``labels`` may be
+    a memory map. Returns ``labels``."""
+    if labels.ndim != 3:
+        raise ValueError("stitch_planes needs a (Z, Y, X) label stack")
+    next_id = int(labels[0].max()) if labels.shape[0] else 0
+    prev = np.asarray(labels[0])
+    for z in range(1, labels.shape[0]):
+        cur = np.asarray(labels[z]).astype(np.int64)
+        ids = np.unique(cur[cur > 0])
+        mapping = {}
+        if ids.size and prev.any():
+            both = (cur > 0) & (prev > 0)
+            pairs, inter = np.unique(np.stack([cur[both], prev[both]]), axis=1, return_counts=True)
+            size_c = dict(zip(*np.unique(cur[cur > 0], return_counts=True)))
+            size_p = dict(zip(*np.unique(prev[prev > 0], return_counts=True)))
+            scores = sorted(((n / (size_c[c] + size_p[q] - n), c, q) for (c, q), n in zip(pairs.T.tolist(), inter)),
+                            reverse=True)
+            used = set()
+            for score, c, q in scores:
+                if score < iou:
+                    break
+                if c in mapping or q in used:
+                    continue
+                mapping[c] = q
+                used.add(q)
+        lut_ids, lut_vals = [], []
+        for c in ids.tolist():
+            if c not in mapping:
+                next_id += 1
+                mapping[c] = next_id
+            lut_ids.append(c)
+            lut_vals.append(mapping[c])
+        out = np.zeros_like(cur)
+        if lut_ids:
+            lut = np.zeros(int(max(lut_ids)) + 1, np.int64)
+            lut[lut_ids] = lut_vals
+            out = lut[cur]
+        labels[z] = out
+        prev = out
+    # renumber 1..K over the stack, plane by plane (the stack may be a memory map)
+    used_ids = np.zeros(next_id + 1, bool)
+    for z in range(labels.shape[0]):
+        used_ids[np.unique(np.asarray(labels[z]))] = True
+    used_ids[0] = False
+    lut = np.zeros(next_id + 1, np.int64)
+    lut[used_ids] = np.arange(1, int(used_ids.sum()) + 1)
+    for z in range(labels.shape[0]):
+        labels[z] = lut[np.asarray(labels[z])]
+    return labels
+
+
 def labels_from_mask(prob: np.ndarray, *, encoding: str = "binary", threshold: float = 0.5,
                      min_size: int = 0) -> np.ndarray:
     """Instance labels (int32) from a foreground probability map in [0, 1] (2D, or a (N, Y, X) batch).

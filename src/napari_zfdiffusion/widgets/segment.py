@@ -46,6 +46,8 @@ WIDGET_NAME = "Segment"  # the widget's display_name in napari.yaml
 COMMAND = "napari-zfdiffusion.segment_layer"
 MENU_TITLE = "Segment with zfdiffusion"
 DEFAULTS = {"threshold": 0.5, "tile": 256, "overlap": 32, "min_size": 16}  # for a card without them
+STACK_CHOICES = [("volume (3D objects)", "volume"), ("planes (each on its own)", "planes")]
+TIME_LABELS = ("t", "time", "frame", "frames")
 OTHER_KINDS = {
     "cascade": "a zebrafish slice cascade: open it with Plugins > zfdiffusion > Generate slices",
     "latent": "a latent diffusion model (patches): open it with Plugins > zfdiffusion > Generate EM patches",
@@ -99,18 +101,33 @@ class SegmentWidget(JobWidget):
         self.use_interior = CheckBox(text="split touching objects (interior watershed)", value=True,
                                      tooltip="seed a watershed from the predicted object interiors (models "
                                              "trained with an interior output); off: connected components")
+        self.diameter = FloatSpinBox(label="object diameter (px)", value=0, min=0, max=100_000, step=1,
+                                     tooltip="the typical diameter of the objects in this image, in pixels: the "
+                                             "image is rescaled so that they have the size the model was "
+                                             "trained on (see 'about'). 0: the image as it is")
+        self.auto_diameter = CheckBox(text="estimate the object size (auto)", value=False,
+                                      tooltip="measure the objects' size in a first pass and rescale to the "
+                                              "model's (as cellpose's diameter estimate)")
+        self.stack = ComboBox(label="stack", choices=STACK_CHOICES, value="volume",
+                              tooltip="for a stack: 'volume' makes 3D objects (labels linked across "
+                                      "neighbouring planes); 'planes' segments each plane on its own (time "
+                                      "series). Chosen from the layer's axis labels and scale")
         self.add_probability = CheckBox(text="add probability map (hidden)", value=False,
                                         tooltip="also add the foreground probability as an Image layer")
         self.segment_button, buttons = self._run_row("Segment", self.segment)
         self.status = Label(label="status", value="")
-        self.extend([self.layer, self.model, self.model_folder, self.info, self.threshold, self.tile, self.overlap,
-                     self.min_size, self.use_interior, self.add_probability, self.device, buttons, self.status])
+        self.extend([self.layer, self.model, self.model_folder, self.info, self.diameter, self.auto_diameter,
+                     self.stack, self.threshold, self.tile, self.overlap, self.min_size, self.use_interior,
+                     self.add_probability, self.device, buttons, self.status])
+        self.auto_diameter.changed.connect(lambda v: setattr(self.diameter, "enabled", not v))
+        self.layer.changed.connect(self._default_stack)
         for w in (self.info, self.status):
             w.native.setWordWrap(True)
 
         viewer.layers.selection.events.active.connect(self._follow_selection)
         register_layer_context_menu()
         self._follow_selection()
+        self._default_stack()
         self._wire_model()
 
     # ------------------------------------------------------------ model
@@ -154,15 +171,44 @@ class SegmentWidget(JobWidget):
         if isinstance(active, Image):
             self.layer.value = active
 
+    def _default_stack(self, *_) -> None:
+        """For a stack: 'planes' when its first axis is time (by its label), else 'volume'; the choice
+        is offered only for stacks. A volume whose z scale is the same as its pixel size (napari's
+        default when the file gave none) gets a note on how to set it."""
+        layer = self.layer.value
+        self.stack.enabled = _is_stack(layer)
+        if self.stack.enabled:
+            self.stack.value = _default_stack(layer)
+
+    def stack_for(self, layer: Image) -> str:
+        """How ``layer`` is segmented: the choice shown when it is the chosen layer, else its default."""
+        if not _is_stack(layer):
+            return "planes"
+        return self.stack.value if layer is self.layer.value else _default_stack(layer)
+
+    def stack_note(self, layer: Image) -> str | None:
+        """A note for a volume without its own z scale (None if it has one or is not a volume)."""
+        if self.stack_for(layer) != "volume":
+            return None
+        z, y = float(layer.scale[0]), float(layer.scale[-1])
+        if z == y:
+            return (f"layer '{layer.name}' has the same scale along z as in x and y (napari's default when the "
+                    "file gives no z-step): planes are linked into 3D objects by their overlap, which assumes an "
+                    "object spans several planes. If the planes are far apart, set the z scale (Layer > "
+                    "Transform, or the file's metadata) or choose 'planes'")
+        return None
+
     def select_layer(self, layer: Image) -> None:
         self.layer.reset_choices()
         self.layer.value = layer
 
     def params(self) -> dict:
         """The parameters as :meth:`Segmenter.segment` takes them."""
+        diameter = "auto" if self.auto_diameter.value else (float(self.diameter.value) or None)
         return {"tile": int(self.tile.value), "overlap": int(self.overlap.value),
                 "threshold": float(self.threshold.value), "min_size": int(self.min_size.value),
-                "use_interior": bool(self.use_interior.value)}
+                "use_interior": bool(self.use_interior.value), "diameter": diameter,
+                "stack": self.stack_for(self.layer.value)}
 
     # ------------------------------------------------------------ jobs
     def _set_running(self, running: bool) -> None:
@@ -184,7 +230,10 @@ class SegmentWidget(JobWidget):
             show_error(self._model_error or "choose a segmentation model first: a folder made by "
                        f"`zfdiffusion train unet` (the bundled '{DEMO_MODEL}' is not installed).")
             return
-        params = {**self.params(), **overrides}
+        params = {**self.params(), "stack": self.stack_for(layer), **overrides}
+        note = self.stack_note(layer) if params["stack"] == "volume" else None
+        if note:
+            show_info(f"zfdiffusion: {note}")
         model, device = self.model.value, self.device.value
         keep = bool(self.add_probability.value)
         data = layer.data[0] if layer.multiscale else layer.data  # full resolution of a multiscale layer
@@ -234,6 +283,16 @@ class SegmentWidget(JobWidget):
         shape = result.labels.shape
         planes = "" if result.labels.ndim == 2 else f" in {shape[0]} planes"
         self.status.value = f"added '{labels.name}': {result.n_objects} objects{planes} ({prov['labels_from']})"
+
+
+def _is_stack(layer) -> bool:
+    return isinstance(layer, Image) and layer.ndim - int(bool(layer.rgb)) == 3
+
+
+def _default_stack(layer: Image) -> str:
+    """'planes' when the stack's first axis is time (by its label), else 'volume'."""
+    first = str(layer.axis_labels[0]).lower() if getattr(layer, "axis_labels", None) else ""
+    return "planes" if first in TIME_LABELS else "volume"
 
 
 # ---------------------------------------------------------------- the layer command

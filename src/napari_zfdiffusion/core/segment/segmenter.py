@@ -132,6 +132,56 @@ class Segmenter:
     def has_interior(self) -> bool:
         return "interior" in self.outputs
 
+    @property
+    def diameter(self) -> float | None:
+        """The median object diameter (pixels) of the training masks, from the card (None: unknown)."""
+        d = self.card.get("object_diameter_px")
+        return float(d) if d else None
+
+    def scale_for(self, diameter, planes: np.ndarray, *, tile: int, overlap: int, threshold: float,
+                  min_size: int, batch: int, notices: list[str]) -> tuple[float, float | None]:
+        """The factor to rescale planes by so that objects of ``diameter`` pixels appear at the size the
+        model was trained on, and the diameter used (measured for "auto"). None: no rescaling.
+        "auto": a first pass at the image's own scale on up to 3 planes; the median diameter of the
+        objects found is taken for the diameter (cellpose's idea, without a separate size model)."""
+        if diameter is None:
+            return 1.0, None
+        n, h, w = planes.shape
+        if self.diameter is None:
+            raise UserInputError(f"the model '{self.name}' does not say the size of the objects it was trained on "
+                                 "(object_diameter_px in its model.json): segment without a diameter, or retrain it.")
+        if isinstance(diameter, str) and diameter != "auto":
+            try:
+                diameter = float(diameter)
+            except ValueError:
+                raise UserInputError(f"the diameter must be a number of pixels or 'auto', got '{diameter}'.") from None
+        if diameter == "auto":
+            from ..masks import object_diameters
+
+            pick = sorted(set(np.linspace(0, n - 1, min(3, n)).round().astype(int).tolist()))
+            p = self.predict(planes[pick], tile=tile, overlap=overlap, batch=batch, stack=n > 1)
+            d = np.concatenate([object_diameters(instances(p[j, 0], p[j, 1] if self.has_interior else None,
+                                                           threshold=threshold, min_size=min_size), min_size)
+                                for j in range(len(pick))])
+            if d.size == 0:
+                notices.append("diameter 'auto': no objects found at the image's own scale; not rescaled")
+                return 1.0, None
+            est = float(np.median(d))
+            f = float(np.clip(self.diameter / est, 0.25, 4.0))
+            notices.append(f"diameter 'auto': objects of about {est:.0f} px found; the model was trained on "
+                           f"{self.diameter:.0f} px objects, so the image is rescaled by {f:.2f}")
+            return (1.0 if abs(np.log(f)) < np.log(1.1) else f), est
+        if not np.isfinite(diameter) or diameter <= 0:
+            raise UserInputError(f"the object diameter must be a positive number of pixels, got {diameter:g}.")
+        if diameter > max(h, w):
+            raise UserInputError(f"the object diameter ({diameter:g} px) is larger than the image ({h}x{w} px): "
+                                 "give the diameter in pixels of this image.")
+        f = self.diameter / float(diameter)
+        if not 1 / 8 <= f <= 8:
+            raise UserInputError(f"objects of {diameter:g} px would need the image rescaled by {f:.2f}, more than 8x "
+                                 f"(the model was trained on {self.diameter:.0f} px objects): rescale the image first.")
+        return (1.0 if abs(f - 1) < 0.02 else f), float(diameter)
+
     def normalise(self, plane: np.ndarray, name: str = "the image") -> tuple[np.ndarray, bool]:
         """A plane in [-1, 1] exactly as training normalised it (:func:`..images.model_space`), and
         whether nothing in it rises above the background (a constant plane). NaN or infinite values
@@ -184,6 +234,43 @@ class Segmenter:
                         notices.append(f"plane {first_plane + k} is constant: no objects" if many
                                        else f"{name} is constant: no objects")
         return result
+
+    @staticmethod
+    def _link_planes(labels: np.ndarray, depth: int, iou: float) -> int:
+        """Link the labels of each run of ``depth`` planes into 3D objects, numbered across the runs;
+        the number of objects."""
+        from ..masks import stitch_planes
+
+        total = 0
+        for v in range(0, labels.shape[0], depth):
+            part = labels[v:v + depth]
+            stitch_planes(part, iou)
+            top = int(part.max())
+            if total:
+                for z in range(part.shape[0]):
+                    part[z] = np.where(part[z] > 0, part[z] + total, 0)
+            total += top
+        return total
+
+    def _predict_rescaled(self, planes, ks, scale: float, *, tile: int, overlap: int, batch: int,
+                          callback, notices, name: str, stack: bool) -> np.ndarray:
+        """Probabilities (len(ks), C, Y, X) of planes ``ks`` rescaled by ``scale`` for the model and
+        brought back to their own grid (bilinear)."""
+        import torch.nn.functional as F
+
+        h, w = planes.shape[1:]
+        size = (max(8, round(h * scale)), max(8, round(w * scale)))
+        out = []
+        for j, k in enumerate(ks):
+            x = torch.from_numpy(np.asarray(planes[k], np.float32))[None, None]
+            small = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0, 0]
+            p = self.predict(small.numpy()[None], tile=tile, overlap=overlap, batch=batch,
+                             callback=rescaled(callback, j, 1, len(ks)), notices=notices, name=name, first_plane=k,
+                             stack=stack)
+            back = F.interpolate(torch.from_numpy(p), size=(h, w), mode="bilinear", align_corners=False,
+                                 antialias=scale > 1)
+            out.append(back[0].clamp_(0, 1).numpy())
+        return np.stack(out)
 
     def _segment_strips(self, plane, labels: np.ndarray, prob: np.ndarray | None, *, tile: int, overlap: int,
                         threshold: float, min_size: int, batch: int, interior: bool, offset: int,
@@ -243,7 +330,9 @@ class Segmenter:
     def segment(self, image, *, tile: int = 256, overlap: int = 32, threshold: float = 0.5, min_size: int = 16,
                 batch: int = 4, use_interior: bool = True, probability: bool = True,
                 prob_out: np.ndarray | None = None, labels_out: np.ndarray | None = None,
-                callback: ProgressCallback | None = None, source: str = "", name: str = "the image") -> SegResult:
+                callback: ProgressCallback | None = None, source: str = "", name: str = "the image",
+                diameter: float | str | None = None, stack: str = "planes", depth: int | None = None,
+                stitch_iou: float = 0.25) -> SegResult:
         """Segment a 2D image or a (N, Y, X) stack/time series: labels per plane, numbered across the stack.
 
         ``prob_out`` / ``labels_out``: arrays of the input's shape (e.g. memory maps) to write into.
@@ -270,7 +359,20 @@ class Segmenter:
         Regions taller than a few strips (e.g. a connected tissue) are cut and merged across the
         cut instead (an approximation of the watershed near the cut only; see
         :class:`..masks.StripInstances`). Progress counts tiles over the job as for any plane.
+
+        **Object size** (``diameter``, pixels, or "auto"): the image is rescaled so that its objects
+        appear at the size the model learned (the card's ``object_diameter_px``), segmented, and the
+        probabilities brought back to the image's grid, where the labels are made (see :meth:`scale_for`).
+
+        **Stacks** (``stack``): "planes" segments each plane on its own (time points, or unrelated
+        planes); "volume" links the labels of neighbouring planes into 3D objects (by overlap, see
+        :func:`..masks.stitch_planes`; ``depth``: planes per volume when the stack is several
+        volumes one after the other, e.g. the time points of a (T, Z, Y, X) movie).
         """
+        if stack not in ("planes", "volume"):
+            raise UserInputError(f"stack must be 'planes' or 'volume', got '{stack}'.")
+        if not 0.0 < stitch_iou < 1.0:
+            raise UserInputError(f"the stitching overlap (IoU) must be between 0 and 1, got {stitch_iou}.")
         if not 0.0 < threshold < 1.0:
             raise UserInputError(f"the threshold must be between 0 and 1, got {threshold}.")
         if min_size < 0:
@@ -278,6 +380,18 @@ class Segmenter:
         self.check_tiling(tile, overlap)
         planes, two_d, notices = as_planes(image, name)
         n, h, w = planes.shape
+        if stack == "volume" and n < 2:
+            raise UserInputError(f"{name} is a single plane: it cannot be segmented as a volume. Segment it as a "
+                                 "plane, or give a stack.")
+        depth = depth or n
+        if stack == "volume" and (depth < 2 or n % depth):
+            raise UserInputError(f"a stack of {n} planes cannot be cut into volumes of {depth} planes.")
+        scale, used_diameter = self.scale_for(diameter, planes, tile=tile, overlap=overlap, threshold=threshold,
+                                              min_size=min_size, batch=batch, notices=notices)
+        if scale != 1.0 and h * w > self.strip_threshold:
+            raise UserInputError(f"rescaling for the object size works on planes up to "
+                                 f"{self.strip_threshold} pixels; {name} has {h}x{w}: rescale it first, or "
+                                 "segment without a diameter.")
         keep = probability or prob_out is not None
         prob = None
         if keep:
@@ -296,16 +410,25 @@ class Segmenter:
                     name=f"{name}, plane {g}" if n > 1 else name, constant_note=f"plane {g} is constant: no objects"
                     if n > 1 else f"{name} is constant: no objects")
                 continue
-            p = self.predict(planes[g:g + len(ks)], tile=tile, overlap=overlap, batch=batch, callback=cb,
-                             notices=notices, name=name, first_plane=g, stack=n > 1)
+            if scale != 1.0:
+                p = self._predict_rescaled(planes, ks, scale, tile=tile, overlap=overlap, batch=batch,
+                                           callback=cb, notices=notices, name=name, stack=n > 1)
+            else:
+                p = self.predict(planes[g:g + len(ks)], tile=tile, overlap=overlap, batch=batch, callback=cb,
+                                 notices=notices, name=name, first_plane=g, stack=n > 1)
             for j, k in enumerate(ks):
                 if keep:
                     prob[k] = p[j, 0]
                 lab = instances(p[j, 0], p[j, 1] if interior else None, threshold=threshold, min_size=min_size)
                 labels[k] = np.where(lab > 0, lab + next_id, 0) if next_id else lab
                 next_id += int(lab.max())
+        if stack == "volume":
+            next_id = self._link_planes(labels, depth, stitch_iou)
         prov = stamp("zfdiffusion-segmentation", model=self, device=self.device, tile=tile, overlap=overlap,
-                     threshold=threshold, min_size=min_size,
+                     threshold=threshold, min_size=min_size, stack=stack,
+                     **({"volume_depth": depth, "stitch_iou": stitch_iou} if stack == "volume" else {}),
+                     **({"diameter_px": used_diameter, "model_diameter_px": self.diameter, "rescaled_by": scale}
+                        if diameter is not None else {}),
                      labels_from="watershed from interiors" if interior else "connected components",
                      normalisation=self.norm.to_dict(), input=source, input_shape=list(np.shape(image)),
                      objects=next_id)
@@ -320,6 +443,8 @@ def describe(seg: Segmenter) -> str:
     v = card.get("validation") or {}
     data = card.get("training_data") or {}
     figs = f"; held-out Dice {v['dice']:.3f}, IoU {v['iou']:.3f}" if "dice" in v else ""
+    if card.get("object_diameter_px"):
+        figs += f"; objects of about {float(card['object_diameter_px']):.0f} px"
     split = data.get("validation")
     return (f"U-Net ({', '.join(card.get('outputs', OUTPUTS))}), trained {card.get('steps', '?')} steps on "
             f"{data.get('images', '?')} image(s){f' ({split})' if split else ''}{figs}")

@@ -13,9 +13,11 @@ IoU, Dice and per-object F1 at IoU 0.5 go in the log and the card.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -52,6 +54,8 @@ class UnetConfig(loop.TrainOptions):
     tile: int = 256
     overlap: int = 32
     intensity_aug: bool = True
+    zoom_aug: tuple[float, float] = (0.5, 2.0)  # random zoom of each crop, log-uniform (1, 1: none)
+    blur_aug: float = 1.5  # Gaussian blur of sigma up to this, on a third of the crops (0: none)
 
     def validate(self) -> None:
         if self.size not in SEG_SIZES:
@@ -63,6 +67,11 @@ class UnetConfig(loop.TrainOptions):
             raise UserInputError(f"--extra-fraction must be between 0 and 1, got {self.extra_fraction}.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserInputError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}.")
+        lo, hi = self.zoom_aug
+        if not 0.1 <= lo <= hi <= 10:
+            raise UserInputError(f"--zoom-aug must be two factors 0.1 <= LOW <= HIGH <= 10, got {lo} {hi}.")
+        if not 0.0 <= self.blur_aug <= 10:
+            raise UserInputError(f"--blur-aug must be a sigma between 0 and 10 pixels, got {self.blur_aug}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserInputError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}.")
 
@@ -80,6 +89,48 @@ def augment_intensity(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     noise = torch.randn(x.shape, generator=g)
     u = u.clamp(0, 1) ** gamma * scale + offset + sigma * noise
     return (u.clamp(0, 1) * 2 - 1).to(x.dtype)
+
+
+def zoomed_crops(data: PatchData, n: int, crop: int, g: torch.Generator, zoom: tuple[float, float]) -> torch.Tensor:
+    """``n`` random (C, crop, crop) crops, each seen at a random zoom (log-uniform in ``zoom``): a
+    window of side crop/zoom resized to crop (the image with antialiasing when it shrinks, the targets
+    bilinearly: soft at the objects' edges). Objects of other sizes than the training data's, as
+    other microscopes and magnifications give them."""
+    lo, hi = zoom
+    if lo == hi == 1.0:
+        return data.random_crops(n, crop, g)
+    largest = data.smallest_side()
+    out = []
+    for _ in range(n):
+        z = math.exp(float(torch.empty(()).uniform_(math.log(lo), math.log(hi), generator=g)))
+        side = int(min(largest, max(16, round(crop / z))))
+        c = data.random_crops(1, side, g)
+        if side != crop:
+            c = torch.cat([F.interpolate(c[:, :1], size=(crop, crop), mode="bilinear", align_corners=False,
+                                         antialias=side > crop),
+                           F.interpolate(c[:, 1:], size=(crop, crop), mode="bilinear", align_corners=False)], 1)
+        out.append(c)
+    return torch.cat(out)
+
+
+def augment_blur(x: torch.Tensor, g: torch.Generator, max_sigma: float) -> torch.Tensor:
+    """A Gaussian blur (sigma uniform in [0.3, max_sigma]) of about a third of the images of a batch
+    (B, 1, H, W): out-of-focus light and other optics."""
+    if max_sigma <= 0:
+        return x
+    out = x.clone()
+    for i in range(x.shape[0]):
+        if float(torch.rand((), generator=g)) >= 1 / 3:
+            continue
+        sigma = float(torch.empty(()).uniform_(0.3, max(0.3, max_sigma), generator=g))
+        r = max(1, int(math.ceil(3 * sigma)))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
+        k = k / k.sum()
+        img = F.pad(x[i:i + 1], (r, r, r, r), mode="reflect")
+        img = F.conv2d(img, k.view(1, 1, 1, -1))
+        img = F.conv2d(img, k.view(1, 1, -1, 1))
+        out[i:i + 1] = img
+    return out
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -128,6 +179,24 @@ def evaluate(net: torch.nn.Module, images: list[torch.Tensor], *, tile: int = 25
             "f1": 2 * tp / (2 * tp + fp + fn_) if tp + fp + fn_ else 1.0, "tp": tp, "fp": fp, "fn": fn_}
 
 
+def training_diameter(masks, limit: int = 64) -> float | None:
+    """The median object diameter (pixels) of the training masks (at most ``limit`` mask planes, spread
+    over the files): the scale that `segment --diameter` rescales images to."""
+    from ..io import list_images, read_image_lazy
+    from ..masks import object_diameters
+
+    files = list_images(masks)
+    planes = []
+    for f in files:
+        arr = read_image_lazy(f)
+        planes += [arr] if arr.ndim == 2 else [arr[i] for i in range(arr.shape[0])] if arr.ndim == 3 else []
+    if not planes:
+        return None
+    pick = np.linspace(0, len(planes) - 1, min(limit, len(planes))).round().astype(int)
+    d = np.concatenate([object_diameters(np.asarray(planes[i])) for i in sorted(set(pick.tolist()))])
+    return round(float(np.median(d)), 2) if d.size else None
+
+
 def train_unet(images, masks, out: str | Path, cfg: UnetConfig, *, extra_images=None, extra_masks=None,
                val_images=None, val_masks=None, device: str = "auto", resume: bool = False,
                show_progress: bool = True, callback: ProgressCallback | None = None) -> dict:
@@ -169,6 +238,7 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
         for note in data.notices + (extra.notices if extra else []):
             print(f"note: {note}")
     stats = loop.gather_dict(data.normalisation_stats(), di)
+    diameter = training_diameter(masks) if di.main else None  # the objects' size the model learned (card)
     state_path = loop.prepare_state_dir(out / "training" / "unet", out, resume, di)
     if di.world > 1:
         dist.barrier()
@@ -188,11 +258,12 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
     def loss_fn(model, step, g):
         parts = []
         if cfg.batch_size - n_extra:
-            parts.append(data.random_crops(cfg.batch_size - n_extra, cfg.crop, g))
+            parts.append(zoomed_crops(data, cfg.batch_size - n_extra, cfg.crop, g, tuple(cfg.zoom_aug)))
         if n_extra:
-            parts.append(extra.random_crops(n_extra, cfg.crop, g))
+            parts.append(zoomed_crops(extra, n_extra, cfg.crop, g, tuple(cfg.zoom_aug)))
         x = torch.cat(parts)
-        image = augment_intensity(x[:, :1], g) if cfg.intensity_aug else x[:, :1]
+        image = augment_blur(x[:, :1], g, cfg.blur_aug)
+        image = augment_intensity(image, g) if cfg.intensity_aug else image
         target = (x[:, 1:1 + n_out] + 1).to(dev) / 2
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(image.to(dev))
@@ -216,6 +287,7 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
             "outputs": list(OUTPUTS[:n_out]), "normalisation": norm.to_dict(),
             "intensity": "each plane percentile-normalised to [0, 1], then (x - 0.5) / 0.5",
             "tile": cfg.tile, "overlap": cfg.overlap, "threshold": 0.5, "min_size": 16, "crop": cfg.crop,
+            "object_diameter_px": diameter,
             "steps": step, "validation": dict(last_val) or None,
             "training_data": td,
             "extra_training_data": ({**extra.describe(), "fraction_of_batch": n_extra / cfg.batch_size}

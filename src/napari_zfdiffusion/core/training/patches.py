@@ -437,6 +437,10 @@ class PatchData:
         t = t[:, y0 - a:y1 - a, x0 - c:x1 - c]
         return torch.from_numpy(np.concatenate([image, t * 2.0 - 1.0]))
 
+    def smallest_side(self) -> int:
+        """The largest square crop that every training image of this process can give."""
+        return min(min(r1 - r0, self.width(k)) for k, r0, r1 in (self.train_views[j] for j in self.mine))
+
     def random_crops(self, n: int, crop: int, gen: torch.Generator, *, augment: bool = True) -> torch.Tensor:
         """``n`` random crops (n, C, crop, crop) from this process's training images, each picked in
         proportion to its area, with a random flip and 90-degree rotation."""

@@ -1,0 +1,188 @@
+"""Object size as a user control (a diameter, or "auto") and 3D instances for z-stacks (issue 14):
+the math of linking planes, the rescaling round trip, the CLI, and one test per bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_zfdiffusion import cli
+from napari_zfdiffusion.core.errors import UserInputError
+from napari_zfdiffusion.core.masks import median_diameter, object_diameters, stitch_planes
+from napari_zfdiffusion.core.segment import Segmenter
+
+
+def discs(shape, centres, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    lab = np.zeros(shape, np.int32)
+    for k, (cy, cx) in enumerate(centres, 1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = k
+    return lab
+
+
+# ----------------------------------------------------------------------------- the math
+def test_object_diameters_are_those_of_discs():
+    lab = discs((100, 100), [(25, 25), (70, 70)], 10)
+    d = object_diameters(lab)
+    assert d.shape == (2,) and np.allclose(d, 20, atol=0.6)
+    assert np.allclose(object_diameters(lab > 0), d)  # a binary mask: its connected components
+    assert median_diameter([lab, discs((60, 60), [(30, 30)], 4)]) == pytest.approx(20, abs=0.6)
+    assert median_diameter([np.zeros((8, 8), int)]) is None
+
+
+def test_stitching_links_overlapping_objects_and_only_them():
+    z = 6
+    stack = np.zeros((z, 64, 64), np.int32)
+    n = 0
+    for k in range(z):  # object A drifts by a pixel a plane; B sits in planes 0-1 and again in 4-5
+        centres = [(20, 15 + k)] + ([(45, 45)] if k in (0, 1, 4, 5) else [])
+        plane = discs((64, 64), centres, 6)
+        stack[k] = np.where(plane > 0, plane + n, 0)  # numbered across the stack, as `segment` does
+        n += int(plane.max())
+    out = stitch_planes(stack.copy())
+    a = {int(out[k, 20, 15 + k]) for k in range(z)}
+    assert len(a) == 1  # one object through all planes
+    b_early, b_late = int(out[0, 45, 45]), int(out[4, 45, 45])
+    assert out[1, 45, 45] == b_early and out[5, 45, 45] == b_late and b_early != b_late  # a gap: two objects
+    assert sorted(np.unique(out).tolist()) == [0, 1, 2, 3]  # renumbered 1..K
+    assert ((out > 0) == (stack > 0)).all()  # only the numbers change
+
+
+def test_stitching_takes_the_best_match_once(tmp_path):
+    """Two objects of plane 1 over one of plane 0: the one overlapping most takes its label; and the
+    stack may be a memory map."""
+    p0 = discs((40, 80), [(20, 30)], 12)
+    p1 = np.zeros_like(p0)
+    p1[discs((40, 80), [(20, 28)], 10) > 0] = 1
+    p1[discs((40, 80), [(20, 48)], 5) > 0] = 2
+    mm = np.lib.format.open_memmap(tmp_path / "l.npy", mode="w+", dtype=np.int32, shape=(2, 40, 80))
+    mm[0], mm[1] = p0, np.where(p1 > 0, p1 + 1, 0)
+    stitch_planes(mm)
+    assert mm[1, 20, 28] == mm[0, 20, 30] and mm[1, 20, 48] not in (0, mm[0, 20, 30])
+
+
+def test_a_low_overlap_is_not_linked():
+    stack = np.stack([discs((40, 40), [(20, 14)], 6), discs((40, 40), [(20, 24)], 6) * 2])
+    assert len(np.unique(stitch_planes(stack.copy(), iou=0.25))) == 3  # two objects + background
+    assert len(np.unique(stitch_planes(stack.copy(), iou=0.01))) == 2
+
+
+# ----------------------------------------------------------------------------- the segmenter
+def blob_image(shape, radius, seed=0, n=6):
+    rng = np.random.default_rng(seed)
+    centres = [(int(rng.integers(radius + 2, shape[0] - radius - 2)), int(rng.integers(radius + 2, shape[1] - radius - 2)))
+               for _ in range(n)]
+    lab = discs(shape, centres, radius)
+    img = ((lab > 0) * 0.6 + rng.random(shape) * 0.3) * 255
+    return img.astype(np.uint8), lab
+
+
+def test_the_card_says_the_training_object_size(tiny_segmenter):
+    seg = Segmenter.load(tiny_segmenter, "cpu")
+    assert 8 < seg.diameter < 16  # the blobs have radii 4-7
+
+
+def test_a_diameter_rescales_and_labels_stay_on_the_image_grid(tiny_segmenter):
+    seg = Segmenter.load(tiny_segmenter, "cpu")
+    img, lab = blob_image((160, 192), radius=int(round(seg.diameter)), seed=3)  # objects twice the training size
+    res = seg.segment(img, tile=64, overlap=16, diameter=2 * seg.diameter)
+    assert res.labels.shape == img.shape and res.probability.shape == img.shape
+    assert res.provenance["rescaled_by"] == pytest.approx(0.5)
+    fg = res.labels > 0
+    iou = (fg & (lab > 0)).sum() / (fg | (lab > 0)).sum()
+    assert iou > 0.6
+    auto = seg.segment(img, tile=64, overlap=16, diameter="auto")
+    assert auto.provenance["diameter_px"] == pytest.approx(2 * seg.diameter, rel=0.35)
+    assert any("diameter 'auto'" in n for n in auto.notices)
+    same = seg.segment(img, tile=64, overlap=16, diameter=seg.diameter)  # the training size: not rescaled
+    plain = seg.segment(img, tile=64, overlap=16)
+    assert same.provenance["rescaled_by"] == 1.0 and np.array_equal(same.labels, plain.labels)
+
+
+def test_a_volume_links_planes_and_planes_do_not(tiny_segmenter):
+    seg = Segmenter.load(tiny_segmenter, "cpu")
+    img, _ = blob_image((96, 96), radius=6, seed=1)
+    stack = np.stack([img, img, img])
+    planes = seg.segment(stack, tile=64, overlap=16, stack="planes")
+    vol = seg.segment(stack, tile=64, overlap=16, stack="volume")
+    k = int(planes.labels[0].max())
+    assert k > 0 and planes.n_objects == 3 * k  # each plane its own labels
+    assert vol.n_objects == k and np.array_equal(vol.labels[0], vol.labels[2])  # one 3D object each
+    two = seg.segment(np.concatenate([stack, stack]), tile=64, overlap=16, stack="volume", depth=3)
+    assert two.n_objects == 2 * k  # two volumes (time points): linked within each, not across
+    assert not set(np.unique(two.labels[:3])[1:]) & set(np.unique(two.labels[3:])[1:])
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"diameter": 0}, "must be a positive number"),
+    ({"diameter": -5}, "must be a positive number"),
+    ({"diameter": 500}, "larger than the image"),
+    ({"diameter": "big"}, "a number of pixels or 'auto'"),
+    ({"diameter": 0.5}, "more than 8x"),
+    ({"stack": "volume"}, "single plane: it cannot be segmented as a volume"),
+    ({"stack": "cube"}, "stack must be 'planes' or 'volume'"),
+])
+def test_bad_sizes_and_stacks_are_refused(tiny_segmenter, kw, message):
+    seg = Segmenter.load(tiny_segmenter, "cpu")
+    img, _ = blob_image((96, 96), radius=6)
+    with pytest.raises(UserInputError, match=message):
+        seg.segment(img, tile=64, overlap=16, **kw)
+
+
+def test_a_model_without_a_size_says_so(tiny_segmenter, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_segmenter, old)
+    card = json.loads((old / "model.json").read_text())
+    card.pop("object_diameter_px")
+    (old / "model.json").write_text(json.dumps(card))
+    img, _ = blob_image((96, 96), radius=6)
+    with pytest.raises(UserInputError, match="does not say the size of the objects"):
+        Segmenter.load(old, "cpu").segment(img, tile=64, overlap=16, diameter=12)
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_segments_a_zstack_as_a_volume_by_default(tiny_segmenter, tmp_path, capsys):
+    img, _ = blob_image((96, 96), radius=6, seed=2)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.stack([img] * 4), imagej=True, metadata={"axes": "ZYX"})
+    out = tmp_path / "labels.tif"
+    assert cli.main(["-q", "segment", "--model", str(tiny_segmenter), "--in", str(path), "--out", str(out),
+                     "--tile", "64", "--overlap", "16", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    lab = tifffile.imread(out)
+    assert np.array_equal(lab[0], lab[3]) and lab.max() == len(np.unique(lab[0])) - 1
+    assert "as a volume" in said and "z-step" in said  # no z-step in the file: a note says how to set it
+    assert cli.main(["-q", "segment", "--model", str(tiny_segmenter), "--in", str(path), "--out", str(out),
+                     "--tile", "64", "--overlap", "16", "--device", "cpu", "--stack", "planes"]) == 0
+    assert tifffile.imread(out).max() == 4 * lab.max()
+
+
+def test_cli_time_series_are_planes_and_diameters_in_micrometres(tiny_segmenter, tmp_path, capsys):
+    seg = Segmenter.load(tiny_segmenter, "cpu")
+    img, _ = blob_image((128, 128), radius=int(round(seg.diameter)), seed=4)
+    path = tmp_path / "movie.tif"
+    tifffile.imwrite(path, np.stack([img] * 2), imagej=True, metadata={"axes": "TYX", "unit": "um"},
+                     resolution=(2.0, 2.0))  # 0.5 um pixels
+    out = tmp_path / "labels.tif"
+    d_um = 2 * seg.diameter * 0.5  # objects of 2x the training size, in micrometres
+    assert cli.main(["-q", "segment", "--model", str(tiny_segmenter), "--in", str(path), "--out", str(out),
+                     "--tile", "64", "--overlap", "16", "--device", "cpu", "--diameter-um", str(d_um)]) == 0
+    lab = tifffile.imread(out)
+    assert lab.max() == 2 * len(np.unique(lab[0][lab[0] > 0]))  # time points: labelled apart
+    from napari_zfdiffusion.core.io import read_provenance
+
+    assert read_provenance(out)["rescaled_by"] == pytest.approx(0.5, rel=0.02)
+    capsys.readouterr()
+    assert cli.main(["-q", "segment", "--model", str(tiny_segmenter), "--in", str(path), "--out", str(out),
+                     "--device", "cpu", "--stack", "volume"]) == 2
+    assert "time series" in capsys.readouterr().err
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, img)
+    assert cli.main(["-q", "segment", "--model", str(tiny_segmenter), "--in", str(plain), "--out", str(out),
+                     "--device", "cpu", "--diameter-um", "5"]) == 2
+    assert "pixel size" in capsys.readouterr().err
