@@ -186,3 +186,60 @@ def test_cli_time_series_are_planes_and_diameters_in_micrometres(tiny_segmenter,
     assert cli.main(["-q", "segment", "--model", str(tiny_segmenter), "--in", str(plain), "--out", str(out),
                      "--device", "cpu", "--diameter-um", "5"]) == 2
     assert "pixel size" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- training augmentation
+def test_zoomed_crops_are_other_sizes_of_the_same_data(tmp_path):
+    import torch
+
+    from conftest import make_blobs
+    from napari_zfdiffusion.core.images import Normalisation
+    from napari_zfdiffusion.core.segment.train import augment_blur, zoomed_crops
+    from napari_zfdiffusion.core.training.patches import PatchData
+
+    imgs, masks = make_blobs(tmp_path / "b", n=2, shape=(160, 160))
+    data = PatchData.from_paths(imgs, masks, patch=32, norm=Normalisation(1, 99.8, per="image"), segmentation=True,
+                                val_fraction=0.0)
+    a = zoomed_crops(data, 6, 64, torch.Generator().manual_seed(0), (0.5, 2.0))
+    b = zoomed_crops(data, 6, 64, torch.Generator().manual_seed(0), (0.5, 2.0))
+    assert a.shape == (6, 3, 64, 64) and torch.equal(a, b)  # reproducible from the generator
+    assert a.min() >= -1 and a.max() <= 1
+    fg = ((a[:, 1] + 1) / 2).mean((1, 2))  # objects' share of each crop varies with the zoom
+    none = zoomed_crops(data, 6, 64, torch.Generator().manual_seed(0), (1.0, 1.0))
+    assert torch.equal(none, data.random_crops(6, 64, torch.Generator().manual_seed(0)))
+    assert fg.std() > 0
+    x = a[:, :1]
+    blurred = augment_blur(x, torch.Generator().manual_seed(1), 1.5)
+    changed = [(blurred[i] != x[i]).any().item() for i in range(6)]
+    assert 0 < sum(changed) < 6  # about a third of the crops
+    for i in range(6):
+        if changed[i]:
+            assert blurred[i].std() < x[i].std()  # blur smooths
+    assert torch.equal(augment_blur(x, torch.Generator().manual_seed(1), 0.0), x)
+
+
+@pytest.mark.parametrize("kw, message", [({"zoom_aug": (0.05, 2)}, "--zoom-aug"), ({"zoom_aug": (2, 1)}, "--zoom-aug"),
+                                         ({"blur_aug": -1}, "--blur-aug")])
+def test_bad_augmentation_options(kw, message):
+    from napari_zfdiffusion.core.segment.train import UnetConfig
+
+    with pytest.raises(UserInputError, match=message):
+        UnetConfig(**kw).validate()
+
+
+def test_the_boundary_offset_says_outside_and_inside():
+    from scipy import ndimage as ndi
+
+    from napari_zfdiffusion.evaluation.generalist import boundary_offset
+
+    truth = discs((64, 64), [(32, 32)], 10)
+    for grow, sign in ((0, 0), (2, 1), (-2, -1)):
+        pred = truth.copy()
+        if grow > 0:
+            pred = ndi.binary_dilation(truth, iterations=grow).astype(int)
+        if grow < 0:
+            pred = ndi.binary_erosion(truth, iterations=-grow).astype(int)
+        s, n = boundary_offset(pred, truth)
+        assert n > 0 and np.sign(round(s / n, 1)) == sign
+        if grow:
+            assert 1.4 < abs(s / n) < 2.1

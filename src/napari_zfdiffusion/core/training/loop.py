@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserInputError
-from ..io import atomic_write, fsync_dir, fsync_file, lock_folder, refused, temp_path, writing
+from ..io import atomic_write, current_umask, fsync_dir, fsync_file, lock_folder, refused, temp_path, writing
 from ..progress import Progress, ProgressCallback
 from ..provenance import made_by
 
@@ -201,6 +201,7 @@ def atomic_torch_save(obj, path: Path) -> None:
     tmp = temp_path(path)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # the umask's permissions, as every output
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)

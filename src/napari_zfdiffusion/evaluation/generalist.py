@@ -1,0 +1,254 @@
+"""Leave-one-source-out evaluation of the generalist segmentation U-Net, with 3D instances (issue 14).
+
+    python -m napari_zfdiffusion.evaluation.generalist --run runs/seggen --threads 2 --out docs
+
+``--run`` is the folder of ``scripts/train_seg_generalist.sh``: ``all/`` (trained on the training
+planes of every annotated nuclei source) and ``without_NAME/`` (the same without source NAME). The
+sources are those of ``zfdiffusion fetch-data --dataset seg`` (HeLa, CHO, cells3d nuclei, DSB 2018;
+time series split by time, cells3d's stack and DSB's image by columns: a test plane never
+neighbours a training plane).
+
+For each source NAME, on its test planes:
+
+* **held out**: ``without_NAME`` (never saw the source) against Otsu + distance watershed tuned
+  (smoothing, peak distance) for object F1 on the *other* sources' training planes: the baseline a
+  user would tune on what they have;
+* **in domain**: ``all`` and the previous bundled model (``--before``, trained on HeLa only), with
+  the image as it is and with ``diameter="auto"``;
+* and the bacteria (phase contrast, another shape class: not in any training set) as a check of
+  what the model is not for.
+
+Figures: foreground IoU and Dice, object F1 at IoU 0.5 (pooled over the test planes), and the mean
+signed boundary offset (pixels; + when the predicted outline lies outside the annotated one, measured
+on predicted outline pixels within 10 px of an annotated object). 3D: the cells3d test part (its
+right quarter, all 60 planes) and CHO's test time points, segmented as volumes (planes linked) and as planes, scored by
+3D object F1 at IoU 0.5 against the 3D labels. Writes ``OUT/results/seg_generalist.json`` and
+``.md`` and ``OUT/images/seg_generalist_*.png``. Needs the ``eval`` extra (matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ._common import PROG, git_commit, output_dirs, plt, run, set_threads, shown_path
+from .seg import MIN_SIZE, crop_window, outlines, pooled
+
+SOURCES = ("hela", "cho", "nuclei3d", "dsb")
+OTHER = ("bacteria",)
+NUCLEI3D_TEST_X = 192  # the right quarter of nuclei.tif (every plane) is cells3d's test part
+GRID = [(s, d) for s in (1.0, 2.0, 3.0) for d in (5, 9, 13)]
+
+
+def read_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    import tifffile
+
+    return [(tifffile.imread(p), tifffile.imread(folder.parent / "masks" / p.name))
+            for p in sorted(folder.glob("*.tif"))]
+
+
+def boundary_offset(pred: np.ndarray, truth: np.ndarray, reach: float = 10.0) -> tuple[float, int]:
+    """Mean signed distance (pixels) from the predicted outline to the annotated one: + outside the
+    annotated objects, - inside, 0 when the outlines coincide (both the objects' own outer pixels);
+    over predicted outline pixels within ``reach`` of an annotated outline. Returns (sum, count)."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import find_boundaries
+
+    t = truth > 0
+    if not t.any() or not (pred > 0).any():
+        return 0.0, 0
+    outside = ndi.distance_transform_edt(~t)  # >= 1 outside the objects
+    inside = ndi.distance_transform_edt(t)  # 1 on the objects' own outer pixels
+    signed = np.where(t, -(inside - 1), outside)
+    b = find_boundaries(pred, mode="inner") & (np.abs(signed) <= reach)
+    return float(signed[b].sum()), int(b.sum())
+
+
+def score(pairs, fn) -> dict:
+    """:func:`.seg.pooled` figures of ``fn`` (image -> labels) plus the mean signed boundary offset."""
+    labelled = [(fn(img), truth) for img, truth in pairs]
+    offsets = [boundary_offset(lab, truth) for lab, truth in labelled]
+    n = sum(c for _, c in offsets)
+    out = pooled(labelled, lambda lab: lab)
+    out.pop("seconds", None)
+    out["boundary_offset_px"] = sum(v for v, _ in offsets) / n if n else float("nan")
+    return out
+
+
+def tune_baseline(train_pairs) -> tuple[float, int, float]:
+    from ..core.masks import otsu_watershed
+
+    best = None
+    for sigma, md in GRID:
+        f1 = pooled(train_pairs, lambda im: otsu_watershed(im, sigma=sigma, min_distance=md, min_size=MIN_SIZE))["f1"]
+        if best is None or f1 > best[2]:
+            best = (sigma, md, f1)
+    return best
+
+
+def subsample(pairs, k: int = 6):
+    idx = np.linspace(0, len(pairs) - 1, min(k, len(pairs))).round().astype(int)
+    return [pairs[i] for i in sorted(set(idx.tolist()))]
+
+
+def volumes(seg_root: Path, data: Path) -> dict:
+    """The 3D test volumes with their 3D labels: name -> list of (Z, Y, X) image, labels."""
+    import tifffile
+
+    x = NUCLEI3D_TEST_X
+    img = tifffile.imread(data / "nuclei3d" / "nuclei.tif")[:, :, x:]
+    lab = tifffile.imread(data / "nuclei3d" / "nuclei_label.tif")[:, :, x:]
+    cho = tifffile.imread(data / "cho-seg" / "Fluo-N3DH-CHO_02_img.tif")
+    cho_lab = tifffile.imread(data / "cho-seg" / "Fluo-N3DH-CHO_02_ERR_SEG.tif")
+    return {"cells3d nuclei, x >= 192": [(img, lab)],
+            "cho t 15-19": [(cho[t], cho_lab[t]) for t in range(15, 20)]}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=PROG + "generalist", description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, default=Path("runs") / "seggen",
+                    help="folder of all/ and without_NAME/ (scripts/train_seg_generalist.sh)")
+    ap.add_argument("--before", default="nuclei-unet-demo", help="the previous model, for comparison")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("docs"))
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    plt()
+    img_dir, res_dir = output_dirs(a.out)
+    from ..core.fetch import data_dir, prepare_segmentation
+    from ..core.masks import otsu_watershed
+    from ..core.segment import Segmenter
+
+    set_threads(a.threads)
+    seg_root = prepare_segmentation(quiet=True)
+    test = {s: read_pairs(seg_root / s / "test" / "images") for s in SOURCES + OTHER}
+    train = {s: read_pairs(seg_root / s / "train" / "images") for s in SOURCES}
+    result: dict = {"commit": git_commit(), "threads": a.threads, "min_size": MIN_SIZE, "run": str(a.run),
+                    "data": {s: {"test_planes": len(test[s]), "test_objects": int(sum(len(np.unique(m)) - 1
+                                                                                   for _, m in test[s]))}
+                             for s in test},
+                    "held_out": {}, "in_domain": {}, "3d": {}}
+    models = {}
+    for name in ["all", *[f"without_{s}" for s in SOURCES]]:
+        if (a.run / name / "model.json").is_file():
+            models[name] = Segmenter.load(a.run / name, "cpu")
+    before = Segmenter.load(a.before, "cpu")
+
+    def unet(seg, **kw):
+        return lambda im: seg.segment(im, min_size=MIN_SIZE, **kw).labels
+
+    # ---- leave one source out
+    for s in SOURCES:
+        others = [p for o in SOURCES if o != s for p in subsample(train[o])]
+        sigma, md, f1 = tune_baseline(others)
+        row = {"baseline": {"sigma": sigma, "min_distance": md, "train_f1": f1,
+                            **score(test[s], lambda im: otsu_watershed(im, sigma=sigma, min_distance=md,
+                                                                       min_size=MIN_SIZE))}}
+        if f"without_{s}" in models:
+            row["U-Net without it"] = score(test[s], unet(models[f"without_{s}"]))
+            row["U-Net without it, diameter auto"] = score(test[s], unet(models[f"without_{s}"], diameter="auto"))
+        result["held_out"][s] = row
+        print(f"held out {s}: " + "; ".join(f"{k} F1 {v['f1']:.3f} IoU {v['iou']:.3f} off {v['boundary_offset_px']:+.2f}"
+                                             for k, v in row.items()))
+    # ---- in domain (and the bacteria: outside every training set)
+    all_train = [p for o in SOURCES for p in subsample(train[o])]
+    sigma, md, f1 = tune_baseline(all_train)
+    result["baseline_all"] = {"sigma": sigma, "min_distance": md, "train_f1": f1}
+    for s in SOURCES + OTHER:
+        row = {"baseline": score(test[s], lambda im: otsu_watershed(im, sigma=sigma, min_distance=md,
+                                                                    min_size=MIN_SIZE)),
+               f"before ({a.before})": score(test[s], unet(before))}
+        if "all" in models:
+            row["generalist"] = score(test[s], unet(models["all"]))
+            row["generalist, diameter auto"] = score(test[s], unet(models["all"], diameter="auto"))
+        result["in_domain"][s] = row
+        print(f"in domain {s}: " + "; ".join(f"{k} F1 {v['f1']:.3f} IoU {v['iou']:.3f}" for k, v in row.items()))
+    # ---- 3D instances
+    if "all" in models:
+        from ..core.metrics import match_objects
+
+        for vname, vols in volumes(seg_root, data_dir()).items():
+            row = {}
+            for mode in ("volume", "planes"):
+                tp = fp = fn = 0
+                for img, lab in vols:
+                    pred = models["all"].segment(img, min_size=MIN_SIZE, stack=mode).labels
+                    m = match_objects(lab, pred)
+                    tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+                row[mode] = {"f1": 2 * tp / max(2 * tp + fp + fn, 1), "tp": tp, "fp": fp, "fn": fn}
+            result["3d"][vname] = row
+            print(f"3D {vname}: " + "; ".join(f"{k} F1 {v['f1']:.3f}" for k, v in row.items()))
+    out_json = res_dir / "seg_generalist.json"
+    out_json.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_markdown(result, out_json.with_suffix(".md"))
+    if "all" in models:
+        figure(test, models, sigma, md, img_dir)
+    print(f"wrote {shown_path(out_json)}, {shown_path(out_json.with_suffix('.md'))}")
+    return 0
+
+
+def _row(name, r) -> str:
+    return (f"| {name} | {r['iou']:.3f} | {r['dice']:.3f} | {r['f1']:.3f} | {r['precision']:.3f} | "
+            f"{r['recall']:.3f} | {r['boundary_offset_px']:+.2f} |")
+
+
+HEADER = ["| method | foreground IoU | Dice | object F1 (IoU 0.5) | precision | recall | boundary offset (px) |",
+          "|---|---|---|---|---|---|---|"]
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = ["## Leave one source out", ""]
+    for s, row in result["held_out"].items():
+        b = row["baseline"]
+        lines += [f"### {s} (held out)", "", *HEADER,
+                  _row(f"Otsu + watershed (sigma {b['sigma']:g}, min distance {b['min_distance']}, tuned on the "
+                       "other sources)", b)]
+        lines += [_row(k, v) for k, v in row.items() if k != "baseline"]
+        lines.append("")
+    lines += ["## In domain (test planes of the training sources) and outside it (bacteria)", ""]
+    for s, row in result["in_domain"].items():
+        lines += [f"### {s}", "", *HEADER] + [_row("Otsu + watershed" if k == "baseline" else k, v)
+                                              for k, v in row.items()] + [""]
+    if result["3d"]:
+        lines += ["## 3D instances (object F1 at IoU 0.5 against the 3D labels)", "",
+                  "| volume | as a volume (planes linked) | plane by plane |", "|---|---|---|"]
+        for v, row in result["3d"].items():
+            lines.append(f"| {v} | {row['volume']['f1']:.3f} | {row['planes']['f1']:.3f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def figure(test, models, sigma, md, img_dir: Path) -> None:
+    pyplot = plt()
+    from ..core.images import Normalisation
+    from ..core.masks import otsu_watershed
+
+    norm = Normalisation(1, 99.8)
+    names = list(SOURCES + OTHER)
+    fig, axes = pyplot.subplots(len(names), 3, figsize=(9.6, 3.3 * len(names)))
+    for i, s in enumerate(names):
+        img, truth = test[s][0]
+        crop = crop_window(img.shape, 0, 0, 256)
+        view = norm.apply(img)[crop]
+        held = models.get(f"without_{s}", models["all"])
+        for ax, (title, lab) in zip(axes[i], (
+                ("annotation", truth),
+                ("Otsu + watershed", otsu_watershed(img, sigma=sigma, min_distance=md, min_size=MIN_SIZE)),
+                ("U-Net without this source" if f"without_{s}" in models else "generalist U-Net",
+                 held.segment(img, min_size=MIN_SIZE).labels))):
+            ax.imshow(view, cmap="gray")
+            outlines(ax, lab[crop], (1, 1, 0, 1) if title == "annotation" else (0, 1, 1, 1))
+            ax.set_title(f"{s}: {title}", fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(img_dir / "seg_generalist_sources.png", dpi=80)
+    pyplot.close(fig)
+
+
+if __name__ == "__main__":
+    run(main)
