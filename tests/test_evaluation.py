@@ -89,9 +89,9 @@ def test_cascade(cho, cascade_model, tmp_path):
     assert r["command"].startswith("python -m napari_zfdiffusion.evaluation.cascade ")
     assert r["accuracy"]["generated"].keys() == {"1"}
     assert r["memorisation"]["generated"]["1"]["pixel"]["n"] == 3
-    names = ["grid_depth_guidance", "confusion", "nn_hist", "nn_pairs", "stages"]
-    assert r["figures"] == sorted(f"images/cascade_{n}_t.png" for n in names)
-    check_files(out / "results" / "cascade_eval_t.md", *(out / "images" / f"cascade_{n}_t.png" for n in names))
+    names = ["grid_depth_guidance_t.png", "confusion_t.png", "nn_hist_t.png", "nn_pairs_t.png", "stages_t.jpg"]
+    assert r["figures"] == sorted(f"images/cascade_{n}" for n in names)
+    check_files(out / "results" / "cascade_eval_t.md", *(out / "images" / f"cascade_{n}" for n in names))
 
 
 def test_volume(cho, tmp_path):
@@ -108,7 +108,7 @@ def test_volume(cho, tmp_path):
     for s in r["sets"].values():
         assert -1 <= s["neighbour_correlation"]["mean"] <= 1
     check_files(out / "results" / "volume_eval.md", out / "images" / "volume_xz.png",
-                out / "images" / "volume_planes.png")
+                out / "images" / "volume_planes.jpg")
 
 
 def test_em(tiny_paired, tmp_path):
@@ -127,7 +127,8 @@ def test_em(tiny_paired, tmp_path):
     for k in ("mse", "psnr", "ssim", "mask_dice"):
         assert math.isfinite(r["reconstruction"][k])
     assert r["masks"]["generated"]["patches"] == 2
-    figs = [out / "images" / f"em_{name}_{w}.png" for w in ("samples", "nn_hist", "nn_pairs", "stats", "masks")]
+    figs = [out / "images" / f"em_{name}_{w}" for w in ("samples.jpg", "nn_hist.png", "nn_pairs.jpg", "stats.png",
+                                                        "masks.jpg")]
     assert r["figures"] == [str(p) for p in figs]  # outside the working directory: absolute
     check_files(*figs)
 

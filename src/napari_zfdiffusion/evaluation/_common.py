@@ -1,5 +1,6 @@
 """What the evaluation modules share: logging, the git commit, quartile summaries, rounding for the
-JSON, the output folders, and matplotlib on a headless backend (imported only when needed)."""
+JSON, the output folders, matplotlib on a headless backend (imported only when needed) and saving figures
+(PNG for plots, JPEG for photographs of samples)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,39 @@ def plt():
     from matplotlib import pyplot
 
     return pyplot
+
+
+def figure_suffix(photo: bool) -> str:
+    """The suffix of a figure file: ``.jpg`` for a figure that is mostly photographs of samples (image
+    grids, sample pairs), ``.png`` for a plot (lines, bars, text)."""
+    return ".jpg" if photo else ".png"
+
+
+def save_figure(fig, path: Path, *, dpi: int) -> Path:
+    """Save ``fig`` in the format its suffix says (the caller lays it out and closes it).
+
+    ``.png`` for plots; ``.jpg`` for figures that are mostly photographs of samples, which the
+    repository's size budget (issue 17) keeps as JPEG: quality 90, no chroma subsampling (thin coloured
+    outlines stay crisp), one channel when the figure is grey, so that a rerun writes what is committed."""
+    path = Path(path)
+    if path.suffix == ".png":
+        fig.savefig(path, dpi=dpi)
+        return path
+    if path.suffix != ".jpg":
+        raise ValueError(f"{path.name}: a figure is a .png (plot) or a .jpg (photographs of samples)")
+    import io
+
+    from PIL import Image  # a dependency of matplotlib
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)  # the same pixels as the PNG would have
+    buf.seek(0)
+    with Image.open(buf) as im:
+        rgb = im.convert("RGB")
+    a = np.asarray(rgb)
+    grey = bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
+    (rgb.convert("L") if grey else rgb).save(path, "JPEG", quality=90, subsampling=0, optimize=True)
+    return path
 
 
 def output_dirs(out: Path) -> tuple[Path, Path]:

@@ -10,7 +10,7 @@ Writes, under ``--out`` (``--tag`` is appended to every name):
 * ``images/cascade_confusion.png``            depth confusion: held-out real planes | generated
 * ``images/cascade_nn_hist.png``              nearest-training-neighbour distances
 * ``images/cascade_nn_pairs.png``             generated samples beside their nearest training view
-* ``images/cascade_stages.png``               one sample per depth through 64 -> 128 -> 256 -> 512
+* ``images/cascade_stages.jpg``               one sample per depth through 64 -> 128 -> 256 -> 512
 
 Honest splits (the CHO movie: 20 time points x 5 z planes; the diffusion model saw time points 0-15):
 
@@ -52,12 +52,14 @@ from ._common import (
     add_compute,
     begin,
     command,
+    figure_suffix,
     floats,
     git_commit,
     log,
     quartiles,
     rounded,
     run,
+    save_figure,
     shown_path,
 )
 from ._common import plt as _plt
@@ -296,7 +298,7 @@ def fig_grid(path: Path, gen: np.ndarray, guidances, real_row: np.ndarray, label
                  f"down each column; bottom row: held-out real planes (time points {TEST_TPS[0]}-"
                  f"{TEST_TPS[0] + min(k, len(real_row[0])) - 1})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -318,7 +320,7 @@ def fig_confusion(path: Path, real_m: np.ndarray, gen_m: np.ndarray, g_best: flo
         acc = np.trace(m) / m.sum()
         ax.set_title(f"{title}\naccuracy {acc:.2f} (chance {1 / len(m):.2f})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -339,7 +341,7 @@ def fig_hist(path: Path, series: dict[str, np.ndarray], xlabel: str, series_f: d
     axes[0].set_title("Distance to the nearest training view (pixels)", fontsize=10)
     axes[1].set_title("Distance to the nearest training view (classifier features)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -364,7 +366,7 @@ def fig_pairs(path: Path, groups: list[tuple[str, np.ndarray, np.ndarray, np.nda
     fig.suptitle("Nearest training neighbour (RMS pixel distance d, [-1, 1] scale): the closest generated "
                  "samples, random ones, and held-out real planes for scale", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -386,7 +388,7 @@ def fig_stages(path: Path, rows: list[dict], labels) -> None:
     fig.suptitle("One sample per depth through the cascade, beside a held-out real plane of the same depth "
                  "(real: 443x443 centre square resized to 512)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -398,7 +400,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cascade folder or bundled model name (default: runs/zf-cascade-demo if trained, else "
                         "the bundled zf-cascade-demo)")
     p.add_argument("--out", type=Path, required=True,
-                   help="writes OUT/images/cascade_*.png and OUT/results/cascade_eval.{json,md} (docs: the "
+                   help="writes OUT/images/cascade_*.{png,jpg} and OUT/results/cascade_eval.{json,md} (docs: the "
                         "documentation's own)")
     p.add_argument("--tag", default="", help="suffix for the result and figure names, e.g. _volume_model")
     p.add_argument("--data", type=Path, default=None,
@@ -432,8 +434,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     written: list[Path] = []
 
-    def fig_path(what: str) -> Path:
-        written.append(img_dir / f"cascade_{what}{a.tag}.png")
+    def fig_path(what: str, photo: bool = False) -> Path:
+        written.append(img_dir / f"cascade_{what}{a.tag}{figure_suffix(photo)}")
         return written[-1]
 
     cas = Cascade.load(a.model, device=a.device)
@@ -627,7 +629,7 @@ def main(argv=None) -> int:
             log(f"cascade to {top} for depth {d}: {time.perf_counter() - t0:.0f} s so far")
         timings["cascade_full_s"] = time.perf_counter() - t0
         timings["cascade_full_s_per_sample"] = timings["cascade_full_s"] / (nd * a.stage_samples)
-        fig_stages(fig_path("stages"), rows, labels)
+        fig_stages(fig_path("stages", photo=True), rows, labels)
         stages_info = {"guidance": g_stage, "sr_guidance": 1.0, "steps": a.steps, "sr_steps": a.sr_steps,
                        "resolution": top, "samples_per_depth": a.stage_samples, "seed": a.seed,
                        "noise_aug": "cascade default"}

@@ -3,14 +3,15 @@ reconstruction, a memorisation check, intensity and power-spectrum statistics, m
 
     python -m napari_zfdiffusion.evaluation.em --model em-ldm-demo --threads 2 --out docs
 
-Writes ``OUT/results/em_eval_<model>.json`` and PNG figures ``OUT/images/em_<model>_<what>.png``:
+Writes ``OUT/results/em_eval_<model>.json`` and figures ``OUT/images/em_<model>_<what>.{png,jpg}`` (JPEG:
+the figures of samples):
 
-* ``samples.png``   held-out real crops | their autoencoder reconstructions | generated patches (3 x 6)
+* ``samples.jpg``   held-out real crops | their autoencoder reconstructions | generated patches (3 x 6)
 * ``nn_hist.png``   distance of each patch to its nearest training crop: generated vs held-out real
-* ``nn_pairs.png``  the generated patches closest to a training crop or window, beside it
+* ``nn_pairs.jpg``  the generated patches closest to a training crop or window, beside it
 * ``stats.png``     intensity histogram (generated vs real) and radially averaged power spectrum
                     (generated vs real vs reconstructions, log-log)
-* ``masks.png``     paired models: mask contours on generated patches and on real held-out crops
+* ``masks.jpg``     paired models: mask contours on generated patches and on real held-out crops
 
 Data: by default the files named in the model card's ``training_data`` are looked up in the
 fetched-data folder (``zfdiffusion fetch-data``); pass ``--images`` (and ``--masks``) to use others.
@@ -82,11 +83,13 @@ from ._common import (
     add_compute,
     begin,
     command,
+    figure_suffix,
     git_commit,
     log,
     quartiles,
     rounded,
     run,
+    save_figure,
     shown_path,
 )
 from ._common import plt as _plt
@@ -268,9 +271,10 @@ def object_stats(labels: np.ndarray, images: np.ndarray) -> dict:
 
 # ------------------------------------------------------------------------------------- figures
 def _save(fig, path: Path) -> None:
-    """Every figure of this evaluation ends the same way: laid out, saved at 100 dpi, closed."""
+    """Every figure of this evaluation ends the same way: laid out, saved at 100 dpi (PNG or JPEG, as
+    the suffix says), closed."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     _plt().close(fig)
 
 
@@ -402,7 +406,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="latent diffusion model folder or model name (default: runs/patches/em-ldm-demo if "
                         "trained, else the bundled em-ldm-demo)")
     p.add_argument("--out", type=Path, required=True,
-                   help="writes OUT/results/em_eval_<model>.json and OUT/images/em_<model>_*.png")
+                   help="writes OUT/results/em_eval_<model>.json and OUT/images/em_<model>_*.{png,jpg}")
     p.add_argument("--images", nargs="+", default=None,
                    help="the training images (files or folders; default: the files in the model card, from the "
                         "fetched-data folder)")
@@ -629,13 +633,13 @@ def main(argv=None) -> int:
     # ---- 6. figures --------------------------------------------------------------------------------
     figures = []
 
-    def fig_path(what: str) -> Path:
-        figures.append(img_dir / f"em_{name}_{what}.png")
+    def fig_path(what: str, photo: bool = False) -> Path:
+        figures.append(img_dir / f"em_{name}_{what}{figure_suffix(photo)}")
         return figures[-1]
 
     steps_txt = f"UNet {unet_steps} steps, autoencoder {card.get('vae_steps')} steps"
     show = spread(len(val), 6)
-    fig_samples(fig_path("samples"),
+    fig_samples(fig_path("samples", photo=True),
                 [("real held-out", real_img[show]), ("reconstructed", rec_img[show]), ("generated", gen[:6])],
                 f"{name} ({steps_txt}): held-out real {patch}x{patch} crops, their autoencoder reconstructions,\n"
                 f"and generated patches (seeds {a.seed}-{a.seed + min(6, a.n) - 1}, {a.sampler} {a.steps} steps)")
@@ -668,12 +672,12 @@ def main(argv=None) -> int:
         nbs.append(train_imgs[int(ncc_gen["image"][i])][y:y + patch, x:x + patch])
         caps.append(f"r={r_gen[i]:.2f}, {data.names[int(ncc_gen['image'][i])]}\n({y}, {x})")
     groups.insert(1, ("best match anywhere (r)", np.stack(qs), np.stack(nbs), caps))
-    fig_pairs(fig_path("nn_pairs"), groups)
+    fig_pairs(fig_path("nn_pairs", photo=True), groups)
     fig_stats(fig_path("stats"), hists, spectra)
     if model.paired:
         gen_show = np.arange(min(6, a.n))
         tile_show = spread(len(real_tiles), 6)
-        fig_masks(fig_path("masks"),
+        fig_masks(fig_path("masks", photo=True),
                   [("generated", gen[gen_show], res.labels[gen_show]),
                    ("real held-out", real_tiles[tile_show], real_labels[tile_show])],
                   f"{name}: object outlines (labels from the mask channel, threshold {a.threshold}, min size "
@@ -707,7 +711,7 @@ def main(argv=None) -> int:
         "figures": [shown_path(f) for f in figures],
     }
     out_json.write_text(json.dumps(rounded(result, 5, significant=True), indent=2) + "\n")
-    log(f"wrote {shown_path(out_json)} and {len(figures)} figures ({shown_path(img_dir)}/em_{name}_*.png) in "
+    log(f"wrote {shown_path(out_json)} and {len(figures)} figures ({shown_path(img_dir)}/em_{name}_*) in "
         f"{timings['total_s']:.0f} s")
     return 0
 

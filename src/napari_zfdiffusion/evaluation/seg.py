@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import PROG, git_commit, output_dirs, plt, run, set_threads, shown_path
+from ._common import PROG, git_commit, output_dirs, plt, run, save_figure, set_threads, shown_path
 
 MIN_SIZE = 16
 # The fetched test data, as paths inside the fetched-data folder (or --data).
@@ -246,7 +246,7 @@ def figures(sets, methods, segs, a, img_dir: Path) -> None:
         for ax in axes:
             ax.axis("off")
         fig.tight_layout()
-        fig.savefig(img_dir / f"seg_{set_name}{a.tag}.png", dpi=110)
+        save_figure(fig, img_dir / f"seg_{set_name}{a.tag}.png", dpi=110)
         pyplot.close(fig)
     gen = a.run / "gen"
     if (gen / "labels.tif").is_file():
@@ -266,7 +266,7 @@ def figures(sets, methods, segs, a, img_dir: Path) -> None:
         fig.suptitle("generated pairs (nuclei-ldm-demo). Top: the generator's own masks (cyan). "
                      "Bottom: the U-Net trained on real frames, on the same generated images (magenta)")
         fig.tight_layout()
-        fig.savefig(img_dir / f"seg_generated_pairs{a.tag}.png", dpi=100)
+        save_figure(fig, img_dir / f"seg_generated_pairs{a.tag}.png", dpi=100)
         pyplot.close(fig)
 
 

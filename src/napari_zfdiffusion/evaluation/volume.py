@@ -16,7 +16,7 @@ Measures, per set: Pearson correlation and SSIM between each plane and the next 
 first and last plane), the depth classifier's accuracy on the volumes' planes (the classifier of
 :mod:`.cascade`, trained on real time points 0-11 and selected on 12-15), and the mean
 intensity per depth. Writes ``results/volume_eval.{json,md}`` and the figures
-``images/volume_xz.png`` (orthogonal XZ views) and ``images/volume_planes.png`` under ``--out``
+``images/volume_xz.png`` (orthogonal XZ views) and ``images/volume_planes.jpg`` under ``--out``
 (``--tag`` appended to each name).
 
 Seeded: volume i of every set uses seed + i, so the sets differ only in continuity guidance.
@@ -39,7 +39,7 @@ from ..core.cascade import Cascade
 from ..core.images import resize, square, to_unit
 from ..core.metrics import neighbour_agreement
 from ..core.store import resolve_model
-from ._common import begin, PROG, command, git_commit, log, rounded, run
+from ._common import begin, PROG, command, figure_suffix, git_commit, log, rounded, run, save_figure
 from ._common import plt as _plt
 from .cascade import TEST_TPS, RealData, cho_dirs, predict, train_classifier
 
@@ -103,7 +103,7 @@ def fig_xz(path: Path, rows: list[tuple[str, np.ndarray]], stretch: int) -> None
         ax.set_xticks([])
         ax.set_yticks([(k + 0.5) * stretch for k in range(z)], [str(k) for k in range(z)], fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -122,7 +122,7 @@ def fig_planes(path: Path, rows: list[tuple[str, np.ndarray]]) -> None:
             if i == 0:
                 ax.set_title(f"depth {k}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -159,7 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    else "zf-cascade-demo", help="cascade folder or model name (default: runs/zf-volume if "
                                                 "trained, else the bundled zf-cascade-demo)")
     p.add_argument("--out", type=Path, required=True,
-                   help="writes OUT/images/volume_*.png and OUT/results/volume_eval.{json,md}")
+                   help="writes OUT/images/volume_*.{png,jpg} and OUT/results/volume_eval.{json,md}")
     p.add_argument("--tag", default="", help="suffix for the result and figure names")
     p.add_argument("--data", type=Path, default=None,
                    help="folder with train/ (cho_t00..t15.tif) and test/ (cho_t16..t19.tif); default: the "
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
             f"{timings[name]} s/volume")
     order = [shown[0], *shown[2:], shown[1]]  # real, volumes, baseline last
     fig_xz(img_dir / f"volume_xz{a.tag}.png", order, stretch=max(4, a.resolution // 16))
-    fig_planes(img_dir / f"volume_planes{a.tag}.png", order)
+    fig_planes(img_dir / f"volume_planes{a.tag}{figure_suffix(photo=True)}", order)
     r = {"model": str(resolve_model(a.model)), "command": command("volume", argv), "git_commit": git_commit(),
          "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
          "machine": {"python": platform.python_version(), "torch": torch.__version__,
