@@ -60,16 +60,20 @@ def test_controls_follow_the_model(unpaired, tiny_paired, notes):
 
 
 def test_generate_unpaired_adds_an_image_layer(unpaired, notes):
+    from napari_zfdiffusion.widgets._layers import data_limits
     viewer, w = unpaired
     w.seed.value = 3
     w.generate_button.clicked.emit()
     assert w._worker is not None and not w.generate_button.enabled and w.cancel_button.enabled
     assert w.wait(120)
     assert errors(notes) == []
-    assert [layer.name for layer in viewer.layers] == ["EM patches (tiny-latent, seed 3)"]
+    # what the model makes (its name without -latent), the seeds, the model
+    assert [layer.name for layer in viewer.layers] == ["tiny patches s3-4 (tiny-latent)"]
+    assert w.status.value == "added 'tiny patches s3-4 (tiny-latent)' (2 patches)"
     layer = viewer.layers[0]
     assert layer.data.shape == (2, 32, 32) and layer.data.dtype == np.float32
     assert 0 <= layer.data.min() and layer.data.max() <= 1
+    assert tuple(layer.contrast_limits) == pytest.approx(data_limits(layer.data))
     prov = layer.metadata["zfdiffusion"]
     assert prov["seed"] == 3 and prov["seeds"] == [3, 4] and prov["steps"] == 2 and not prov["paired"]
     assert w.last_progress is not None and w.last_progress.stage == "decode"
@@ -82,13 +86,27 @@ def test_generate_paired_adds_aligned_labels(paired, notes):
     w.generate(n=3, seed=1)
     assert w.wait(120)
     assert errors(notes) == []
-    name = "EM patches (tiny-paired, seed 1)"
-    image, prob, labels = viewer.layers[name], viewer.layers[f"{name} mask probability"], viewer.layers[f"{name} labels"]
+    image, prob, labels = (viewer.layers["tiny-paired patches s1-3"], viewer.layers["tiny-paired mask probability s1-3"],
+                           viewer.layers["tiny-paired labels s1-3"])
     assert image.data.shape == prob.data.shape == labels.data.shape == (3, 32, 32)
     assert labels.data.dtype == np.int32 and not prob.visible
     assert tuple(labels.scale) == tuple(image.scale) and tuple(labels.translate) == tuple(image.translate)
     assert labels.metadata["zfdiffusion"]["mask_threshold"] == 0.5
     assert w.layer.value is image  # encode / decode is ready for the generated patches
+    w.generate(n=3, seed=1)  # the same again: new names, the status names the real one
+    assert w.wait(120)
+    assert [layer.name for layer in viewer.layers][3:] == [
+        "tiny-paired patches s1-3 2", "tiny-paired mask probability s1-3 2", "tiny-paired labels s1-3 2"]
+    assert w.status.value.startswith("added 'tiny-paired patches s1-3 2' (3 patches, ")
+
+
+def test_names_say_what_the_model_makes():
+    from napari_zfdiffusion.widgets.em import seeds_text, subject
+
+    assert subject("nuclei-ldm-demo") == "nuclei" and subject("em-ldm-demo") == "EM"
+    assert subject("mito_latent") == "mito" and subject("ldm-demo") == "generated"
+    assert subject("tiny-paired") == "tiny-paired"
+    assert seeds_text(0, 1) == "s0" and seeds_text(5, 4) == "s5-8"
 
 
 def test_paired_without_probability_layer(paired):
@@ -164,13 +182,25 @@ def test_encode_decode_a_plane_of_a_stack(unpaired, notes):
     w.roundtrip_button.clicked.emit()
     assert w.wait(60)
     assert errors(notes) == []
-    out = viewer.layers["stack [plane 2] (autoencoded)"]
-    assert viewer.layers.index(out) == viewer.layers.index(src) + 1  # next to its source
+    out = viewer.layers["stack [plane 2] (autoencoded, tiny-latent)"]
+    diff = viewer.layers["stack [plane 2] (difference, tiny-latent)"]
+    # just above its source: the difference (hidden), then the reconstruction
+    assert viewer.layers.index(diff) == viewer.layers.index(src) + 1 and not diff.visible
+    assert viewer.layers.index(out) == viewer.layers.index(src) + 2
     assert w.layer.value is src
-    assert out.data.shape == (40, 36) and out.data.dtype == np.float32
-    assert tuple(out.scale) == (2, 2)
+    assert out.data.shape == diff.data.shape == (40, 36) and out.data.dtype == np.float32
+    assert tuple(out.scale) == tuple(diff.scale) == (2, 2)
     prov = out.metadata["zfdiffusion"]
     assert prov["plane"] == 2 and prov["source_layer"] == "stack" and prov["normalised"]
+    # in the source's intensity range (its 1st and 99.8th percentiles, as the model's normalisation) and
+    # shown with the source's contrast limits; the difference is from the source as the model saw it
+    plane = src.data[2].astype(np.float32)
+    lo, hi = prov["intensity_range"]
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(plane, [1.0, 99.8])))
+    assert lo - 1e-3 <= out.data.min() and out.data.max() <= hi + 1e-3 and out.data.max() > 1
+    assert tuple(out.contrast_limits) == tuple(src.contrast_limits)
+    np.testing.assert_allclose(diff.data, out.data - np.clip(plane, lo, hi), atol=1e-3)
+    assert diff.contrast_limits[0] == -diff.contrast_limits[1] and diff.colormap.name == "PiYG"
     for key in ("MSE", "PSNR", "SSIM"):
         assert key in w.status.value
     assert set(w.last_figures) >= {"mse", "psnr", "ssim", "latent_shape"}
@@ -196,8 +226,9 @@ def test_encode_decode_a_generated_layer_with_an_autoencoder_only_model(make_nap
     w.roundtrip(layer)
     assert w.wait(60)
     assert errors(notes) == []
-    out = viewer.layers["patch (autoencoded)"]
+    out = viewer.layers["patch (autoencoded, tiny-vae)"]
     assert out.data.shape == (32, 32) and out.metadata["zfdiffusion"]["normalised"] is False
+    assert out.metadata["zfdiffusion"]["intensity_range"] == [0.0, 1.0]  # a layer of ours: [0, 1] as it is
     w.generate()  # refused with a message: an autoencoder makes no patches
     assert len(errors(notes)) == 1 and "autoencoder only" in errors(notes)[0]
 

@@ -33,7 +33,7 @@ def _dock(viewer, model, *, resolution: int, steps: int = 2):
     w.model_folder.value = model
     w.device.value = "cpu"
     w.resolution.value = resolution
-    w.steps.value = steps
+    w.steps.value = w.sr_steps.value = steps
     return w
 
 
@@ -50,6 +50,17 @@ def test_widget_defaults_follow_the_model(widget, tiny_cascade):
     assert len(set(seeds)) > 1 and all(0 <= s < 2**31 for s in seeds) and w.seed.value == seeds[-1]
 
 
+def test_the_resolution_starts_where_a_cpu_finishes_in_seconds(widget, monkeypatch):
+    """128 px on a CPU, 512 on a GPU, from the resolved device; the line under the device says which."""
+    import napari_zfdiffusion.widgets._jobs as jobs
+
+    _, w = widget
+    w.device.value = "auto"  # this machine: a CPU
+    assert w.resolution.value == 128 and "CPU" in w.device_info.value and w.device_info.value.startswith("auto")
+    monkeypatch.setattr(jobs, "is_gpu", lambda choice: True)
+    assert w.resolution_default([64, 128, 256, 512]) == 512 and w.resolution_default([64, 128]) == 128
+
+
 def test_generate_adds_a_layer_with_provenance(widget, notes):
     viewer, w = widget
     w.depth.value = 2
@@ -60,15 +71,57 @@ def test_generate_adds_a_layer_with_provenance(widget, notes):
     assert not w.generate_button.enabled and w.cancel_button.enabled  # usable while running
     assert w.wait(60)
     assert errors(notes) == []
-    layer = viewer.layers["depth 2 seed 0"]
+    layer = viewer.layers["tiny-cascade d2 128px s0-1"]  # model, depth, resolution, seeds
+    assert w.status.value == "added 'tiny-cascade d2 128px s0-1'"
     assert layer.data.shape == (2, 128, 128) and layer.data.dtype == np.float32
     assert 0 <= layer.data.min() and layer.data.max() <= 1
-    assert tuple(layer.contrast_limits) == (0, 1)
+    lo, hi = layer.contrast_limits  # from the data, not a fixed (0, 1)
+    assert np.percentile(layer.data, 0.1) == pytest.approx(lo, abs=1e-4)
+    assert np.percentile(layer.data, 99.9) == pytest.approx(hi, abs=1e-4)
     prov = layer.metadata["zfdiffusion"]
     assert prov["depth"] == 2 and prov["seed"] == 0 and prov["steps"] == 2 and prov["resolution"] == 128
     assert prov["stages"] == ["base", "sr128"] and prov["sampler"] == "dpmsolver++"
     assert w.last_progress is not None and w.last_progress.stage == "sr128"
     assert w.generate_button.enabled and not w.cancel_button.enabled
+    assert w.progress_bar.value == w.progress_bar.max
+
+
+def test_names_are_unique_and_the_status_names_the_layer(widget, notes):
+    viewer, w = widget
+    w.resolution.value = 64
+    for _ in range(3):  # the same settings three times
+        w.generate(depth=1, seed=4)
+        assert w.wait(60)
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["tiny-cascade d1 64px s4", "tiny-cascade d1 64px s4 2", "tiny-cascade d1 64px s4 3"]
+    assert w.status.value == "added 'tiny-cascade d1 64px s4 3'"
+    w.generate(depth=0, seed=4)
+    assert w.wait(60)
+    assert viewer.layers[-1].name == "tiny-cascade d0 64px s4" and errors(notes) == []
+
+
+def test_progress_says_the_stage_in_words_and_the_time_left(widget, notes):
+    """The status names the stage in plain words and, from the second step on, the time left; the
+    dock's own progress bar moves with the work (stages weighted by their cost)."""
+    _, w = widget
+    seen, bars = [], []
+    shown = w._on_progress
+
+    def spy(p):
+        shown(p)
+        seen.append(w.status.value)
+        bars.append(w.progress_bar.value)
+
+    w._on_progress = spy
+    w.generate(steps=4, sr_steps=4)
+    assert w.wait(60) and errors(notes) == []
+    assert len(seen) == 8  # 4 steps at 64 px, 4 at 128
+    assert seen[0] == "drafting at 64 px (1/4)"  # no estimate from one step
+    assert seen[1].startswith("drafting at 64 px (2/4) - about ") and seen[1].endswith(" left")
+    assert all(s.startswith("upscaling to 128 px (") and s.endswith(" left") for s in seen[4:])
+    assert bars == sorted(bars) and 0 < bars[0] and w.progress_bar.value == w.progress_bar.max
+    # the 64 px stage is weighted as the cheaper one: 4 of its steps are less than half of the work
+    assert bars[3] < w.progress_bar.max / 2
 
 
 def test_cancel_stops_within_a_step_and_adds_nothing(widget, notes, qtbot):
@@ -137,7 +190,7 @@ def test_upsample_a_plane_of_a_generated_volume_uses_that_planes_depth(widget, n
     assert w.wait(60)
     assert errors(notes) == []
     out = viewer.layers[-1]
-    assert out.name == "volume [plane 2] x128"
+    assert out.name == "volume [plane 2] 128px s0"
     assert out.metadata["zfdiffusion"]["depth"] == 2  # the plane's own depth, not the widget's
     assert out.metadata["zfdiffusion"]["source"]["operation"] == "volume"
 
@@ -154,7 +207,7 @@ def test_upsample_a_plane_of_a_real_stack(widget, notes):
     assert w.wait(60)
     assert errors(notes) == []
     out = viewer.layers[-1]
-    assert out.name == "cho [plane 3] x256" and out.data.shape == (256, 256)
+    assert out.name == "cho [plane 3] 256px s0" and out.data.shape == (256, 256)
     assert out.metadata["zfdiffusion"]["input_shape"] == [128, 128]
 
 

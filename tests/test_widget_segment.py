@@ -117,6 +117,37 @@ def test_segment_a_2d_layer(widget, tmp_path, notes):
     assert w.layer.value is src and w.segment_button.enabled and not w.cancel_button.enabled
 
 
+def test_a_new_run_replaces_the_previous_result(widget, tmp_path, notes):
+    """"replace previous result" (on by default): the same source segmented again gives one labels (and
+    probability) layer, not "labels [1]"; off, the new result is added beside, with a unique name."""
+    viewer, w = widget
+    img, _ = blob_images(tmp_path)
+    src = viewer.add_image(img[0], name="cells")
+    other = viewer.add_image(img[0][::-1].copy(), name="other")
+    assert w.replace.value
+    w.add_probability.value = True
+    w.segment(src)
+    assert w.wait(120)
+    first = viewer.layers["cells labels"]
+    w.threshold.value = 0.7
+    w.segment(src)
+    assert w.wait(120)
+    assert [layer.name for layer in viewer.layers] == ["cells", "cells probability", "cells labels", "other"]
+    assert viewer.layers["cells labels"] is not first
+    assert viewer.layers["cells labels"].metadata["zfdiffusion"]["threshold"] == 0.7
+    assert w.status.value.startswith("added 'cells labels' (replacing the previous result): ")
+    w.segment(other)  # another source: its own result, the first source's stays
+    assert w.wait(120)
+    assert {"cells labels", "other labels"} <= {layer.name for layer in viewer.layers}
+    w.replace.value = False
+    w.add_probability.value = False
+    w.segment(src)
+    assert w.wait(120)
+    names = [layer.name for layer in viewer.layers]  # the newest just above the source
+    assert names[:4] == ["cells", "cells labels 2", "cells probability", "cells labels"]
+    assert w.status.value.startswith("added 'cells labels 2': ") and errors(notes) == []
+
+
 def test_segment_a_stack_with_the_probability_map(widget, tmp_path, notes):
     viewer, w = widget
     stack, _ = blob_images(tmp_path, n=3, shape=(80, 72), seed=2)
@@ -307,14 +338,15 @@ def test_segment_the_layer_that_the_em_widget_generates(make_napari_viewer, tiny
     em.generate(n=2, steps=2, seed=0)
     assert em.wait(120)
     w = _dock(viewer, tiny_segmenter)
-    patches = viewer.layers["EM patches (tiny-paired, seed 0)"]
+    patches = viewer.layers["tiny-paired patches s0-1"]
     viewer.layers.selection.active = patches
     assert w.layer.value is patches
     w.segment()
     assert w.wait(120)
     assert errors(notes) == []
-    labels = viewer.layers.selection.active  # the generator made "... labels" already: napari adds " [1]"
-    assert labels.name == "EM patches (tiny-paired, seed 0) labels [1]"
+    labels = viewer.layers.selection.active  # named after the patches, apart from the generator's own labels
+    assert labels.name == "tiny-paired patches s0-1 labels"
+    assert w.status.value.startswith("added 'tiny-paired patches s0-1 labels': ")
     assert labels.data.shape == patches.data.shape == (2, 32, 32)
     prov = labels.metadata["zfdiffusion"]
     assert prov["input_provenance"]["seed"] == 0  # how the segmented patches were made

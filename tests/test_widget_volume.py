@@ -28,7 +28,7 @@ def _dock(viewer, model, *, resolution: int = 64, steps: int = 2):
     w.model_folder.value = model
     w.device.value = "cpu"
     w.resolution.value = resolution
-    w.steps.value = steps
+    w.steps.value = w.sr_steps.value = steps
     return w
 
 
@@ -57,6 +57,7 @@ def test_widget_defaults_follow_the_model(widget, tiny_volume):
 
 def test_generate_fills_one_layer_plane_by_plane(widget, notes, tiny_volume):
     from napari_zfdiffusion.core.cascade import Cascade
+    from napari_zfdiffusion.widgets._layers import data_limits
 
     viewer, w = widget
     w.seed.value = 5
@@ -75,10 +76,11 @@ def test_generate_fills_one_layer_plane_by_plane(widget, notes, tiny_volume):
     assert w.wait(120)
     assert errors(notes) == []
     assert len(viewer.layers) == 1
-    layer = viewer.layers["volume d0-2 s5"]
+    layer = viewer.layers["tiny-volume volume d0-2 64px s5"]  # model, depths, resolution, seed
+    assert w.status.value == "added 'tiny-volume volume d0-2 64px s5' (3 planes)"
     assert layer.data.shape == (3, 64, 64) and layer.data.dtype == np.float32
     assert 0 <= layer.data.min() and layer.data.max() <= 1 and layer.data.std() > 0
-    assert tuple(layer.contrast_limits) == (0, 1)
+    assert tuple(layer.contrast_limits) == pytest.approx(data_limits(layer.data))  # from the data
     prov = layer.metadata["zfdiffusion"]
     assert prov["operation"] == "volume" and prov["depths"] == [0, 1, 2] and prov["seed"] == 5
     assert prov["continuity_guidance"] == 1.0 and prov["guidance"] == 3.0 and prov["steps"] == 2
@@ -100,9 +102,11 @@ def test_generate_fills_one_layer_plane_by_plane(widget, notes, tiny_volume):
 def test_cancel_keeps_the_planes_made(widget, notes, qtbot):
     from qtpy.QtCore import Qt
 
+    from napari_zfdiffusion.widgets._layers import data_limits
+
     viewer, w = widget
     w.resolution.value = 128
-    w.steps.value = 40
+    w.steps.value = w.sr_steps.value = 40
     seen = []  # every step reported, recorded in the worker thread as it happens
     w.generate()
     job = w._job
@@ -117,12 +121,34 @@ def test_cancel_keeps_the_planes_made(widget, notes, qtbot):
     assert len(seen) <= at_cancel + 1 < 3 * 2 * 40  # the step in flight at most; the run stopped early
     [layer] = viewer.layers
     k = layer.data.shape[0]
-    assert 1 <= k < 3 and layer.name == f"volume d0-2 s0 (cancelled, {k}/3 planes)"
+    assert 1 <= k < 3 and layer.name == f"tiny-volume volume d0-2 128px s0 (cancelled, {k}/3 planes)"
     assert layer.data.shape == (k, 128, 128) and all(p.std() > 0 for p in layer.data)
-    assert tuple(layer.contrast_limits) == (0, 1)
+    assert tuple(layer.contrast_limits) == pytest.approx(data_limits(layer.data))
     prov = layer.metadata["zfdiffusion"]
     assert prov["complete"] is False and prov["planes_done"] == k and prov["depths"] == [0, 1, 2]
     assert w.status.value.startswith("cancelled") and w.generate_button.enabled
+
+
+def test_names_are_unique_and_progress_is_in_words(widget, notes):
+    viewer, w = widget
+    w.last_depth.value = 1
+    words = []
+    shown = w._on_progress
+
+    def spy(p):
+        shown(p)
+        words.append(w.status.value)
+
+    w._on_progress = spy
+    for _ in range(2):
+        w.generate()
+        assert w.wait(120)
+    assert [layer.name for layer in viewer.layers] == ["tiny-volume volume d0-1 64px s0",
+                                                       "tiny-volume volume d0-1 64px s0 2"]
+    assert w.status.value == "added 'tiny-volume volume d0-1 64px s0 2' (2 planes)" and errors(notes) == []
+    assert words[0] == "plane 1 of 2: drafting at 64 px (1/2)"
+    assert words[1].startswith("plane 1 of 2: drafting at 64 px (2/2) - about ") and words[1].endswith(" left")
+    assert words[3].startswith("plane 2 of 2: drafting at 64 px (2/2) - about ")
 
 
 def test_cancel_before_any_plane_adds_nothing(widget, notes, qtbot):
@@ -171,7 +197,7 @@ def test_start_from_a_plane_of_a_real_stack(widget, notes):
     assert w.wait(120)
     assert errors(notes) == []
     vol = viewer.layers[-1]
-    assert vol.name == "volume d1-2 s0" and vol.data.shape == (2, 64, 64)
+    assert vol.name == "tiny-volume volume d1-2 64px s0" and vol.data.shape == (2, 64, 64)
     expected = to_unit(first_plane_tensor(data[3], 64, w._cascade.normalisation)[0, 0])
     np.testing.assert_allclose(vol.data[0], expected, atol=1e-6)  # normalised like the training data
     prov = vol.metadata["zfdiffusion"]
@@ -188,7 +214,7 @@ def test_a_model_without_continuity_makes_independent_planes(make_napari_viewer,
     w.generate()
     assert w.wait(120)
     assert errors(notes) == []
-    layer = viewer.layers["volume d0-1 s0"]
+    layer = viewer.layers["tiny-cascade volume d0-1 64px s0"]
     assert layer.data.shape == (2, 64, 64) and layer.data.std() > 0
     assert layer.metadata["zfdiffusion"]["continuity_guidance"] == 0
     w.model_folder.value = tiny_volume  # a volume model: the control comes back, at 1

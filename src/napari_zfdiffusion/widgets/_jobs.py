@@ -1,6 +1,7 @@
 """Running core jobs off the GUI thread: progress relays, a worker starter, and :class:`JobWidget`,
 the base of dock widgets that run one job at a time (with the rows every dock has: model, folder,
-device, seed).
+device, seed; the layout of :mod:`._layout`; a progress bar with the stage in plain words and the
+time left, from :mod:`._progress`).
 
 The widgets never compute. They hand a plain function to :func:`start_job`, which runs it in a
 napari ``thread_worker`` with a :class:`~napari_zfdiffusion.core.errors.CancelToken` and a
@@ -14,28 +15,39 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QSizePolicy
 
 from ..core.device import available_devices
 from ..core.errors import Cancelled, CancelToken, UserInputError
 from ..core.progress import Progress
+from ._layout import device_line, help_link, is_gpu, lay_out
 from ._models import checked_cascade
+from ._progress import TimeLeft, cascade_costs, plain_stage
 
 MAX_SEED = 2**31 - 1
 log = logging.getLogger(__name__)
 
 
 class ProgressRelay(QObject):
-    """Carries :class:`Progress` from the worker thread to the GUI thread (a queued signal)."""
+    """Carries :class:`Progress` from the worker thread to the GUI thread (a queued signal), and when
+    each step was sent (``sent``, in the order sent; ``last_sent``: that of the step being handled),
+    so that rates are measured where the work is done, not when a busy GUI gets to the step."""
 
     progress = Signal(object)
+
+    def __init__(self):
+        super().__init__()
+        self.sent: deque[float] = deque()
+        self.last_sent: float | None = None
 
 
 class ItemRelay(QObject):
@@ -48,6 +60,7 @@ class ItemRelay(QObject):
 def step_callback(token: CancelToken, relay: ProgressRelay) -> Callable[[Progress], None]:
     def callback(p: Progress) -> None:
         token.check()
+        relay.sent.append(time.monotonic())
         relay.progress.emit(p)
 
     return callback
@@ -69,11 +82,17 @@ class Job:
 BAR_TOTAL = 100  # the bar counts percent: stages may differ in length (sampling steps, decoded batches)
 
 
-def _update_bar(pbar: progress, what: str, p: Progress, ended: Callable[[], bool] = lambda: False) -> None:
+def _plain(p: Progress) -> tuple[str, float]:
+    return f"{plain_stage(p.stage)} ({p.step}/{p.total})", p.fraction
+
+
+def _update_bar(pbar: progress, what: str, p: Progress, ended: Callable[[], bool] = lambda: False,
+                describe: Callable[[Progress], tuple[str, float]] = _plain) -> None:
     if pbar.total != BAR_TOTAL:
         pbar.total = BAR_TOTAL
-    done = min(int(p.fraction * BAR_TOTAL), BAR_TOTAL)
-    pbar.set_description(f"{what}: {p.stage} {p.step}/{p.total} (stage {p.stage_index + 1}/{p.n_stages})")
+    text, fraction = describe(p)
+    done = min(int(fraction * BAR_TOTAL), BAR_TOTAL)
+    pbar.set_description(f"{what}: {text}")
     if not ended() and done > pbar.n:  # the job may have ended inside set_description (see start_job)
         pbar.update(done - pbar.n)
 
@@ -87,11 +106,13 @@ def start_job(
     on_error: Callable[[BaseException], None],
     on_cancel: Callable[[], None],
     on_finish: Callable[[], None],
+    describe: Callable[[Progress], tuple[str, float]] = _plain,
 ) -> Job:
     """Run ``fn(callback, token)`` in a napari thread worker and wire its outcome to the handlers.
 
     ``on_progress``, ``on_result``, ``on_error``, ``on_cancel`` and ``on_finish`` run in the GUI
     thread. ``on_finish`` always runs last, after the result, the error or the cancel.
+    ``describe(p)``: napari's progress bar's text and share done for a step (after ``on_progress(p)``).
     """
     token = CancelToken()
     relay = ProgressRelay()
@@ -109,6 +130,7 @@ def start_job(
     state = {"ended": False, "latest": None, "updating": False}
 
     def progressed(p: Progress) -> None:
+        relay.last_sent = relay.sent.popleft() if relay.sent else time.monotonic()
         if state["ended"]:
             return
         on_progress(p)
@@ -120,7 +142,7 @@ def start_job(
             shown = None
             while not state["ended"] and state["latest"] is not shown:
                 shown = state["latest"]
-                _update_bar(pbar, what, shown, lambda: state["ended"])
+                _update_bar(pbar, what, shown, lambda: state["ended"], describe)
         finally:
             state["updating"] = False
 
@@ -162,39 +184,78 @@ class JobWidget(Container):
     """A dock widget that runs one job at a time: start, progress, cancel, errors, results.
 
     Subclasses create the model rows with :meth:`_model_rows` (``model``, ``model_folder``,
-    ``device``), the seed row with :meth:`_seed_row` where they take a seed, ``status`` and
-    ``cancel_button``, and define ``_set_running(running)`` and ``_load_model_info()``.
+    ``device``, ``device_info``), the seed row with :meth:`_seed_row` where they take a seed, the run
+    row with :meth:`_run_row` (and ``cancel_button``), lay the dock out with :meth:`_lay_out` (which
+    adds ``progress_bar`` and ``status``), and define ``_set_running(running)`` and
+    ``_load_model_info()``.
     """
 
+    GUIDE_SECTION = ""  # the anchor of this dock's section in docs/user-guide.md
+
     def __init__(self, viewer, **kwargs):
-        super().__init__(**kwargs)
+        kwargs.pop("labels", None)  # the sections have the labels (see _layout.lay_out)
+        super().__init__(labels=False, **kwargs)
         self._viewer = viewer
         self._job: Job | None = None
         self._models: list[tuple[str, str]] = []
         self.last_progress: Progress | None = None
+        self._time = TimeLeft()
+        self._shown: tuple[Progress | None, str, float] = (None, "", 0.0)
+        self.sections = None
+        self.progress_bar = ProgressBar(label="progress", value=0, min=0, max=1000,
+                                        tooltip="how much of the running job is done")
+        self.status = Label(label="status", value="", tooltip="what the dock is doing, or what it did last")
+        self.status.native.setWordWrap(True)
+        self.status.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)  # the row's width
 
     def _model_rows(self, choices: list[tuple[str, str]], tooltip: str, folder_tooltip: str) -> None:
-        """The model box (``choices``: (label, folder)), "or folder" and the device box. The choices
-        are a callable: napari calls reset_choices() on dock widgets whenever layers change."""
+        """The model box (``choices``: (label, folder)), "or folder", the device box and the line under
+        it that says what the device choice means here. The choices are a callable: napari calls
+        reset_choices() on dock widgets whenever layers change."""
         self._models = choices
         self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True, tooltip=tooltip)
-        self.model_folder = FileEdit(label="or folder", mode="d", nullable=True, tooltip=folder_tooltip)
-        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.model_folder = FileEdit(label="model folder", mode="d", nullable=True, tooltip=folder_tooltip)
+        self.device = ComboBox(label="device", choices=available_devices(), value="auto",
+                               tooltip="where the model runs: auto takes a GPU (CUDA or Apple MPS) when there "
+                                       "is one, else the CPU (slower, but works everywhere)")
+        self.device_info = Label(label="", value=device_line("auto"),
+                                 tooltip="what the device choice means on this computer")
+        self.device.changed.connect(lambda v: setattr(self.device_info, "value", device_line(v)))
 
     def _seed_row(self, tooltip: str = "") -> Container:
         """``seed`` and a "New seed" button beside it, as one row."""
+        tooltip = tooltip or "seed: the same seed and settings give the same result; change it for another one"
         self.seed = SpinBox(label="seed", value=0, min=0, max=MAX_SEED, tooltip=tooltip)
-        self.new_seed_button = PushButton(text="New seed")
+        self.new_seed_button = PushButton(text="New seed", tooltip="pick a random seed: a different result")
         self.new_seed_button.changed.connect(self.new_seed)
         return row("seed", self.seed, self.new_seed_button)
 
-    def _run_row(self, text: str, action: Callable[[], None]) -> tuple[PushButton, Container]:
-        """The button that starts this dock's job (``action``) and Cancel beside it, as one row."""
-        button = PushButton(text=text)
+    def _run_row(self, text: str, action: Callable[[], None], tooltip: str = "") -> tuple[PushButton, Container]:
+        """The button that starts this dock's job (``action``), Cancel and the "?" link beside it, as one row."""
+        button = PushButton(text=text, tooltip=tooltip or f"{text.lower()} with the settings above (in the "
+                                                          "background: the viewer stays usable)")
         button.changed.connect(lambda *_: action())
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.cancel_button = PushButton(text="Cancel", enabled=False,
+                                        tooltip="stop the running job after the step in progress; nothing is added")
         self.cancel_button.changed.connect(lambda *_: self.cancel())
-        return button, row("", button, self.cancel_button)
+        self.help = help_link(self.GUIDE_SECTION)
+        return button, row("", button, self.cancel_button, self.help)
+
+    def _lay_out(self, body: list, advanced: list, footer: list) -> None:
+        """Essential controls, a collapsed "Advanced" section, and the footer (then the progress bar and
+        the status line), as :func:`._layout.lay_out` arranges them."""
+        self.sections = lay_out(self, body, advanced, [*footer, self.progress_bar, self.status])
+
+    def reset_choices(self, *_) -> None:
+        """Refresh every choice box (napari calls this when layers change): they live in the sections."""
+        for part in self.sections.containers() if self.sections is not None else ():
+            part.reset_choices()
+
+    def resolution_default(self, resolutions: list[int]) -> int:
+        """The resolution a cascade dock starts at: up to 128 px on a CPU (seconds), 512 on a GPU."""
+        cap = 512 if is_gpu(self.device.value) else 128
+        fitting = [r for r in resolutions if r <= cap]
+        return fitting[-1] if fitting else resolutions[0]
 
     def _set_running(self, running: bool) -> None:
         raise NotImplementedError
@@ -239,7 +300,8 @@ class JobWidget(Container):
     def running(self) -> bool:
         return self._job is not None
 
-    def _start(self, fn, what: str, on_result) -> None:
+    def _start(self, fn, what: str, on_result, costs: list[float] | None = None) -> None:
+        """Start ``fn`` (see :func:`start_job`); ``costs``: the relative cost of its stages, for the time left."""
         if self._job is not None:
             show_info("a job is running: wait for it or press Cancel.")
             return
@@ -247,14 +309,35 @@ class JobWidget(Container):
             show_error("choose a model first (or a model folder).")
             return
         self.last_progress = None
+        self._time = TimeLeft(costs)
+        self._shown = (None, "", 0.0)
+        self.progress_bar.value = 0
         self.status.value = f"{what}: loading the model"
         self._set_running(True)
-        self._job = start_job(fn, what=what, on_progress=self._on_progress, on_result=on_result,
-                              on_error=self._on_error, on_cancel=self._on_cancel, on_finish=self._on_finish)
+
+        def done(result):
+            self.progress_bar.value = self.progress_bar.max
+            on_result(result)
+
+        self._job = start_job(fn, what=what, on_progress=self._on_progress, on_result=done,
+                              on_error=self._on_error, on_cancel=self._on_cancel, on_finish=self._on_finish,
+                              describe=self._describe_step)
+
+    def _stage_words(self, p: Progress) -> str:
+        """The stage in plain words (docks with a cascade know its base resolution)."""
+        return plain_stage(p.stage)
 
     def _on_progress(self, p: Progress) -> None:
         self.last_progress = p
-        self.status.value = str(p)
+        self._time.update(p, self._job.relay.last_sent if self._job is not None else None)
+        text = f"{self._stage_words(p)} ({p.step}/{p.total}){self._time.text()}"
+        self._shown = (p, text, self._time.fraction)
+        self.progress_bar.value = int(min(self._time.fraction, 1.0) * self.progress_bar.max)
+        self.status.value = text
+
+    def _describe_step(self, p: Progress) -> tuple[str, float]:
+        shown, text, fraction = self._shown
+        return (text, fraction) if shown is p else _plain(p)
 
     def _on_error(self, exc: BaseException) -> None:
         if not isinstance(exc, UserInputError):
@@ -311,11 +394,25 @@ class CascadeJobWidget(JobWidget):
             return None
         self._cascade = cascade
         self.resolution.reset_choices()
-        self.resolution.value = cascade.resolutions[-1]
+        self.resolution.value = self.resolution_default(cascade.resolutions)
         return cascade
 
     def _resolutions(self, *_) -> list[int]:
         return [] if self._cascade is None else self._cascade.resolutions
+
+    def _stage_words(self, p: Progress) -> str:
+        base = self._cascade.resolutions[0] if self._cascade is not None else 64
+        return plain_stage(p.stage, base)
+
+    def _stage_costs(self, resolution: int, steps: int, sr_steps: int, planes: int = 1,
+                     first: int | None = None) -> list[float] | None:
+        """The relative cost of each stage of a job up to ``resolution`` (from ``first`` px on, for an
+        upsampling), for the time left."""
+        if self._cascade is None:
+            return None
+        res = [r for r in self._cascade.resolutions if r <= resolution and (first is None or r >= first)]
+        return cascade_costs(res, steps, sr_steps, planes) if first is None else \
+            cascade_costs([0, *res], 0, sr_steps)[1:]
 
 
 __all__ = ["MAX_SEED", "CascadeJobWidget", "ItemRelay", "Job", "JobWidget", "ProgressRelay", "error_message", "row",

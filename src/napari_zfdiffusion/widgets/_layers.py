@@ -56,4 +56,33 @@ def shown_image(viewer, layer: Image, purpose: str) -> tuple[np.ndarray, int | N
     return np.asarray(data[plane]), plane
 
 
-__all__ = ["PROVENANCE_KEY", "generated_provenance", "image_layers", "layer_geometry", "layer_image", "shown_image", "shown_plane"]
+def unique_name(viewer, name: str) -> str:
+    """``name`` if no layer has it, else ``name 2``, ``name 3``, ... (the first one free)."""
+    taken = {layer.name for layer in viewer.layers}
+    if name not in taken:
+        return name
+    k = 2
+    while f"{name} {k}" in taken:
+        k += 1
+    return f"{name} {k}"
+
+
+def data_limits(data: np.ndarray, low: float = 0.1, high: float = 99.9) -> tuple[float, float]:
+    """Contrast limits from the data: its ``low`` and ``high`` percentiles (on at most about a million
+    values, evenly strided), widened where the data is flat."""
+    a = np.asarray(data)
+    step = max(1, a.size // 1_000_000)
+    values = a.reshape(-1)[::step].astype(np.float32, copy=False)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
+    if not hi > lo:
+        lo, hi = float(values.min()), float(values.max())
+    if not hi > lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+__all__ = ["PROVENANCE_KEY", "data_limits", "generated_provenance", "image_layers", "layer_geometry", "layer_image",
+           "shown_image", "shown_plane", "unique_name"]

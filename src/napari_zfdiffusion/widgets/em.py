@@ -9,12 +9,18 @@ and minimum object size only for a paired model, which generates masks), and a b
 answered by a notification. The weights load in the worker on the first job and stay cached.
 
 Encode / decode takes the chosen Image layer's plane shown now (a 2D layer as is) and adds the
-reconstruction next to it, with MSE / PSNR / SSIM in the status. A layer made by this plugin is
-taken as already in [0, 1]; any other is normalised like the training data.
+reconstruction next to it, in the source's intensity range and with its contrast limits, and the
+difference (reconstruction - source, clipped to the range the model sees) as a third layer, with
+MSE / PSNR / SSIM in the status. A layer made by this plugin is taken as already in [0, 1]; any
+other is normalised like the training data.
+
+Layer names say what the model makes ("nuclei patches s0-3" for nuclei-ldm-demo, "EM patches ..."
+for em-ldm-demo: the subject is the model's name without -ldm, -demo, ...) and are made unique.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,11 +31,19 @@ from napari.utils.notifications import show_error
 
 from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ..core.errors import UserInputError
+from ..core.images import Normalisation
 from ..core.latent import Autoencoder, LatentModel, describe
 from ..core.provenance import stamp
 from ..core.store import model_kind, read_card, resolve_model
 from ._jobs import JobWidget, error_message
-from ._layers import PROVENANCE_KEY, generated_provenance, image_layers, shown_image
+from ._layers import (
+    PROVENANCE_KEY,
+    data_limits,
+    generated_provenance,
+    image_layers,
+    shown_image,
+    unique_name,
+)
 from ._models import cached_model, get_model
 from ._models import model_choices as _choices
 
@@ -49,42 +63,71 @@ def loader_for(card: dict) -> type[Autoencoder]:
     return LatentModel if card.get("kind") == "latent" else Autoencoder
 
 
+_GENERIC = {"ldm", "latent", "vae", "demo", "model", "diffusion", "autoencoder", "patches"}
+
+
+def subject(model_name: str) -> str:
+    """What a latent model makes, from its name: "nuclei-ldm-demo" -> "nuclei", "em-ldm-demo" -> "EM";
+    a name of generic words only -> "generated"."""
+    words = [w for w in re.split(r"[-_ ]+", model_name) if w and w.lower() not in _GENERIC]
+    if not words:
+        return "generated"
+    text = "-".join(words)
+    return text.upper() if len(text) <= 3 else text
+
+
+def seeds_text(seed: int, n: int) -> str:
+    """"s3" for one patch, "s3-6" for four (patch i has seed + i)."""
+    return f"s{seed}" + (f"-{seed + n - 1}" if n > 1 else "")
+
+
 class GenerateEMWidget(JobWidget):
     """Generate EM patches (with masks and labels for a paired model); encode / decode a layer.
 
     Job handling (start, progress, cancel, errors, :meth:`wait`) comes from :class:`JobWidget`.
     """
 
+    GUIDE_SECTION = "generate-em-patches-in-napari"
+
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(viewer, labels=True, label="Generate EM patches")
+        super().__init__(viewer, label="Generate EM patches")
         self._card: dict | None = None
         self.last_figures: dict | None = None
 
-        self.title = Label(value="<b>Generate</b>")
-        self._model_rows(model_choices(), "bundled and user latent models (`zfdiffusion models`)",
+        self._model_rows(model_choices(), "the patch model (latent diffusion; some also make masks): bundled, "
+                                          "your own, or downloadable (`zfdiffusion models`)",
                          "a folder made by `zfdiffusion train ldm` (or `train vae`: encode / decode only)")
-        self.info = Label(label="about", value="")
-        self.n_patches = SpinBox(label="patches", value=4, min=1, max=256)
-        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER)
-        self.steps = SpinBox(label="steps", value=50, min=1, max=1000)
-        seed_row = self._seed_row("patch i is the same as patch 0 of a run with seed + i")
+        self.info = Label(label="about", value="", tooltip="what the chosen model makes and how well its "
+                                                           "autoencoder keeps held-out images")
+        self.n_patches = SpinBox(label="patches", value=4, min=1, max=256,
+                                 tooltip="how many patches to make (patch i uses seed + i)")
+        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER,
+                                tooltip="the denoising method: dpmsolver++ needs few steps (25-50); ddim a few "
+                                        "more; ddpm many (hundreds)")
+        self.steps = SpinBox(label="steps", value=50, min=1, max=1000,
+                             tooltip="denoising steps: more is slower and a little cleaner")
+        seed_row = self._seed_row("seed: patch i is the same as patch 0 of a run with seed + i")
         self.threshold = FloatSpinBox(label="mask threshold", value=0.5, min=0.01, max=0.99, step=0.05,
-                                      tooltip="foreground probability above which a pixel is in an object")
+                                      tooltip="mask threshold (models with masks): how sure the model must be "
+                                              "that a pixel is in an object; lower gives larger objects")
         self.min_size = SpinBox(label="min object size", value=16, min=0, max=1_000_000,
                                 tooltip="objects smaller than this many pixels are dropped from the labels")
-        self.keep_probability = CheckBox(text="add mask probability (hidden)", value=True)
-        self.generate_button, buttons = self._run_row("Generate", self.generate)
-        self.section = Label(value="<b>Encode / decode</b>")
-        self.layer = ComboBox(label="image layer", choices=self._image_layers,
-                              tooltip="a 2D image, or the plane shown now of a stack (follows the "
-                                      "layer selected in the layer list)")
-        self.roundtrip_button = PushButton(text="Encode / decode")
-        self.status = Label(label="status", value="")
-        self.extend([self.title, self.model, self.model_folder, self.info, self.n_patches, self.sampler,
-                     self.steps, seed_row, self.device, self.threshold, self.min_size, self.keep_probability,
-                     buttons, self.section, self.layer, self.roundtrip_button, self.status])
-        for w in (self.title, self.section, self.info, self.status):
-            w.native.setWordWrap(True)
+        self.keep_probability = CheckBox(text="add mask probability (hidden)", value=True,
+                                         tooltip="also add the mask probability as a hidden image layer, to "
+                                                 "compare with the labels when choosing a threshold")
+        self.generate_button, buttons = self._run_row("Generate", self.generate,
+                                                      "generate patches with these settings (in the background)")
+        self.layer = ComboBox(label="encode / decode", choices=self._image_layers,
+                              tooltip="an image layer to send through the model's autoencoder: a 2D image, or "
+                                      "the plane shown now of a stack (follows the layer selected in the list)")
+        self.roundtrip_button = PushButton(text="Encode / decode",
+                                           tooltip="encode and decode the chosen layer: what the model can "
+                                                   "represent of your images (adds the reconstruction and the "
+                                                   "difference)")
+        self.info.native.setWordWrap(True)
+        self._lay_out([self.model, self.info, self.n_patches, self.threshold, self.min_size, self.keep_probability],
+                      [self.sampler, self.steps, seed_row, self.device, self.device_info, self.model_folder],
+                      [buttons, self.layer, self.roundtrip_button])
 
         self.roundtrip_button.changed.connect(lambda *_: self.roundtrip())
         viewer.layers.selection.events.active.connect(self._follow_selection)
@@ -179,9 +222,11 @@ class GenerateEMWidget(JobWidget):
         def done(out):
             m, result = out
             self._loaded(m)
-            self._add_patches(result, f"EM patches ({m.name}, seed {params['seed']})", keep)
+            self._add_patches(result, m.name, seeds_text(params["seed"], params["n"]), keep)
 
-        self._start(job, "generating EM patches", done)
+        name = Path(model).name if model else "model"
+        # sampling steps of every batch, then decoding (a decoded patch costs about as much as 2 steps)
+        self._start(job, f"generating {subject(name)} patches", done, [params["steps"] * params["n"], 2 * params["n"]])
 
     def roundtrip(self, layer: Image | None = None) -> None:
         """Start encoding and decoding ``layer`` (default: the chosen one) through the autoencoder."""
@@ -198,7 +243,7 @@ class GenerateEMWidget(JobWidget):
         ours = generated_provenance(layer) is not None
         model, device = self.model.value, self.device.value
         loader = loader_for(self._card or {})
-        name = f"{layer.name}{'' if plane is None else f' [plane {plane}]'} (autoencoded)"
+        name = f"{layer.name}{'' if plane is None else f' [plane {plane}]'}"
 
         def job(callback, token):
             m = get_model(loader, model, device)
@@ -208,41 +253,67 @@ class GenerateEMWidget(JobWidget):
         def done(out):
             m, rec, figures = out
             self._loaded(m)
-            self._add_roundtrip(layer, rec, figures, name, stamp(
+            self._add_roundtrip(layer, image, rec, figures, name, m.name, None if ours else m.normalisation, stamp(
                 "zfdiffusion.autoencode", model=m, device=m.device, operation="roundtrip", source_layer=layer.name,
                 plane=plane, normalised=not ours, input_shape=list(image.shape), **figures))
 
         self._start(job, "encoding / decoding", done)
 
     # ------------------------------------------------------------ results
-    def _add_patches(self, result, name: str, keep_probability: bool) -> None:
+    def _add_patches(self, result, model: str, seeds: str, keep_probability: bool) -> None:
+        """Patches "<subject> patches <seeds>", their labels and (hidden) mask probability, named uniquely."""
         meta = {PROVENANCE_KEY: result.provenance}
-        image = self._viewer.add_image(result.images.astype(np.float32, copy=False), name=name, contrast_limits=(0, 1),
-                               colormap="gray", metadata=meta)
+        what = subject(model)
+        tail = f" {seeds}" + ("" if what == model else f" ({model})")
+        images = result.images.astype(np.float32, copy=False)
+        image = self._viewer.add_image(images, name=unique_name(self._viewer, f"{what} patches{tail}"),
+                                       contrast_limits=data_limits(images), colormap="gray", metadata=meta)
         if result.masks is not None and keep_probability:
-            self._viewer.add_image(result.masks.astype(np.float32, copy=False), name=f"{name} mask probability",
+            self._viewer.add_image(result.masks.astype(np.float32, copy=False),
+                                   name=unique_name(self._viewer, f"{what} mask probability{tail}"),
                                    contrast_limits=(0, 1), colormap="magma", blending="additive",
                                    visible=False, metadata=meta)
         if result.labels is not None:
-            labels = self._viewer.add_labels(result.labels, name=f"{name} labels", opacity=0.8, metadata=meta)
+            labels = self._viewer.add_labels(result.labels, name=unique_name(self._viewer, f"{what} labels{tail}"),
+                                             opacity=0.8, metadata=meta)
             labels.contour = 1  # outlines: the patch stays visible under its objects
         self.layer.value = image  # not the (hidden) probability napari just selected
         n_obj = "" if result.labels is None else \
             f", {sum(len(np.unique(lab)) - 1 for lab in result.labels)} objects"
-        self.status.value = f"added '{name}' ({len(result.images)} patches{n_obj})"
+        self.status.value = f"added '{image.name}' ({len(result.images)} patches{n_obj})"
 
-    def _add_roundtrip(self, source: Image, rec: np.ndarray, figures: dict, name: str, prov: dict) -> None:
+    def _add_roundtrip(self, source: Image, image: np.ndarray, rec: np.ndarray, figures: dict, name: str,
+                       model: str, norm: Normalisation | None, prov: dict) -> None:
+        """The reconstruction in the source's intensity range (the percentiles the model's normalisation
+        mapped to 0 and 1; [0, 1] for a layer of ours) with the source's contrast limits, and the
+        difference from the source clipped to that range (what the model sees), just above the source."""
+        if norm is None:
+            lo, hi = 0.0, 1.0
+        else:
+            lo, hi = (float(v) for v in np.percentile(np.asarray(image, np.float32), [norm.low, norm.high]))
+            hi = hi if hi > lo else lo + 1.0
+        back = rec.astype(np.float32) * (hi - lo) + lo
+        diff = back - np.clip(np.asarray(image, np.float32), lo, hi)
+        place = {"scale": source.scale[-2:], "translate": source.translate[-2:], "units": tuple(source.units)[-2:]}
+        limits = tuple(source.contrast_limits) if source in self._viewer.layers else data_limits(back)
+        prov = dict(prov, intensity_range=[lo, hi])
+        layer = self._viewer.add_image(back, name=unique_name(self._viewer, f"{name} (autoencoded, {model})"),
+                                       contrast_limits=limits, colormap="gray", metadata={PROVENANCE_KEY: prov},
+                                       **place)
+        span = float(np.percentile(np.abs(diff), 99.5)) or 1.0
+        delta = self._viewer.add_image(diff, name=unique_name(self._viewer, f"{name} (difference, {model})"),
+                                       contrast_limits=(-span, span), colormap="PiYG", visible=False,
+                                       metadata={PROVENANCE_KEY: dict(prov, operation="roundtrip difference")},
+                                       **place)
         layers = self._viewer.layers
-        layer = self._viewer.add_image(rec.astype(np.float32, copy=False), name=name, contrast_limits=(0, 1),
-                                       colormap="gray", scale=source.scale[-2:], translate=source.translate[-2:],
-                                       units=tuple(source.units)[-2:],
-                                       metadata={PROVENANCE_KEY: prov})
-        if source in layers:  # next to (just above) its source in the layer list
-            layers.move(layers.index(layer), layers.index(source) + 1)
+        if source in layers:  # next to (just above) its source in the layer list, the reconstruction on top
+            layers.move(layers.index(delta), layers.index(source) + 1)
+            layers.move(layers.index(layer), layers.index(source) + 2)
             self.layer.value = source  # a second press encodes the source again, not its reconstruction
         self.last_figures = figures
-        self.status.value = (f"'{name}': MSE {figures['mse']:.4f}, PSNR {figures['psnr']:.1f} dB, "
-                             f"SSIM {figures['ssim']:.3f} (latent {'x'.join(map(str, figures['latent_shape']))})")
+        self.status.value = (f"added '{layer.name}' and its difference: MSE {figures['mse']:.4f}, PSNR "
+                             f"{figures['psnr']:.1f} dB, SSIM {figures['ssim']:.3f} "
+                             f"(latent {'x'.join(map(str, figures['latent_shape']))})")
 
 
 __all__ = ["GenerateEMWidget", "model_choices"]

@@ -22,7 +22,15 @@ from napari.utils.notifications import show_error
 from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ..core.errors import UserInputError
 from ._jobs import CascadeJobWidget, row
-from ._layers import PROVENANCE_KEY, generated_provenance, layer_image, layer_geometry, shown_plane
+from ._layers import (
+    PROVENANCE_KEY,
+    data_limits,
+    generated_provenance,
+    layer_geometry,
+    layer_image,
+    shown_plane,
+    unique_name,
+)
 from ._models import cascade_choices, get_cascade
 
 if TYPE_CHECKING:
@@ -37,30 +45,51 @@ class GenerateSlicesWidget(CascadeJobWidget):
     Job handling (start, progress, cancel, errors, :meth:`wait`) comes from :class:`JobWidget`.
     """
 
+    GUIDE_SECTION = "generate-slices-in-napari"
+
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(viewer, labels=True)
+        super().__init__(viewer)
         self._cascade: Cascade | None = None
 
-        self._model_rows(cascade_choices(), "bundled and user models (`zfdiffusion models`)",
+        self._model_rows(cascade_choices(), "the slice model (a depth cascade): bundled, your own, or downloadable "
+                                            "(`zfdiffusion models` lists them)",
                          "a cascade model folder made by `zfdiffusion train cascade`")
-        self.depth = Slider(label="depth class", min=0, max=0, tooltip="the plane to generate")
-        self.depth_meaning = Label(label="plane", value="")
+        self.depth = Slider(label="depth class", min=0, max=0,
+                            tooltip="depth: which plane of the specimen to generate (the line below says where it is)")
+        self.depth_meaning = Label(label="plane", value="", tooltip="where this depth class lies in the specimen")
         self.guidance = FloatSpinBox(label="guidance", value=3.0, min=0.0, max=50.0, step=0.5,
-                                     tooltip="0 = unconditional, 1 = conditional, >1 = stronger depth")
-        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER)
-        self.steps = SpinBox(label="steps", value=25, min=1, max=1000, tooltip="steps per stage")
-        self.resolution = ComboBox(label="resolution", choices=self._resolutions)
-        self.n_samples = SpinBox(label="samples", value=1, min=1, max=64)
-        seed_row = self._seed_row()
+                                     tooltip="guidance: how strongly the image follows the chosen depth; 0 ignores "
+                                             "it, 1 follows it as trained, 3 is typical, higher is stronger but "
+                                             "less varied")
+        self.resolution = ComboBox(label="resolution", choices=self._resolutions,
+                                   tooltip="the size of the result in pixels: each step up doubles it and takes "
+                                           "about 4 times longer (starts at 128 on a CPU, 512 on a GPU)")
+        self.n_samples = SpinBox(label="samples", value=1, min=1, max=64,
+                                 tooltip="how many slices to make at once (sample i uses seed + i)")
+        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER,
+                                tooltip="the denoising method: dpmsolver++ needs few steps (20-25); ddim a few "
+                                        "more; ddpm many (hundreds)")
+        self.steps = SpinBox(label="steps", value=25, min=1, max=1000,
+                             tooltip="denoising steps of the first (64 px) stage: more is slower and a little "
+                                     "cleaner")
+        self.sr_steps = SpinBox(label="upscaling steps", value=25, min=1, max=1000,
+                                tooltip="denoising steps of each super-resolution stage (128, 256, 512 px): "
+                                        "fewer is faster, most of the time goes there")
+        seed_row = self._seed_row("seed: the same seed and settings give the same slice; sample i of a batch "
+                                  "uses seed + i")
         self.all_planes = CheckBox(text="all planes", value=False,
-                                   tooltip="for a (N, Y, X) layer: every plane instead of the one shown")
-        self.generate_button, buttons = self._run_row("Generate", self.generate)
-        self.upsample_button = PushButton(text="Upsample selected layer")
-        self.status = Label(label="status", value="")
+                                   tooltip="for a stack layer (N, Y, X): upsample every plane instead of the one "
+                                           "shown")
+        self.generate_button, buttons = self._run_row("Generate", self.generate,
+                                                      "generate slices with these settings (in the background)")
+        self.upsample_button = PushButton(text="Upsample selected layer",
+                                          tooltip="take the selected image layer (a square image, e.g. a 64 px "
+                                                  "slice) through the super-resolution stages up to the resolution")
         up_row = row("", self.upsample_button, self.all_planes)
-        self.extend([self.model, self.model_folder, self.device, self.depth, self.depth_meaning,
-                     self.guidance, self.sampler, self.steps, self.resolution, self.n_samples, seed_row,
-                     buttons, up_row, self.status])
+        self._lay_out([self.model, self.depth, self.depth_meaning, self.guidance, self.resolution, self.n_samples],
+                      [self.sampler, self.steps, self.sr_steps, seed_row, self.device, self.device_info,
+                       self.model_folder],
+                      [buttons, up_row])
 
         self.depth.changed.connect(self._show_depth_meaning)
         self.upsample_button.changed.connect(lambda *_: self.upsample_selected())
@@ -86,7 +115,8 @@ class GenerateSlicesWidget(CascadeJobWidget):
         """The generation parameters as :meth:`Cascade.generate` takes them."""
         return {"depth": int(self.depth.value), "guidance": float(self.guidance.value),
                 "resolution": self.resolution.value, "n": int(self.n_samples.value),
-                "seed": int(self.seed.value), "sampler": self.sampler.value, "steps": int(self.steps.value)}
+                "seed": int(self.seed.value), "sampler": self.sampler.value, "steps": int(self.steps.value),
+                "sr_steps": int(self.sr_steps.value)}
 
     # ------------------------------------------------------------ jobs
     def _set_running(self, running: bool) -> None:
@@ -102,8 +132,8 @@ class GenerateSlicesWidget(CascadeJobWidget):
         def job(callback, token):
             return get_cascade(model, device).generate(**params, callback=callback)
 
-        name = f"depth {params['depth']} seed {params['seed']}"
-        self._start(job, "generating", lambda result: self._add_layer(result, name))
+        self._start(job, "generating", self._add_layer,
+                    self._stage_costs(int(params["resolution"] or 0), params["steps"], params["sr_steps"]))
 
     def upsample_selected(self) -> None:
         """Start upsampling the selected Image layer (see the module docstring for which planes)."""
@@ -117,12 +147,13 @@ class GenerateSlicesWidget(CascadeJobWidget):
             show_error(str(e))
             return
         plane = None
+        seed = int(self.seed.value)
         if data.ndim == 3 and not self.all_planes.value:
             plane = shown_plane(self._viewer, layer, data)
             data = data[plane]
-            name = f"{layer.name} [plane {plane}] x{self.resolution.value}"
+            name = f"{layer.name} [plane {plane}] {self.resolution.value}px s{seed}"
         else:
-            name = f"{layer.name} x{self.resolution.value}"
+            name = f"{layer.name} {self.resolution.value}px s{seed}"
         image = np.asarray(data)
         prov = generated_provenance(layer)
         ours = prov is not None and ("depth" in prov or "depths" in prov)
@@ -132,8 +163,8 @@ class GenerateSlicesWidget(CascadeJobWidget):
         elif ours and plane is not None and plane < len(prov["depths"]):  # one plane of a generated volume
             depth = int(prov["depths"][plane])
         model, device = self.model.value, self.device.value
-        kw = {"resolution": self.resolution.value, "seed": int(self.seed.value), "sampler": self.sampler.value,
-              "steps": int(self.steps.value), "normalise": not ours}
+        kw = {"resolution": self.resolution.value, "seed": seed, "sampler": self.sampler.value,
+              "steps": int(self.sr_steps.value), "normalise": not ours}
 
         def job(callback, token):
             return get_cascade(model, device).upsample(image, depth, callback=callback, **kw)
@@ -144,17 +175,26 @@ class GenerateSlicesWidget(CascadeJobWidget):
                 result.provenance["source"] = prov
             self._add_layer(result, name)
 
-        self._start(job, "upsampling", done)
+        larger = [r for r in (self._cascade.resolutions if self._cascade else []) if r > image.shape[-1]]
+        costs = self._stage_costs(int(kw["resolution"] or 0), 0, kw["steps"], first=larger[0]) if larger else None
+        self._start(job, "upsampling", done, costs)
 
-    def _add_layer(self, result, name: str) -> None:
+    def _add_layer(self, result, name: str | None = None) -> None:
+        """A result as a layer named ``name`` (default: model, depth, resolution, seed), made unique."""
         images = result.images.astype(np.float32, copy=False)
         if len(images) == 1:  # one sample: a 2D layer, shown whatever plane another stack is at
             images = images[0]
+        if name is None:
+            prov = result.provenance
+            seeds = prov.get("seeds") or [prov.get("seed", 0)]
+            seed = f"s{seeds[0]}" + (f"-{seeds[-1]}" if len(seeds) > 1 else "")
+            name = f"{prov.get('model', 'slices')} d{prov.get('depth')} {prov.get('resolution')}px {seed}"
         # micrometres, when the model knows its pixel size: all resolutions of one field overlay
         geometry = layer_geometry(result.provenance.get("pixel_size_um"), images.ndim, z=False)
-        self._viewer.add_image(images, name=name, contrast_limits=(0, 1), colormap="gray",
-                               metadata={PROVENANCE_KEY: result.provenance}, **geometry)
-        self.status.value = f"added '{name}'"
+        layer = self._viewer.add_image(images, name=unique_name(self._viewer, name), colormap="gray",
+                                       contrast_limits=data_limits(images),
+                                       metadata={PROVENANCE_KEY: result.provenance}, **geometry)
+        self.status.value = f"added '{layer.name}'"
 
 
 __all__ = ["GenerateSlicesWidget"]

@@ -15,10 +15,14 @@ and optionally an Image layer "<layer> probability" (the
 foreground probability, float32 in [0, 1]). It is added *hidden*: with additive blending and the
 magma colormap it would brighten the whole image and hide the objects; tick its eye to compare it
 with the labels when choosing a threshold. Both carry the provenance in ``metadata["zfdiffusion"]``.
+With "replace previous result" (on by default) a new run on the same source layer removes the
+layers of this dock's previous run on it first, so the new ones take their names; off, the new
+ones are added beside them ("<layer> labels 2").
 """
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,12 +32,11 @@ from napari.utils.notifications import show_error, show_info
 from napari.viewer import Viewer
 
 from ..core.errors import UserInputError
-from ..core.progress import Progress
 from ..core.segment import Segmenter, describe
 from ..core.segment.segmenter import KIND
 from ..core.store import model_kind, read_card, resolve_model
 from ._jobs import JobWidget, error_message
-from ._layers import PROVENANCE_KEY, image_layers
+from ._layers import PROVENANCE_KEY, image_layers, unique_name
 from ._models import get_model
 from ._models import model_choices as _choices
 
@@ -78,19 +81,24 @@ class SegmentWidget(JobWidget):
     Job handling (start, progress, cancel, errors, :meth:`wait`) comes from :class:`JobWidget`.
     """
 
+    GUIDE_SECTION = "segment-in-napari"
+
     def __init__(self, viewer: napari.viewer.Viewer):  # this spelling: napari passes the viewer by it
-        super().__init__(viewer, labels=True, label="Segment")
+        super().__init__(viewer, label="Segment")
         self._card: dict | None = None
         self._model_error = ""
+        self._results: dict[int, tuple[weakref.ref, list[Layer]]] = {}  # id(source) -> (source, its last result)
 
         self.layer = ComboBox(label="image layer", choices=self._image_layers, nullable=True,
                               tooltip="a 2D image, a (N, Y, X) z-stack or time series (plane by plane), or RGB "
                                       "(made grayscale); follows the layer selected in the layer list")
         self._model_rows(model_choices(), "bundled and user segmentation models (`zfdiffusion models`)",
                          "a folder made by `zfdiffusion train unet`")
-        self.info = Label(label="about", value="")
+        self.info = Label(label="about", value="", tooltip="what the chosen model was trained on, how well it did "
+                                                           "on held-out images, and the object size it learned")
         self.threshold = FloatSpinBox(label="threshold", value=DEFAULTS["threshold"], min=0.01, max=0.99, step=0.05,
-                                      tooltip="foreground probability above which a pixel belongs to an object")
+                                      tooltip="threshold: how sure the model must be that a pixel belongs to an "
+                                              "object; lower gives larger objects and more of the dim ones")
         self.tile = SpinBox(label="tile size", value=DEFAULTS["tile"], min=32, max=4096, step=32,
                             tooltip="the image is processed in square tiles of this size (pixels); larger "
                                     "tiles are faster on a GPU and need more memory")
@@ -113,16 +121,21 @@ class SegmentWidget(JobWidget):
                                       "neighbouring planes); 'planes' segments each plane on its own (time "
                                       "series). Chosen from the layer's axis labels and scale")
         self.add_probability = CheckBox(text="add probability map (hidden)", value=False,
-                                        tooltip="also add the foreground probability as an Image layer")
-        self.segment_button, buttons = self._run_row("Segment", self.segment)
-        self.status = Label(label="status", value="")
-        self.extend([self.layer, self.model, self.model_folder, self.info, self.diameter, self.auto_diameter,
-                     self.stack, self.threshold, self.tile, self.overlap, self.min_size, self.use_interior,
-                     self.add_probability, self.device, buttons, self.status])
+                                        tooltip="also add the foreground probability as a hidden image layer, to "
+                                                "compare with the labels when choosing a threshold")
+        self.replace = CheckBox(text="replace previous result", value=True,
+                                tooltip="a new run on the same layer replaces the labels (and probability) this "
+                                        "dock made from it last time; off: they are kept and new ones added")
+        self.segment_button, buttons = self._run_row("Segment", self.segment,
+                                                     "segment the chosen layer with these settings (in the "
+                                                     "background)")
+        self._lay_out([self.layer, self.model, self.info, self.diameter, self.auto_diameter, self.stack,
+                       self.threshold, self.min_size, self.use_interior, self.add_probability, self.replace],
+                      [self.tile, self.overlap, self.device, self.device_info, self.model_folder],
+                      [buttons])
         self.auto_diameter.changed.connect(lambda v: setattr(self.diameter, "enabled", not v))
         self.layer.changed.connect(self._default_stack)
-        for w in (self.info, self.status):
-            w.native.setWordWrap(True)
+        self.info.native.setWordWrap(True)
 
         viewer.layers.selection.events.active.connect(self._follow_selection)
         register_layer_context_menu()
@@ -216,10 +229,6 @@ class SegmentWidget(JobWidget):
         self.cancel_button.enabled = running
         self.use_interior.enabled = self.has_interior
 
-    def _on_progress(self, p: Progress) -> None:
-        self.last_progress = p
-        self.status.value = f"segmenting: {p.stage} {p.step}/{p.total}"
-
     def segment(self, layer: Image | None = None, **overrides) -> None:
         """Start segmenting ``layer`` (default: the chosen one); ``overrides`` replace some parameters."""
         layer = self.layer.value if layer is None else layer
@@ -264,14 +273,18 @@ class SegmentWidget(JobWidget):
         meta = {PROVENANCE_KEY: prov}
         place = {"scale": source.scale, "translate": source.translate, "rotate": source.rotate,
                  "shear": source.shear, "units": source.units, "axis_labels": source.axis_labels}
+        replaced = self._remove_previous(source) if self.replace.value else 0
         added = []
         if keep_probability:
-            added.append(self._viewer.add_image(result.probability, name=f"{source.name} probability",
+            added.append(self._viewer.add_image(result.probability,
+                                                name=unique_name(self._viewer, f"{source.name} probability"),
                                                 colormap="magma", blending="additive", contrast_limits=(0, 1),
                                                 visible=False, metadata=meta, **place))
-        labels = self._viewer.add_labels(result.labels, name=f"{source.name} labels", metadata=meta, **place)
+        labels = self._viewer.add_labels(result.labels, name=unique_name(self._viewer, f"{source.name} labels"),
+                                         metadata=meta, **place)
         labels.contour = 1  # outlines, as for generated masks: the image stays visible, so the fit can be judged
         added.append(labels)
+        self._results[id(source)] = (weakref.ref(source), list(added))
         layers = self._viewer.layers
         layers.selection.active = labels
         if source in layers:  # the source may have been deleted while the job ran
@@ -282,7 +295,19 @@ class SegmentWidget(JobWidget):
             show_info(f"zfdiffusion: {note}")
         shape = result.labels.shape
         planes = "" if result.labels.ndim == 2 else f" in {shape[0]} planes"
-        self.status.value = f"added '{labels.name}': {result.n_objects} objects{planes} ({prov['labels_from']})"
+        again = " (replacing the previous result)" if replaced else ""
+        self.status.value = (f"added '{labels.name}'{again}: {result.n_objects} objects{planes} "
+                             f"({prov['labels_from']})")
+
+    def _remove_previous(self, source: Image) -> int:
+        """Remove the layers of this dock's previous run on ``source`` that are still open; how many."""
+        ref, earlier = self._results.pop(id(source), (None, []))
+        if ref is None or ref() is not source:
+            return 0
+        gone = [layer for layer in earlier if layer in self._viewer.layers]
+        for layer in gone:
+            self._viewer.layers.remove(layer)
+        return len(gone)
 
 
 def _is_stack(layer) -> bool:

@@ -3,7 +3,8 @@
 The widget gathers parameters, starts a worker (:mod:`._jobs`) and fills one layer; all computing
 is :meth:`Cascade.generate_volume` from the GUI-free core.
 
-One 3D Image layer "volume d<first>-<last> s<seed>" of zeros (Z, R, R) is added when a job starts.
+One 3D Image layer "<model> volume d<first>-<last> <R>px s<seed>" of zeros (Z, R, R) is added when a
+job starts.
 Each plane is sent from the worker thread, as soon as it is done, through a queued signal
 (:class:`ItemRelay`): the GUI thread writes it into the layer and moves the viewer to it. At the end
 the layer gets the provenance in ``metadata["zfdiffusion"]``. Cancel (or an error) keeps the planes
@@ -21,14 +22,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, FloatSpinBox, Label, ProgressBar, SpinBox
+from magicgui.widgets import ComboBox, FloatSpinBox, Label, SpinBox
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
+from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ..core.errors import UserInputError
-from ..core.progress import Progress
 from ._jobs import CascadeJobWidget, ItemRelay
-from ._layers import PROVENANCE_KEY, generated_provenance, image_layers, layer_image, layer_geometry, shown_plane
+from ._layers import (
+    PROVENANCE_KEY,
+    data_limits,
+    generated_provenance,
+    image_layers,
+    layer_geometry,
+    layer_image,
+    shown_plane,
+    unique_name,
+)
 from ._models import cascade_choices, get_cascade
 
 if TYPE_CHECKING:
@@ -36,8 +46,8 @@ if TYPE_CHECKING:
 
     from ..core.cascade import Cascade
 
-CONTINUITY_TIP = ("weight of the plane above: 0 = planes made independently, 1 = follow the plane above "
-                  "as trained, >1 = stronger")
+CONTINUITY_TIP = ("continuity: how closely each plane follows the plane above it; 0 makes every plane on "
+                  "its own, 1 follows it as trained (typical), higher follows it more closely")
 NO_CONTINUITY_TIP = ("this model is not a volume model (trained without --continuity): each plane is made "
                      "on its own (continuity guidance 0). Train one with `zfdiffusion train cascade "
                      "--continuity`.")
@@ -60,38 +70,53 @@ class GenerateVolumeWidget(CascadeJobWidget):
     Job handling (start, progress, cancel, errors, :meth:`wait`) comes from :class:`JobWidget`.
     """
 
+    GUIDE_SECTION = "generate-volumes-in-napari"
+
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(viewer, labels=True)
+        super().__init__(viewer)
         self._cascade: Cascade | None = None
         self._run: _Run | None = None
         self._planes = ItemRelay()  # (run, k, plane) from the worker thread, queued to the GUI thread
         self._planes.item.connect(self._on_plane)
 
-        self._model_rows(cascade_choices(), "bundled and user cascade models (`zfdiffusion models`)",
+        self._model_rows(cascade_choices(), "the volume model (a depth cascade trained with --continuity): "
+                                            "bundled, your own, or downloadable (`zfdiffusion models`)",
                          "a cascade model folder made by `zfdiffusion train cascade`")
-        self.first_depth = SpinBox(label="first depth", min=0, max=0, tooltip="the top plane's depth class")
-        self.first_meaning = Label(label="", value="")
-        self.last_depth = SpinBox(label="last depth", min=0, max=0, tooltip="the bottom plane's depth class")
-        self.last_meaning = Label(label="", value="")
-        self.resolution = ComboBox(label="resolution", choices=self._resolutions)
+        self.first_depth = SpinBox(label="first depth", min=0, max=0,
+                                   tooltip="the depth class of the top plane of the volume")
+        self.first_meaning = Label(label="", value="", tooltip="where the top plane lies in the specimen")
+        self.last_depth = SpinBox(label="last depth", min=0, max=0,
+                                  tooltip="the depth class of the bottom plane (one plane per depth class)")
+        self.last_meaning = Label(label="", value="", tooltip="where the bottom plane lies in the specimen")
+        self.resolution = ComboBox(label="resolution", choices=self._resolutions,
+                                   tooltip="the size of each plane in pixels: each step up doubles it and takes "
+                                           "about 4 times longer (starts at 128 on a CPU, 512 on a GPU)")
         self.guidance = FloatSpinBox(label="depth guidance", value=3.0, min=0.0, max=50.0, step=0.5,
-                                     tooltip="0 = unconditional, 1 = conditional, >1 = stronger depth")
+                                     tooltip="guidance: how strongly each plane follows its depth; 0 ignores it, "
+                                             "1 follows it as trained, 3 is typical")
         self.continuity = FloatSpinBox(label="continuity guidance", value=1.0, min=0.0, max=50.0, step=0.25,
                                        tooltip=CONTINUITY_TIP)
-        self.steps = SpinBox(label="steps", value=25, min=1, max=1000, tooltip="steps per stage and plane")
-        seed_row = self._seed_row()
+        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER,
+                                tooltip="the denoising method: dpmsolver++ needs few steps (20-25); ddim a few "
+                                        "more; ddpm many (hundreds)")
+        self.steps = SpinBox(label="steps", value=25, min=1, max=1000,
+                             tooltip="denoising steps of the first (64 px) stage of each plane")
+        self.sr_steps = SpinBox(label="upscaling steps", value=25, min=1, max=1000,
+                                tooltip="denoising steps of each super-resolution stage of each plane: fewer is "
+                                        "faster, most of the time goes there")
+        seed_row = self._seed_row("seed: the same seed and settings give the same volume")
         self.start_layer = ComboBox(label="start from layer", choices=self._image_layers, nullable=True,
-                                    tooltip="none: generate the first plane too. An Image layer: its plane "
-                                            "shown now is the first plane, and the volume continues from it")
+                                    tooltip="none: generate the first plane too. An image layer: the plane it "
+                                            "shows now becomes the first plane, and the volume continues from it")
         self.start_layer.null_string = "none"
         self.start_layer.reset_choices()
-        self.generate_button, buttons = self._run_row("Generate", self.generate)
-        self.progress_bar = ProgressBar(label="progress", value=0, min=0, max=1000)
-        self.status = Label(label="status", value="")
-        self.extend([self.model, self.model_folder, self.device, self.first_depth, self.first_meaning,
-                     self.last_depth, self.last_meaning, self.resolution, self.guidance, self.continuity,
-                     self.steps, seed_row, self.start_layer, buttons, self.progress_bar, self.status])
-        self.status.native.setWordWrap(True)
+        self.generate_button, buttons = self._run_row("Generate", self.generate,
+                                                      "generate the volume plane by plane (in the background)")
+        self._lay_out([self.model, self.first_depth, self.first_meaning, self.last_depth, self.last_meaning,
+                       self.resolution, self.guidance, self.continuity, self.start_layer],
+                      [self.sampler, self.steps, self.sr_steps, seed_row, self.device, self.device_info,
+                       self.model_folder],
+                      [buttons])
 
         self.first_depth.changed.connect(self._on_first_depth)
         self.last_depth.changed.connect(self._on_last_depth)
@@ -146,7 +171,8 @@ class GenerateVolumeWidget(CascadeJobWidget):
         """The parameters as :meth:`Cascade.generate_volume` takes them (without the first plane)."""
         return {"depths": tuple(range(int(self.first_depth.value), int(self.last_depth.value) + 1)),
                 "guidance": float(self.guidance.value), "continuity_guidance": float(self.continuity.value),
-                "resolution": self.resolution.value, "seed": int(self.seed.value), "steps": int(self.steps.value)}
+                "resolution": self.resolution.value, "seed": int(self.seed.value), "steps": int(self.steps.value),
+                "sr_steps": int(self.sr_steps.value), "sampler": self.sampler.value}
 
     def _first_plane(self) -> tuple[dict, dict]:
         """The first plane from "start from layer": (arguments for the core, what to record)."""
@@ -184,7 +210,8 @@ class GenerateVolumeWidget(CascadeJobWidget):
         params.update(first)
         depths = tuple(params["depths"])
         res = int(params["resolution"])
-        name = f"volume d{depths[0]}-{depths[-1]} s{params['seed']}" if depths else "volume"
+        span = f"d{depths[0]}-{depths[-1]} " if depths else ""
+        name = unique_name(self._viewer, f"{self._cascade.name} volume {span}{res}px s{params['seed']}")
         geometry = layer_geometry(self._cascade.pixel_size_um(res, volume=True), 3)  # the true z-step in 3D
         layer = self._viewer.add_image(np.zeros((max(len(depths), 1), res, res), np.float32), name=name,
                                        contrast_limits=(0, 1), colormap="gray", **geometry)
@@ -198,8 +225,9 @@ class GenerateVolumeWidget(CascadeJobWidget):
             return get_cascade(model, device).generate_volume(
                 **params, callback=callback, on_plane=lambda k, image: relay.item.emit((run, k, image)))
 
-        self.progress_bar.value = 0
-        self._start(job, "generating a volume", self._on_volume)
+        planes = len(depths) - (1 if first else 0)
+        self._start(job, "generating a volume", self._on_volume,
+                    self._stage_costs(res, params["steps"], params["sr_steps"], planes))
 
     def _on_plane(self, item) -> None:
         """A finished plane (GUI thread): into the layer, and the viewer moves to it."""
@@ -211,12 +239,9 @@ class GenerateVolumeWidget(CascadeJobWidget):
         run.done = max(run.done, k + 1)
         axis = self._viewer.dims.ndim - layer.ndim
         self._viewer.dims.set_point(axis, layer.data_to_world((k, 0, 0))[0])
+        layer.contrast_limits = data_limits(layer.data[: run.done])  # from the planes made so far
         layer.refresh()
         self.status.value = f"plane {k + 1}/{run.n_planes} done"
-
-    def _on_progress(self, p: Progress) -> None:
-        super()._on_progress(p)
-        self.progress_bar.value = int(min(p.fraction, 1.0) * self.progress_bar.max)
 
     def _on_volume(self, result) -> None:
         run, self._run = self._run, None
@@ -228,8 +253,8 @@ class GenerateVolumeWidget(CascadeJobWidget):
             else:
                 run.layer.data = result.images.astype(np.float32, copy=False)
             run.layer.metadata[PROVENANCE_KEY] = result.provenance
+            run.layer.contrast_limits = data_limits(run.layer.data)
             run.layer.refresh()
-        self.progress_bar.value = self.progress_bar.max
         self.status.value = f"added '{run.layer.name}' ({run.n_planes} planes)"
 
     def _keep_partial(self, why: str) -> str:
