@@ -23,7 +23,7 @@ signed boundary offset (pixels; + when the predicted outline lies outside the an
 on predicted outline pixels within 10 px of an annotated object). 3D: the cells3d test part (its
 right quarter, all 60 planes) and CHO's test time points, segmented as volumes (planes linked) and as planes, scored by
 3D object F1 at IoU 0.5 against the 3D labels. Writes ``OUT/results/seg_generalist.json`` and
-``.md`` and ``OUT/images/seg_generalist_*.png``. Needs the ``eval`` extra (matplotlib).
+``.md`` and ``OUT/images/seg_generalist_sources.jpg``. Needs the ``eval`` extra (matplotlib).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import PROG, git_commit, output_dirs, plt, run, set_threads, shown_path
+from ._common import PROG, figure_suffix, git_commit, output_dirs, plt, run, save_figure, set_threads, shown_path
 from .seg import MIN_SIZE, crop_window, outlines, pooled
 
 SOURCES = ("hela", "cho", "nuclei3d", "dsb")
@@ -107,6 +107,29 @@ def volumes(seg_root: Path, data: Path) -> dict:
             "cho t 15-19": [(cho[t], cho_lab[t]) for t in range(15, 20)]}
 
 
+class Cache:
+    """Figures already measured, kept in ``RUN/eval_cache.json`` by key (model folder's weights
+    hash, method, data set): a rerun after more models finished measures only what is new."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str, compute):
+        if key not in self.data:
+            self.data[key] = compute()
+            from ..core.io import write_json
+
+            write_json(self.path, self.data)
+        return self.data[key]
+
+
+def model_key(folder: Path) -> str:
+    from ..core.store import weights_sha256
+
+    return f"{folder.name}:{weights_sha256(folder / 'unet')[:12]}"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG + "generalist", description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("runs") / "seggen",
@@ -134,11 +157,14 @@ def main(argv=None) -> int:
                                                                                    for _, m in test[s]))}
                              for s in test},
                     "held_out": {}, "in_domain": {}, "3d": {}}
-    models = {}
+    models, keys = {}, {}
     for name in ["all", *[f"without_{s}" for s in SOURCES]]:
         if (a.run / name / "model.json").is_file():
             models[name] = Segmenter.load(a.run / name, "cpu")
+            keys[name] = model_key(a.run / name)
     before = Segmenter.load(a.before, "cpu")
+    keys["before"] = model_key(before.path)
+    cache = Cache(a.run / "eval_cache.json")
 
     def unet(seg, **kw):
         return lambda im: seg.segment(im, min_size=MIN_SIZE, **kw).labels
@@ -146,27 +172,30 @@ def main(argv=None) -> int:
     # ---- leave one source out
     for s in SOURCES:
         others = [p for o in SOURCES if o != s for p in subsample(train[o])]
-        sigma, md, f1 = tune_baseline(others)
-        row = {"baseline": {"sigma": sigma, "min_distance": md, "train_f1": f1,
-                            **score(test[s], lambda im: otsu_watershed(im, sigma=sigma, min_distance=md,
-                                                                       min_size=MIN_SIZE))}}
-        if f"without_{s}" in models:
-            row["U-Net without it"] = score(test[s], unet(models[f"without_{s}"]))
-            row["U-Net without it, diameter auto"] = score(test[s], unet(models[f"without_{s}"], diameter="auto"))
+        sigma, md, f1 = cache.get(f"tune without {s}", lambda: tune_baseline(others))
+        row = {"baseline": {"sigma": sigma, "min_distance": md, "train_f1": f1, **cache.get(
+            f"otsu {sigma} {md}|{s}", lambda: score(test[s], lambda im: otsu_watershed(
+                im, sigma=sigma, min_distance=md, min_size=MIN_SIZE)))}}
+        m = f"without_{s}"
+        if m in models:
+            row["U-Net without it"] = cache.get(f"{keys[m]}|{s}", lambda: score(test[s], unet(models[m])))
+            row["U-Net without it, diameter auto"] = cache.get(
+                f"{keys[m]} auto|{s}", lambda: score(test[s], unet(models[m], diameter="auto")))
         result["held_out"][s] = row
         print(f"held out {s}: " + "; ".join(f"{k} F1 {v['f1']:.3f} IoU {v['iou']:.3f} off {v['boundary_offset_px']:+.2f}"
                                              for k, v in row.items()))
     # ---- in domain (and the bacteria: outside every training set)
     all_train = [p for o in SOURCES for p in subsample(train[o])]
-    sigma, md, f1 = tune_baseline(all_train)
+    sigma, md, f1 = cache.get("tune all", lambda: tune_baseline(all_train))
     result["baseline_all"] = {"sigma": sigma, "min_distance": md, "train_f1": f1}
     for s in SOURCES + OTHER:
-        row = {"baseline": score(test[s], lambda im: otsu_watershed(im, sigma=sigma, min_distance=md,
-                                                                    min_size=MIN_SIZE)),
-               f"before ({a.before})": score(test[s], unet(before))}
+        row = {"baseline": cache.get(f"otsu {sigma} {md}|{s}", lambda: score(
+                   test[s], lambda im: otsu_watershed(im, sigma=sigma, min_distance=md, min_size=MIN_SIZE))),
+               f"before ({a.before})": cache.get(f"{keys['before']}|{s}", lambda: score(test[s], unet(before)))}
         if "all" in models:
-            row["generalist"] = score(test[s], unet(models["all"]))
-            row["generalist, diameter auto"] = score(test[s], unet(models["all"], diameter="auto"))
+            row["generalist"] = cache.get(f"{keys['all']}|{s}", lambda: score(test[s], unet(models["all"])))
+            row["generalist, diameter auto"] = cache.get(
+                f"{keys['all']} auto|{s}", lambda: score(test[s], unet(models["all"], diameter="auto")))
         result["in_domain"][s] = row
         print(f"in domain {s}: " + "; ".join(f"{k} F1 {v['f1']:.3f} IoU {v['iou']:.3f}" for k, v in row.items()))
     # ---- 3D instances
@@ -175,13 +204,17 @@ def main(argv=None) -> int:
 
         for vname, vols in volumes(seg_root, data_dir()).items():
             row = {}
-            for mode in ("volume", "planes"):
+
+            def f1_3d(mode, vols=vols):
                 tp = fp = fn = 0
                 for img, lab in vols:
                     pred = models["all"].segment(img, min_size=MIN_SIZE, stack=mode).labels
                     m = match_objects(lab, pred)
                     tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
-                row[mode] = {"f1": 2 * tp / max(2 * tp + fp + fn, 1), "tp": tp, "fp": fp, "fn": fn}
+                return {"f1": 2 * tp / max(2 * tp + fp + fn, 1), "tp": tp, "fp": fp, "fn": fn}
+
+            for mode in ("volume", "planes"):
+                row[mode] = cache.get(f"{keys['all']} 3d {mode}|{vname}", lambda mode=mode: f1_3d(mode))
             result["3d"][vname] = row
             print(f"3D {vname}: " + "; ".join(f"{k} F1 {v['f1']:.3f}" for k, v in row.items()))
     out_json = res_dir / "seg_generalist.json"
@@ -232,8 +265,10 @@ def figure(test, models, sigma, md, img_dir: Path) -> None:
     names = list(SOURCES + OTHER)
     fig, axes = pyplot.subplots(len(names), 3, figsize=(9.6, 3.3 * len(names)))
     for i, s in enumerate(names):
-        img, truth = test[s][0]
-        crop = crop_window(img.shape, 0, 0, 256)
+        img, truth = max(test[s], key=lambda pair: len(np.unique(pair[1])))  # the test plane with most objects
+        ys, xs = np.nonzero(truth)
+        cy, cx = (int(ys.mean()), int(xs.mean())) if ys.size else (0, 0)
+        crop = crop_window(img.shape, max(0, cy - 128), max(0, cx - 128), 256)
         view = norm.apply(img)[crop]
         held = models.get(f"without_{s}", models["all"])
         for ax, (title, lab) in zip(axes[i], (
@@ -246,7 +281,7 @@ def figure(test, models, sigma, md, img_dir: Path) -> None:
             ax.set_title(f"{s}: {title}", fontsize=9)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(img_dir / "seg_generalist_sources.png", dpi=80)
+    save_figure(fig, img_dir / f"seg_generalist_sources{figure_suffix(photo=True)}", dpi=80)
     pyplot.close(fig)
 
 
