@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.roundtrip:
         widget.status.value = f"{widget.status.value}. Encode / decode {figures}"
-    patches = next(layer for layer in viewer.layers if layer.name.startswith("EM patches") and layer.visible)
+    # the generated patches: the visible image layer the dock named after what the model makes
+    # ("nuclei patches ...", "EM patches ...")
+    patches = next(layer for layer in viewer.layers
+                   if layer.visible and layer._type_string == "image" and " patches " in f"{layer.name} ")
     viewer.layers.selection.active = patches
     viewer.reset_view(layers=[patches])  # the patches, not the larger (hidden) sample image
     save_screenshot(viewer, args.out)
