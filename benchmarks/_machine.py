@@ -13,8 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 
 def cpu_model() -> str:
     try:
@@ -40,8 +38,12 @@ def rss_mb() -> float | None:
         return None
 
 
-def sync(dev: torch.device) -> None:
+def sync(dev) -> None:
+    """Wait for a CUDA device's queued work (torch is imported here only: cli_start.py uses this module
+    without it)."""
     if dev.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(dev)
 
 

@@ -32,6 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model  # noqa: E402  (benchmarks/_machine.py, without torch)
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = (["--help"], ["--version"], ["models"])
 HEAVY = ("torch", "diffusers", "numpy", "scipy", "skimage", "tifffile", "zarr", "napari")
@@ -43,16 +46,6 @@ CHECK = ("import sys, runpy\n"
          "    pass\n"
          "sys.stdout.flush()\n"
          "print('@@' + ','.join(m for m in {heavy!r} if m in sys.modules))\n")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(cmd: list[str], env: dict) -> float:

@@ -222,6 +222,16 @@ class JobWidget(Container):
                                  tooltip="what the device choice means on this computer")
         self.device.changed.connect(lambda v: setattr(self.device_info, "value", device_line(v)))
 
+    def _sampler_rows(self, steps: int, steps_tooltip: str, few: str) -> None:
+        """``sampler`` and ``steps``, as every diffusion dock has them (``few``: how many steps
+        dpmsolver++ needs with this dock's models, for the tooltip)."""
+        from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
+
+        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER,
+                                tooltip=f"the denoising method: dpmsolver++ needs few steps ({few}); ddim a few "
+                                        "more; ddpm many (hundreds)")
+        self.steps = SpinBox(label="steps", value=steps, min=1, max=1000, tooltip=steps_tooltip)
+
     def _seed_row(self, tooltip: str = "") -> Container:
         """``seed`` and a "New seed" button beside it, as one row."""
         tooltip = tooltip or "seed: the same seed and settings give the same result; change it for another one"

@@ -29,7 +29,6 @@ from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, Label, PushButton
 from napari.layers import Image
 from napari.utils.notifications import show_error
 
-from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ..core.errors import UserInputError
 from ..core.images import Normalisation
 from ..core.latent import Autoencoder, LatentModel, describe
@@ -101,11 +100,7 @@ class GenerateEMWidget(JobWidget):
                                                            "autoencoder keeps held-out images")
         self.n_patches = SpinBox(label="patches", value=4, min=1, max=256,
                                  tooltip="how many patches to make (patch i uses seed + i)")
-        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER,
-                                tooltip="the denoising method: dpmsolver++ needs few steps (25-50); ddim a few "
-                                        "more; ddpm many (hundreds)")
-        self.steps = SpinBox(label="steps", value=50, min=1, max=1000,
-                             tooltip="denoising steps: more is slower and a little cleaner")
+        self._sampler_rows(50, "denoising steps: more is slower and a little cleaner", "25-50")
         seed_row = self._seed_row("seed: patch i is the same as patch 0 of a run with seed + i")
         self.threshold = FloatSpinBox(label="mask threshold", value=0.5, min=0.01, max=0.99, step=0.05,
                                       tooltip="mask threshold (models with masks): how sure the model must be "

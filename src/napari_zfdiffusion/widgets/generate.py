@@ -19,7 +19,6 @@ from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, Label, PushButton
 from napari.layers import Image
 from napari.utils.notifications import show_error
 
-from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ..core.errors import UserInputError
 from ._jobs import CascadeJobWidget, row
 from ._layers import (
@@ -66,12 +65,8 @@ class GenerateSlicesWidget(CascadeJobWidget):
                                            "about 4 times longer (starts at 128 on a CPU, 512 on a GPU)")
         self.n_samples = SpinBox(label="samples", value=1, min=1, max=64,
                                  tooltip="how many slices to make at once (sample i uses seed + i)")
-        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER,
-                                tooltip="the denoising method: dpmsolver++ needs few steps (20-25); ddim a few "
-                                        "more; ddpm many (hundreds)")
-        self.steps = SpinBox(label="steps", value=25, min=1, max=1000,
-                             tooltip="denoising steps of the first (64 px) stage: more is slower and a little "
-                                     "cleaner")
+        self._sampler_rows(25, "denoising steps of the first (64 px) stage: more is slower and a little cleaner",
+                           "20-25")
         self.sr_steps = SpinBox(label="upscaling steps", value=25, min=1, max=1000,
                                 tooltip="denoising steps of each super-resolution stage (128, 256, 512 px): "
                                         "fewer is faster, most of the time goes there")

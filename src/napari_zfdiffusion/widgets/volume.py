@@ -26,7 +26,6 @@ from magicgui.widgets import ComboBox, FloatSpinBox, Label, SpinBox
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
-from ..core.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 from ..core.errors import UserInputError
 from ._jobs import CascadeJobWidget, ItemRelay
 from ._layers import (
@@ -96,11 +95,7 @@ class GenerateVolumeWidget(CascadeJobWidget):
                                              "1 follows it as trained, 3 is typical")
         self.continuity = FloatSpinBox(label="continuity guidance", value=1.0, min=0.0, max=50.0, step=0.25,
                                        tooltip=CONTINUITY_TIP)
-        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER,
-                                tooltip="the denoising method: dpmsolver++ needs few steps (20-25); ddim a few "
-                                        "more; ddpm many (hundreds)")
-        self.steps = SpinBox(label="steps", value=25, min=1, max=1000,
-                             tooltip="denoising steps of the first (64 px) stage of each plane")
+        self._sampler_rows(25, "denoising steps of the first (64 px) stage of each plane", "20-25")
         self.sr_steps = SpinBox(label="upscaling steps", value=25, min=1, max=1000,
                                 tooltip="denoising steps of each super-resolution stage of each plane: fewer is "
                                         "faster, most of the time goes there")
