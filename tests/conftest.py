@@ -122,7 +122,7 @@ def torchrun_cli(*args: str, procs: int = 2, timeout: int = 300):
     return proc
 
 
-def make_tiny_segmenter(path: Path, steps: int = 80, interior: bool = True) -> Path:
+def make_tiny_segmenter(path: Path, steps: int = 160, interior: bool = True) -> Path:
     """A tiny segmentation U-Net trained for a few seconds on blobs: it finds the bright discs."""
     from napari_zfdiffusion.core.segment.train import UnetConfig, train_unet
 

@@ -109,7 +109,7 @@ def test_blobs_are_found(seg, blob_image):
     m = match_objects(truth, r.labels)
     assert m["f1"] >= 0.8, m
     assert r.provenance["objects"] == r.n_objects
-    assert r.provenance["labels_from"] == "watershed from interiors"
+    assert r.provenance["labels_from"] == "watershed from centers"  # the default target since 0.3
 
 
 def test_image_smaller_than_a_tile(seg):

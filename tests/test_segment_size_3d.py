@@ -243,3 +243,76 @@ def test_the_boundary_offset_says_outside_and_inside():
         assert n > 0 and np.sign(round(s / n, 1)) == sign
         if grow:
             assert 1.4 < abs(s / n) < 2.1
+
+
+# ----------------------------------------------------------------------------- the centre target
+@pytest.mark.parametrize("radius", [5, 12, 30])
+def test_centre_targets_keep_touching_objects_apart_at_any_size(radius):
+    """The normalised distance to the edge: 1 at each object's middle, 0 on the background and where
+    two objects touch; its cores (>= 0.5) seed one object each, small or large."""
+    from napari_zfdiffusion.core.masks import center_map, instances, targets_from_mask
+
+    side = 8 * radius + 16
+    lab = discs((side, side), [(side // 2, side // 2 - radius), (side // 2, side // 2 + radius)], radius)
+    c = center_map(lab)
+    assert c.dtype == np.float32 and c[lab == 0].max() == 0.0
+    for k in (1, 2):
+        assert c[lab == k].max() == pytest.approx(1.0)
+    assert c[side // 2, side // 2] < 0.2  # where they touch
+    fg, centre = targets_from_mask(lab, "center")
+    got = instances(fg, centre)
+    assert got.max() == 2
+    for k in (1, 2):  # each found object is one of the discs
+        best = max(((got == j) & (lab == k)).sum() / ((got == j) | (lab == k)).sum() for j in (1, 2))
+        assert best > 0.9
+    # a binary mask has no instances to tell apart: its connected components are the objects
+    binary = center_map(lab > 0)
+    assert binary.max() == pytest.approx(1.0) and np.count_nonzero(binary > 0.99) >= 1
+
+
+def test_centre_targets_of_a_crop_are_those_of_the_whole_mask(tmp_path):
+    """Crops read from disk with a margin give the centre targets of the whole mask (objects smaller
+    than the margin), so a crop is what the whole image teaches."""
+    import torch
+
+    from conftest import make_blobs
+    from napari_zfdiffusion.core.images import Normalisation
+    from napari_zfdiffusion.core.masks import targets_from_mask
+    from napari_zfdiffusion.core.training.patches import PatchData
+
+    imgs, masks = make_blobs(tmp_path / "b", n=1, shape=(120, 140))
+    data = PatchData.from_paths(imgs, masks, patch=32, norm=Normalisation(1, 99.8, per="image"),
+                                segmentation="center", val_fraction=0.0)
+    assert data.channels == ["image", "foreground", "center"]
+    whole = targets_from_mask(tifffile.imread(next(masks.glob("*.tif"))), "center")
+    win = data.window(0, 30, 94, 40, 104)
+    assert torch.allclose((win[1:] + 1) / 2, torch.from_numpy(whole[:, 30:94, 40:104]), atol=1e-6)
+
+
+def test_renormalised_crops_stretch_an_empty_field():
+    """augment_renorm: a share of the crops percentile-normalised on their own, as an empty field of
+    a user's image is (its faint noise then fills the range); reproducible, and 0 changes nothing."""
+    import torch
+
+    from napari_zfdiffusion.core.segment.train import augment_renorm
+
+    g = torch.Generator().manual_seed(0)
+    x = -0.9 + 0.02 * torch.rand((16, 1, 32, 32), generator=g)  # dark, nearly flat fields
+    a = augment_renorm(x, torch.Generator().manual_seed(3), 0.5)
+    b = augment_renorm(x, torch.Generator().manual_seed(3), 0.5)
+    assert torch.equal(a, b)
+    changed = [not torch.equal(a[i], x[i]) for i in range(16)]
+    assert 0 < sum(changed) < 16
+    for i in range(16):
+        if changed[i]:
+            assert a[i].min() == -1 and a[i].max() == 1  # stretched to the whole range
+    assert torch.equal(augment_renorm(x, g, 0.0), x)
+    assert a.dtype == x.dtype and a.shape == x.shape
+
+
+@pytest.mark.parametrize("kw, message", [({"inner": "edges"}, "--inner"), ({"renorm_aug": 1.5}, "--renorm-aug")])
+def test_bad_target_options(kw, message):
+    from napari_zfdiffusion.core.segment.train import UnetConfig
+
+    with pytest.raises(UserInputError, match=message):
+        UnetConfig(**kw).validate()

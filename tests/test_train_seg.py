@@ -41,7 +41,7 @@ def test_trains_into_a_loadable_folder_with_validation_figures(tmp_path, blobs):
     s = tunet(*blobs, tmp_path / "m", steps=3)
     assert s["steps"] == 3 and model_kind(tmp_path / "m") == "segmentation"
     card = json.loads((tmp_path / "m" / "model.json").read_text())
-    assert card["outputs"] == ["foreground", "interior"]
+    assert card["outputs"] == ["foreground", "center"]  # the default second output since 0.3
     assert set(card["validation"]) >= {"iou", "dice", "f1"}
     assert card["training_data"]["mask_files"]
     seg = Segmenter.load(tmp_path / "m", "cpu")
@@ -121,8 +121,9 @@ def test_cli_trains_and_segments_a_stack(tmp_path, capsys):
     imgs, masks = make_blobs(tmp_path / "d", n=2)
     assert cli.main(["-q", "train", "unet", "--images", str(imgs), "--masks", str(masks), "--out",
                      str(tmp_path / "m"), "--size", "tiny", "--steps", "3", "--batch-size", "2", "--crop", "32",
-                     "--tile", "64", "--overlap", "16", "--device", "cpu"]) == 0
+                     "--tile", "64", "--overlap", "16", "--device", "cpu", "--inner", "interior"]) == 0
     assert "trained U-Net: 3 steps" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["outputs"] == ["foreground", "interior"]
     stack = np.stack([tifffile.imread(f) for f in sorted(imgs.iterdir())])
     tifffile.imwrite(tmp_path / "stack.tif", stack)
     out, prob = tmp_path / "o" / "labels.tif", tmp_path / "o" / "prob.tif"
@@ -135,6 +136,7 @@ def test_cli_trains_and_segments_a_stack(tmp_path, capsys):
     prov = read_provenance(out)
     assert prov["model"] == "m" and prov["tile"] == 64 and prov["objects"] == lab.max()
     assert prov["input"] == str(tmp_path / "stack.tif") and prov["content"] == "instance labels"
+    assert prov["labels_from"] == "watershed from interiors"
     assert read_provenance(prob)["labels"] == str(out)
     assert f"{prov['objects']} objects" in said
     assert sorted(x.name for x in out.parent.iterdir()) == ["labels.tif", "prob.tif"]  # no temporary files

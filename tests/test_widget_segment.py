@@ -50,7 +50,7 @@ def test_controls_follow_the_model_card(widget, tiny_segmenter, notes):
     # the tiny model's card: tile 64, overlap 16, threshold 0.5, min size 16, with an interior output
     assert (w.tile.value, w.overlap.value, w.threshold.value, w.min_size.value) == (64, 16, 0.5, 16)
     assert w.use_interior.enabled and w.use_interior.value and not w.add_probability.value
-    assert "U-Net (foreground, interior)" in w.info.value
+    assert "U-Net (foreground, center)" in w.info.value
     assert w.segment_button.enabled and not w.cancel_button.enabled
     assert w.params() == {"tile": 64, "overlap": 16, "threshold": 0.5, "min_size": 16, "use_interior": True,
                           "diameter": None, "stack": "planes"}
@@ -110,7 +110,7 @@ def test_segment_a_2d_layer(widget, tmp_path, notes):
     assert tuple(labels.scale) == (0.5, 0.25) and tuple(labels.translate) == (10, 20)
     prov = labels.metadata["zfdiffusion"]
     assert prov["kind"] == "zfdiffusion-segmentation" and prov["source_layer"] == "cells"
-    assert prov["objects"] == n and prov["tile"] == 64 and prov["labels_from"] == "watershed from interiors"
+    assert prov["objects"] == n and prov["tile"] == 64 and prov["labels_from"] == "watershed from centers"
     assert w.last_progress is not None and w.last_progress.stage == "tiles"
     assert w.last_progress.step == w.last_progress.total
     assert f"{n} objects" in w.status.value

@@ -15,6 +15,7 @@ def cmd_train_unet(a) -> int:
     cfg = UnetConfig(size=a.size, crop=a.crop, interior=not a.no_interior, extra_fraction=a.extra_fraction,
                      val_fraction=a.val_fraction, tile=a.tile, overlap=a.overlap,
                      intensity_aug=not a.no_intensity_aug, zoom_aug=tuple(a.zoom_aug), blur_aug=a.blur_aug,
+                     inner=a.inner, renorm_aug=a.renorm_aug,
                      **training_options(a))
     s = train_unet(a.images, a.masks, a.out, cfg, extra_images=a.extra_images, extra_masks=a.extra_masks,
                    val_images=a.val_images, val_masks=a.val_masks, device=a.device, resume=a.resume,
@@ -158,6 +159,12 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     un.add_argument("--val-fraction", type=float, default=0.2, help="share of --images held out for validation")
     un.add_argument("--no-interior", action="store_true",
                     help="predict the foreground only (labels by connected components; touching objects merge)")
+    un.add_argument("--inner", choices=("center", "interior"), default="center",
+                    help="what the second output learns from label images: center (each object's distance to its "
+                         "edge, normalised: touching objects of any size stay apart) or interior (the objects "
+                         "without the one-pixel rim where they touch; the models before 0.3)")
+    un.add_argument("--renorm-aug", type=float, default=0.25,
+                    help="share of crops percentile-normalised on their own (empty fields: no objects); 0: none")
     un.add_argument("--no-intensity-aug", action="store_true",
                     help="no random background offset / contrast / gamma / noise in training (on by default)")
     un.add_argument("--zoom-aug", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),

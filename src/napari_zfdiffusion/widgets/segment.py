@@ -106,9 +106,9 @@ class SegmentWidget(JobWidget):
                                tooltip="pixels shared by neighbouring tiles, blended smoothly (no seams)")
         self.min_size = SpinBox(label="min object size", value=DEFAULTS["min_size"], min=0, max=10_000_000,
                                 tooltip="objects smaller than this many pixels are dropped")
-        self.use_interior = CheckBox(text="split touching objects (interior watershed)", value=True,
-                                     tooltip="seed a watershed from the predicted object interiors (models "
-                                             "trained with an interior output); off: connected components")
+        self.use_interior = CheckBox(text="split touching objects (watershed)", value=True,
+                                     tooltip="seed a watershed from the predicted object centres or interiors "
+                                             "(models trained with a second output); off: connected components")
         self.diameter = FloatSpinBox(label="object diameter (px)", value=0, min=0, max=100_000, step=1,
                                      tooltip="the typical diameter of the objects in this image, in pixels: the "
                                              "image is rescaled so that they have the size the model was "
@@ -146,7 +146,8 @@ class SegmentWidget(JobWidget):
     # ------------------------------------------------------------ model
     @property
     def has_interior(self) -> bool:
-        return self._card is not None and "interior" in self._card.get("outputs", ())
+        outputs = list(self._card.get("outputs", ())) if self._card is not None else []
+        return len(outputs) > 1 and outputs[1] in ("interior", "center")
 
     def _load_model_info(self, *_) -> None:
         """Read the chosen model's card (small JSON) and take its defaults; weights load on first use."""

@@ -260,9 +260,9 @@ def _documentation(path: Path, card: dict, outputs: list[str], step: int, min_si
             licence = f" Licence: {data['licence']}." if data.get("licence") else ""
             text += f"\n## Training data\n\n{data.get('images', '?')} image(s). {data.get('credit', '')}{licence}\n"
     norm = Normalisation.from_dict(card.get("normalisation"))
-    interior = "interior" in outputs
-    labels = ("objects by a watershed of the foreground seeded by the connected interiors (touching "
-              "objects stay apart)" if interior else "objects as its connected components")
+    inner = outputs[1] if len(outputs) > 1 else None
+    labels = (f"objects by a watershed of the foreground seeded by the connected {inner}s (second output >= the "
+              "threshold; touching objects stay apart)" if inner else "objects as its connected components")
     v = card.get("validation") or {}
     split = (card.get("training_data") or {}).get("validation") or "held out"
     figs = "The card records no validation figures."
@@ -491,7 +491,7 @@ def export_bioimageio(model: str | Path, out: str | Path, *, test_image: str | P
                     zfdiffusion={"card": card.get("name", path.name), "plugin_version": PLUGIN_VERSION,
                                  "threshold": card.get("threshold", 0.5), "min_size": card.get("min_size", 16),
                                  "tile": tile, "overlap": overlap, "outputs": outputs,
-                                 "labels_from": "watershed from interiors" if "interior" in outputs
+                                 "labels_from": f"watershed from {outputs[1]}s" if len(outputs) > 1
                                  else "connected components",
                                  "normalisation": norm.to_dict(), "test_input": source,
                                  "training_data": data.get("credit")}),

@@ -130,7 +130,8 @@ class Segmenter:
 
     @property
     def has_interior(self) -> bool:
-        return "interior" in self.outputs
+        """The second output seeds the watershed: object interiors, or centres (both: >= threshold)."""
+        return len(self.outputs) > 1 and self.outputs[1] in ("interior", "center")
 
     @property
     def diameter(self) -> float | None:
@@ -156,13 +157,13 @@ class Segmenter:
             except ValueError:
                 raise UserInputError(f"the diameter must be a number of pixels or 'auto', got '{diameter}'.") from None
         if diameter == "auto":
-            from ..masks import object_diameters
+            from ..masks import foreground_diameters
 
+            # from the foreground alone: at a scale the model was not trained on, objects may come out
+            # split or merged, but the foreground they cover is the most reliable output
             pick = sorted(set(np.linspace(0, n - 1, min(3, n)).round().astype(int).tolist()))
             p = self.predict(planes[pick], tile=tile, overlap=overlap, batch=batch, stack=n > 1)
-            d = np.concatenate([object_diameters(instances(p[j, 0], p[j, 1] if self.has_interior else None,
-                                                           threshold=threshold, min_size=min_size), min_size)
-                                for j in range(len(pick))])
+            d = np.concatenate([foreground_diameters(p[j, 0] >= threshold, min_size) for j in range(len(pick))])
             if d.size == 0:
                 notices.append("diameter 'auto': no objects found at the image's own scale; not rescaled")
                 return 1.0, None
@@ -429,7 +430,7 @@ class Segmenter:
                      **({"volume_depth": depth, "stitch_iou": stitch_iou} if stack == "volume" else {}),
                      **({"diameter_px": used_diameter, "model_diameter_px": self.diameter, "rescaled_by": scale}
                         if diameter is not None else {}),
-                     labels_from="watershed from interiors" if interior else "connected components",
+                     labels_from=f"watershed from {self.outputs[1]}s" if interior else "connected components",
                      normalisation=self.norm.to_dict(), input=source, input_shape=list(np.shape(image)),
                      objects=next_id)
         if two_d:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import UserInputError
 from ..images import Normalisation
 from ..io import write_json
-from ..masks import instances
+from ..masks import INNER_TARGETS, instances
 from ..metrics import match_objects
 from ..progress import ProgressCallback
 from ..provenance import made_by
@@ -34,7 +34,7 @@ from ..tiling import predict_tiled
 from ..training import loop
 from ..training.patches import PatchData
 from .net import SEG_SIZES, ResUNet, build_segmenter
-from .segmenter import KIND, OUTPUTS
+from .segmenter import KIND
 
 
 @dataclass
@@ -47,6 +47,8 @@ class UnetConfig(loop.TrainOptions):
     size: str = "small"
     crop: int = 128
     interior: bool = True
+    inner: str = "center"  # what the second output learns: "center" (normalised distance) or "interior"
+    renorm_aug: float = 0.25  # share of crops percentile-normalised on their own (a user's crop, empty or not)
     extra_fraction: float = 0.5
     val_fraction: float = 0.2
     norm_low: float = 1.0
@@ -72,6 +74,10 @@ class UnetConfig(loop.TrainOptions):
             raise UserInputError(f"--zoom-aug must be two factors 0.1 <= LOW <= HIGH <= 10, got {lo} {hi}.")
         if not 0.0 <= self.blur_aug <= 10:
             raise UserInputError(f"--blur-aug must be a sigma between 0 and 10 pixels, got {self.blur_aug}.")
+        if self.inner not in INNER_TARGETS:
+            raise UserInputError(f"--inner must be one of {', '.join(INNER_TARGETS)}, got '{self.inner}'.")
+        if not 0.0 <= self.renorm_aug <= 1.0:
+            raise UserInputError(f"--renorm-aug must be a share between 0 and 1, got {self.renorm_aug}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserInputError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}.")
 
@@ -111,6 +117,23 @@ def zoomed_crops(data: PatchData, n: int, crop: int, g: torch.Generator, zoom: t
                            F.interpolate(c[:, 1:], size=(crop, crop), mode="bilinear", align_corners=False)], 1)
         out.append(c)
     return torch.cat(out)
+
+
+def augment_renorm(x: torch.Tensor, g: torch.Generator, share: float, low: float = 1.0,
+                   high: float = 99.8) -> torch.Tensor:
+    """About ``share`` of the images of a batch (B, 1, H, W) in [-1, 1] percentile-normalised on their
+    own, as a user's image is when it holds only this window: an empty field's noise is stretched
+    to the full range, and the model learns that stretched noise holds no objects."""
+    if share <= 0:
+        return x
+    out = x.clone()
+    for i in range(x.shape[0]):
+        if float(torch.rand((), generator=g)) >= share:
+            continue
+        lo, hi = torch.quantile(x[i].flatten().float(), torch.tensor([low / 100, high / 100])).tolist()
+        if hi > lo:
+            out[i] = ((x[i] - lo) / (hi - lo)).clamp(0, 1) * 2 - 1
+    return out
 
 
 def augment_blur(x: torch.Tensor, g: torch.Generator, max_sigma: float) -> torch.Tensor:
@@ -221,16 +244,17 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
                 val_masks, resume, show_progress, callback) -> dict:
     norm = Normalisation(cfg.norm_low, cfg.norm_high, per="image")
     explicit_val = val_images is not None
-    data = PatchData.from_paths(images, masks, patch=cfg.crop, norm=norm, segmentation=True, channel=cfg.channel,
+    seg_targets = cfg.inner if cfg.interior else "interior"
+    data = PatchData.from_paths(images, masks, patch=cfg.crop, norm=norm, segmentation=seg_targets, channel=cfg.channel,
                                 axes=cfg.axes, val_fraction=0.0 if explicit_val else cfg.val_fraction,
                                 rank=di.rank, world=di.world)
-    extra = (PatchData.from_paths(extra_images, extra_masks, patch=cfg.crop, norm=norm, segmentation=True,
+    extra = (PatchData.from_paths(extra_images, extra_masks, patch=cfg.crop, norm=norm, segmentation=seg_targets,
                                   val_fraction=0.0, rank=di.rank, world=di.world)
              if extra_images is not None else None)
     val = data.val  # whole held-out images, read when validation runs (on rank 0)
     val_card = data.split
     if explicit_val:  # validation runs on rank 0 only: the other ranks do not open these files
-        vdata = (PatchData.from_paths(val_images, val_masks, patch=32, norm=norm, segmentation=True,
+        vdata = (PatchData.from_paths(val_images, val_masks, patch=32, norm=norm, segmentation=seg_targets,
                                       val_fraction=0.0, channel=cfg.channel, axes=cfg.axes) if di.main else None)
         val = vdata.train if vdata is not None else []
         val_card = f"{len(val)} separate validation image(s)"
@@ -263,6 +287,7 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
             parts.append(zoomed_crops(extra, n_extra, cfg.crop, g, tuple(cfg.zoom_aug)))
         x = torch.cat(parts)
         image = augment_blur(x[:, :1], g, cfg.blur_aug)
+        image = augment_renorm(image, g, cfg.renorm_aug)
         image = augment_intensity(image, g) if cfg.intensity_aug else image
         target = (x[:, 1:1 + n_out] + 1).to(dev) / 2
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -283,8 +308,9 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
               "normalisation_stats": stats}
         write_json(out / CARD_FILE, {
             "kind": KIND, "format_version": 1, "name": out.name,
-            "description": "U-Net segmentation: foreground probability" + (" and object interiors" if n_out > 1 else ""),
-            "outputs": list(OUTPUTS[:n_out]), "normalisation": norm.to_dict(),
+            "description": "U-Net segmentation: foreground probability" + (
+                (" and object centres" if cfg.inner == "center" else " and object interiors") if n_out > 1 else ""),
+            "outputs": ["foreground", cfg.inner][:n_out], "normalisation": norm.to_dict(),
             "intensity": "each plane percentile-normalised to [0, 1], then (x - 0.5) / 0.5",
             "tile": cfg.tile, "overlap": cfg.overlap, "threshold": 0.5, "min_size": 16, "crop": cfg.crop,
             "object_diameter_px": diameter,
@@ -301,4 +327,4 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
     return {"what": "unet", **summary, "model": str(out), "validation": dict(last_val)}
 
 
-__all__ = ["UnetConfig", "evaluate", "seg_loss", "train_unet"]
+__all__ = ["UnetConfig", "augment_renorm", "evaluate", "seg_loss", "train_unet"]

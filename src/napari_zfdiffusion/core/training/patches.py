@@ -45,7 +45,7 @@ import torch
 from ..errors import UserInputError
 from ..images import Normalisation, exact_percentiles, random_dihedral, to_gray, unit_to_model
 from ..io import list_images
-from ..masks import encode_mask
+from ..masks import center_map, encode_mask
 from ..reader import open_image, release
 
 KEEP_OPEN = 32  # files open at once per list of files (images, masks): file handles and mapped pages
@@ -212,13 +212,20 @@ def _binary(m: np.ndarray, v: MaskValues) -> np.ndarray:
     return (m > v.lo).astype(np.float32) if v.lo != v.hi else (m > 0).astype(np.float32)
 
 
-def _targets(m: np.ndarray, v: MaskValues) -> np.ndarray:
+def _targets(m: np.ndarray, v: MaskValues, inner: str = "interior") -> np.ndarray:
     """:func:`..masks.targets_from_mask` of a whole mask, at a window ``m`` of it (with a margin)."""
     enc = v.encoding
     fg = _binary(m, v) if enc == "binary" else (m > 0).astype(np.float32)
     fg = (fg >= 0.5).astype(np.float32)
+    if inner == "center":
+        return np.stack([fg, center_map(m if enc == "interior" else fg)])
     interior = encode_mask(m, "interior") if enc == "interior" else fg
     return np.stack([fg, interior])
+
+
+#: the margin (pixels) around a crop's window in which the ``center`` targets are computed: objects
+#: up to about twice this across are normalised by their own largest distance to the edge
+CENTER_MARGIN = 48
 
 
 def _gather(parts: dict, world: int) -> dict:
@@ -285,7 +292,7 @@ class PatchData:
     images: _Source | None = field(default=None, repr=False)
     masks: _Source | None = field(default=None, repr=False)
     mask_values: list[MaskValues] = field(default_factory=list, repr=False)
-    segmentation: bool = False
+    segmentation: bool | str = False
     train_views: list[tuple[int, int, int]] = field(default_factory=list, repr=False)
     val_views: list[tuple[int, int, int]] = field(default_factory=list, repr=False)
     mine: list[int] = field(default_factory=list, repr=False)
@@ -305,7 +312,7 @@ class PatchData:
 
     @classmethod
     def from_paths(cls, images, masks=None, *, patch: int = 256, norm: Normalisation | None = None,
-                   val_fraction: float = 0.2, segmentation: bool = False, channel: int | None = None,
+                   val_fraction: float = 0.2, segmentation: bool | str = False, channel: int | None = None,
                    axes: str | None = None, rank: int = 0, world: int = 1) -> PatchData:
         """Open ``images`` (and ``masks``; metadata, and one pass over each mask), split off validation
         images (none if ``val_fraction`` is 0), and compute the percentiles of the images this process
@@ -313,8 +320,9 @@ class PatchData:
         k % world == rank, all of them when there are fewer than ``world``), and on rank 0 the
         held-out images too.
 
-        ``segmentation``: the masks become two target channels, foreground and interior (see
-        :func:`..masks.targets_from_mask`), instead of the one mask channel of the patch generators.
+        ``segmentation``: the masks become two target channels, foreground and interior (True or
+        "interior") or centre ("center"; see :func:`..masks.targets_from_mask`), instead of the one
+        mask channel of the patch generators.
         """
         norm = norm or Normalisation(per="image")
         notices: list[str] = []
@@ -382,10 +390,14 @@ class PatchData:
             if empty:
                 notices.append(f"{len(empty)} of {n} mask(s) are empty ({', '.join(empty[:3])}"
                                f"{', ...' if len(empty) > 3 else ''}): those images teach background only")
-            if encoding == "interior":
+            if encoding == "interior" and segmentation:
+                what = "centre" if segmentation == "center" else "interior"
+                notices.append(f"masks are label images: the model learns each object's {what}, so touching "
+                               "objects stay separate")
+            elif encoding == "interior":
                 notices.append("masks are label images: the model learns each object's interior, so touching "
                                "objects stay separate")
-        names_ch = ["image"] if masks is None else (["image", "foreground", "interior"] if segmentation
+        names_ch = ["image"] if masks is None else (["image", "foreground", "center" if segmentation == "center" else "interior"] if segmentation
                                                      else ["image", "mask"])
         data = cls(names, names_ch, encoding, norm, split, notices + late,
                    msrc.names if msrc is not None else [], src, msrc, values, segmentation, train, val, mine)
@@ -429,11 +441,13 @@ class PatchData:
         v = self.mask_values[k]
         enc = v.encoding if self.segmentation else self.mask_encoding
         a, b, c, d = y0, y1, x0, x1
-        if enc == "interior":  # interiors need the neighbours: a one-pixel margin, clipped at the border
+        inner = "center" if self.segmentation == "center" else "interior"
+        margin = CENTER_MARGIN if self.segmentation and inner == "center" else 1 if enc == "interior" else 0
+        if margin:  # interiors need the neighbours (centres the whole object): a margin, clipped at the border
             h, w = self.masks.planes[k].shape
-            a, b, c, d = max(0, y0 - 1), min(h, y1 + 1), max(0, x0 - 1), min(w, x1 + 1)
+            a, b, c, d = max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin), min(w, x1 + margin)
         m = np.asarray(self.masks.window(k, a, b, c, d), dtype=np.float32)  # masks are read as float32
-        t = _targets(m, v) if self.segmentation else (encode_mask(m, enc) if enc == "interior" else _binary(m, v))[None]
+        t = _targets(m, v, inner) if self.segmentation else (encode_mask(m, enc) if enc == "interior" else _binary(m, v))[None]
         t = t[:, y0 - a:y1 - a, x0 - c:x1 - c]
         return torch.from_numpy(np.concatenate([image, t * 2.0 - 1.0]))
 
