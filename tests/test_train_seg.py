@@ -252,3 +252,113 @@ def test_cli_segment_takes_its_defaults_from_the_model_card(tiny_segmenter, tmp_
                      "--out", str(tmp_path / "l.tif"), "--device", "cpu"]) == 0
     prov = read_provenance(tmp_path / "l.tif")
     assert (prov["tile"], prov["overlap"], prov["threshold"], prov["min_size"]) == (64, 16, 0.5, 16)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def test_fine_tuning_starts_from_the_model_and_keeps_its_outputs(tiny_segmenter, tmp_path, capsys):
+    """`train unet --init-from MODEL`: the network starts as MODEL's (the first loss is MODEL's loss,
+    far below a fresh network's), keeps what its second output means even when asked otherwise,
+    and the card names the parent."""
+    imgs, masks = make_blobs(tmp_path / "d", n=2, seed=7)
+    parent = json.loads((tiny_segmenter / "model.json").read_text())
+    s = tunet(imgs, masks, tmp_path / "ft", steps=3, init_from=str(tiny_segmenter), inner="interior", size="small")
+    card = json.loads((tmp_path / "ft" / "model.json").read_text())
+    assert card["outputs"] == parent["outputs"] == ["foreground", "center"]
+    assert card["fine_tuned_from"]["name"] == "tiny-unet" and card["fine_tuned_from"]["steps"] == parent["steps"]
+    assert Segmenter.load(tmp_path / "ft", "cpu").net.config.channels == [8, 16]  # the parent's size, not --size
+    fresh = tunet(imgs, masks, tmp_path / "fresh", steps=3, size="tiny")
+    first = [log(tmp_path / f)[0]["loss"] for f in ("ft", "fresh")]
+    assert first[0] < 0.85 * first[1], first  # (BCE of soft centre targets has a floor well above 0)
+    a = load_file(str(tiny_segmenter / "unet" / WEIGHTS_FILE))
+    b = load_file(str(tmp_path / "ft" / "unet" / WEIGHTS_FILE))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # it did learn
+    assert s["steps"] == 3
+
+
+def test_fine_tuning_from_a_model_that_is_not_a_segmenter(tiny_latent, tmp_path, capsys, blobs):
+    assert cli.main(["-q", "train", "unet", "--images", str(blobs[0]), "--masks", str(blobs[1]), "--out",
+                     str(tmp_path / "m"), "--init-from", str(tiny_latent), "--steps", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "segmentation" in err and "Traceback" not in err and not (tmp_path / "m").exists()
+
+
+def test_edited_planes_are_the_ones_a_person_changed():
+    from napari_zfdiffusion.core.segment.finetune import edited_planes, plane_checksums
+
+    lab = np.zeros((3, 20, 20), np.int32)
+    lab[:, 5:9, 5:9] = 1
+    sums = plane_checksums(lab)
+    assert edited_planes(lab, sums) == []
+    lab[1, 12:15, 12:15] = 2  # a painted object
+    lab[2, 5:7, 5:9] = 0  # a corrected outline
+    assert edited_planes(lab, sums) == [1, 2]
+    assert edited_planes(lab[0], plane_checksums(lab[0])) == []  # 2D
+    assert edited_planes(lab, None) == [0, 1, 2]  # no record of the model's labels: every plane with objects
+    lab[0] = 0
+    assert edited_planes(lab, None) == [1, 2]
+
+
+def test_fine_tuning_on_corrected_planes_changes_the_prediction(tiny_segmenter, tmp_path, monkeypatch):
+    import tempfile
+
+    from napari_zfdiffusion.core.segment.finetune import fine_tune
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+
+    imgs, masks = make_blobs(tmp_path / "d", n=2, seed=11)
+    images = [tifffile.imread(f) for f in sorted(imgs.iterdir())]
+    labels = [tifffile.imread(f).astype(np.int32) for f in sorted(masks.iterdir())]
+    seen = []
+    s = fine_tune(tiny_segmenter, images, labels, tmp_path / "ft", steps=4, device="cpu", callback=seen.append)
+    assert s["steps"] == 4 and [p.step for p in seen][-1] == 4
+    before = Segmenter.load(tiny_segmenter, "cpu").predict(images[0][None], tile=64, overlap=16)
+    after = Segmenter.load(tmp_path / "ft", "cpu").predict(images[0][None], tile=64, overlap=16)
+    assert np.abs(after - before).max() > 1e-3
+    assert not list((tmp_path / "tmp").iterdir())  # the temporary planes are gone
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no planes", "at least one corrected plane"),
+    ("shapes", "same shape"),
+    ("floats", "integers"),
+    ("empty", "no objects"),
+    ("small", "at least 32x32"),
+    ("exists", "already holds files"),
+])
+def test_fine_tuning_bad_input(tiny_segmenter, tmp_path, case, match):
+    from napari_zfdiffusion.core.segment.finetune import fine_tune
+
+    img = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    lab = np.zeros((64, 64), np.int32)
+    lab[10:20, 10:20] = 1
+    images, labels, out = [img], [lab], tmp_path / "ft"
+    if case == "no planes":
+        images, labels = [], []
+    elif case == "shapes":
+        labels = [lab[:50]]
+    elif case == "floats":
+        labels = [lab.astype(np.float32)]
+    elif case == "empty":
+        labels = [np.zeros_like(lab)]
+    elif case == "small":
+        images, labels = [img[:20, :20]], [lab[:20, :20]]
+    elif case == "exists":
+        out.mkdir()
+        (out / "something.txt").write_text("mine")
+    with pytest.raises(UserInputError, match=match):
+        fine_tune(tiny_segmenter, images, labels, out, steps=2, device="cpu")
+    if case == "exists":
+        assert (out / "something.txt").read_text() == "mine"
+
+
+def test_fine_tune_evaluation_picks_planes_apart():
+    from napari_zfdiffusion.evaluation.finetune import picks
+
+    for n in (1, 2, 4):
+        for seed in range(3):
+            p = picks(74, n, seed)
+            assert len(p) == n and all(0 <= i < 74 for i in p)
+            if n > 1:
+                assert min(np.diff(p)) >= 74 // n - 1
+    assert picks(74, 2, 0) != picks(74, 2, 1)

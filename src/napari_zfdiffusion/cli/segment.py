@@ -15,7 +15,7 @@ def cmd_train_unet(a) -> int:
     cfg = UnetConfig(size=a.size, crop=a.crop, interior=not a.no_interior, extra_fraction=a.extra_fraction,
                      val_fraction=a.val_fraction, tile=a.tile, overlap=a.overlap,
                      intensity_aug=not a.no_intensity_aug, zoom_aug=tuple(a.zoom_aug), blur_aug=a.blur_aug,
-                     inner=a.inner, renorm_aug=a.renorm_aug,
+                     inner=a.inner, renorm_aug=a.renorm_aug, init_from=a.init_from,
                      **training_options(a))
     s = train_unet(a.images, a.masks, a.out, cfg, extra_images=a.extra_images, extra_masks=a.extra_masks,
                    val_images=a.val_images, val_masks=a.val_masks, device=a.device, resume=a.resume,
@@ -163,6 +163,10 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
                     help="what the second output learns from label images: center (each object's distance to its "
                          "edge, normalised: touching objects of any size stay apart) or interior (the objects "
                          "without the one-pixel rim where they touch; the models before 0.3)")
+    un.add_argument("--init-from", default=None, metavar="MODEL",
+                    help="fine-tune: start from this segmentation model (bundled name or folder), e.g. on a few "
+                         "corrected planes of your own; its outputs (centre or interior) are kept; a few hundred "
+                         "steps with --lr 3e-4 are typical")
     un.add_argument("--renorm-aug", type=float, default=0.25,
                     help="share of crops percentile-normalised on their own (empty fields: no objects); 0: none")
     un.add_argument("--no-intensity-aug", action="store_true",

@@ -49,6 +49,7 @@ class UnetConfig(loop.TrainOptions):
     interior: bool = True
     inner: str = "center"  # what the second output learns: "center" (normalised distance) or "interior"
     renorm_aug: float = 0.25  # share of crops percentile-normalised on their own (a user's crop, empty or not)
+    init_from: str | None = None  # fine-tune: start from this segmentation model (name or folder)
     extra_fraction: float = 0.5
     val_fraction: float = 0.2
     norm_low: float = 1.0
@@ -202,6 +203,34 @@ def evaluate(net: torch.nn.Module, images: list[torch.Tensor], *, tile: int = 25
             "f1": 2 * tp / (2 * tp + fp + fn_) if tp + fp + fn_ else 1.0, "tp": tp, "fp": fp, "fn": fn_}
 
 
+def match_parent(cfg: UnetConfig) -> dict | None:
+    """With ``cfg.init_from``: the parent model's card (name, folder, outputs, steps, for the new card),
+    and ``cfg.interior`` / ``cfg.inner`` set to its outputs, so that a fine-tuned model means what its
+    parent meant. Reads the card only (weights: :func:`init_segmenter`)."""
+    if not cfg.init_from:
+        return None
+    from ..store import read_card, resolve_model
+
+    path = resolve_model(cfg.init_from)
+    card = read_card(path, (KIND,))
+    outputs = list(card.get("outputs", ["foreground", "interior"]))
+    cfg.interior = len(outputs) > 1
+    if cfg.interior:
+        cfg.inner = outputs[1] if outputs[1] in INNER_TARGETS else "interior"
+    return {"name": card.get("name", path.name), "path": str(path), "outputs": outputs, "steps": card.get("steps")}
+
+
+def init_segmenter(parent: dict) -> ResUNet:
+    """The network of the model to fine-tune (:func:`match_parent`), in training mode."""
+    from ..store import load_model
+
+    net = load_model(Path(parent["path"]) / "unet", ResUNet).train().requires_grad_(True)
+    if net.config.out_channels != len(parent["outputs"]):
+        raise UserInputError(f"--init-from '{parent['name']}': its card names {len(parent['outputs'])} outputs but "
+                             f"its network has {net.config.out_channels}: the model folder is inconsistent.")
+    return net
+
+
 def training_diameter(masks, limit: int = 64) -> float | None:
     """The median object diameter (pixels) of the training masks (at most ``limit`` mask planes, spread
     over the files): the scale that `segment --diameter` rescales images to."""
@@ -232,16 +261,17 @@ def train_unet(images, masks, out: str | Path, cfg: UnetConfig, *, extra_images=
     cfg.validate()
     if masks is None:
         raise UserInputError("--masks is needed: one mask or label image per training image.")
+    parent = match_parent(cfg)
     if (extra_images is None) != (extra_masks is None):
         raise UserInputError("give --extra-images and --extra-masks together.")
     if (val_images is None) != (val_masks is None):
         raise UserInputError("give --val-images and --val-masks together.")
     return loop.launch(_train_unet, device, images, masks, Path(out), cfg, extra_images, extra_masks, val_images,
-                val_masks, resume, show_progress, callback)
+                       val_masks, resume, show_progress, callback, parent)
 
 
 def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images, extra_masks, val_images,
-                val_masks, resume, show_progress, callback) -> dict:
+                val_masks, resume, show_progress, callback, parent=None) -> dict:
     norm = Normalisation(cfg.norm_low, cfg.norm_high, per="image")
     explicit_val = val_images is not None
     seg_targets = cfg.inner if cfg.interior else "interior"
@@ -273,6 +303,8 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
         if net.config.out_channels != n_out:
             raise UserInputError("the saved training state has another number of outputs: resume with the same "
                                  "--interior/--no-interior, or use another --out.")
+    elif parent is not None:
+        net = init_segmenter(parent)
     else:
         torch.manual_seed(cfg.seed)
         net = build_segmenter(cfg.size, n_out)
@@ -314,6 +346,7 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
             "intensity": "each plane percentile-normalised to [0, 1], then (x - 0.5) / 0.5",
             "tile": cfg.tile, "overlap": cfg.overlap, "threshold": 0.5, "min_size": 16, "crop": cfg.crop,
             "object_diameter_px": diameter,
+            **({"fine_tuned_from": parent} if parent else {}),
             "steps": step, "validation": dict(last_val) or None,
             "training_data": td,
             "extra_training_data": ({**extra.describe(), "fraction_of_batch": n_extra / cfg.batch_size}
@@ -327,4 +360,4 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
     return {"what": "unet", **summary, "model": str(out), "validation": dict(last_val)}
 
 
-__all__ = ["UnetConfig", "augment_renorm", "evaluate", "seg_loss", "train_unet"]
+__all__ = ["UnetConfig", "augment_renorm", "evaluate", "init_segmenter", "match_parent", "seg_loss", "train_unet"]
