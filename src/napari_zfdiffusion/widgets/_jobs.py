@@ -1,7 +1,8 @@
 """Running core jobs off the GUI thread: progress relays, a worker starter, and :class:`JobWidget`,
 the base of dock widgets that run one job at a time (with the rows every dock has: model, folder,
 device, seed; the layout of :mod:`._layout`; a progress bar with the stage in plain words and the
-time left, from :mod:`._progress`).
+time left, from :mod:`._progress`; a "Copy CLI command" button that puts the ``zfdiffusion``
+command doing what the dock would do on the clipboard).
 
 The widgets never compute. They hand a plain function to :func:`start_job`, which runs it in a
 napari ``thread_worker`` with a :class:`~napari_zfdiffusion.core.errors.CancelToken` and a
@@ -14,21 +15,25 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shlex
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
+from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QSizePolicy
+from qtpy.QtWidgets import QApplication, QSizePolicy
 
 from ..core.device import available_devices
 from ..core.errors import Cancelled, CancelToken, UserInputError
 from ..core.progress import Progress
+from ..core.store import resolve_model
 from ._layout import device_line, help_link, is_gpu, lay_out
 from ._models import checked_cascade
 from ._progress import TimeLeft, cascade_costs, plain_stage
@@ -173,6 +178,56 @@ def error_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+CLI_TIP = ("copy the zfdiffusion command that does what this dock would do with these settings, for batch work "
+           "over folders: paste it in a terminal and put your own file names in place of the ones it shows")
+
+
+def cli_value(value) -> str:
+    """A setting as a command-line word: floats as short as they stay equal ("3", "0.45"), paths as is."""
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
+
+
+def cli_line(words: list[str], options: list[tuple[str, object]]) -> str:
+    """``zfdiffusion WORDS OPTIONS`` as one shell line (:func:`shlex.join`: paths with spaces are quoted).
+    ``options``: (flag, value) in order; a value of None or False is left out, True gives the bare flag,
+    a flag of "" gives the value alone (a positional argument)."""
+    args = ["zfdiffusion", *words]
+    for flag, value in options:
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(flag)
+        else:
+            args += [flag, cli_value(value)] if flag else [cli_value(value)]
+    return shlex.join(args)
+
+
+def cli_model(value: str | None) -> str | None:
+    """A dock's model choice as ``--model`` takes it: the name of a bundled, cached or downloadable
+    model (what ``zfdiffusion models`` lists), else the folder's absolute path."""
+    if value is None:
+        return None
+    folder = Path(value)
+    if not folder.is_dir():
+        return str(value)  # a name (a registry model not downloaded yet)
+    try:
+        if resolve_model(folder.name).resolve() == folder.resolve():
+            return folder.name
+    except UserInputError:
+        pass
+    return str(folder.resolve())
+
+
+def layer_file(layer) -> Path | None:
+    """The file napari opened ``layer`` from, if it knows one (None for a layer made in napari, a sample,
+    or one saved since: napari keeps the file a layer came from, not where it was saved)."""
+    path = getattr(getattr(layer, "source", None), "path", None)
+    return Path(path) if path else None
+
+
 def row(label: str, *widgets) -> Container:
     """Widgets side by side as one labelled row of a dock."""
     r = Container(layout="horizontal", labels=False, label=label, widgets=list(widgets))
@@ -185,9 +240,9 @@ class JobWidget(Container):
 
     Subclasses create the model rows with :meth:`_model_rows` (``model``, ``model_folder``,
     ``device``, ``device_info``), the seed row with :meth:`_seed_row` where they take a seed, the run
-    row with :meth:`_run_row` (and ``cancel_button``), lay the dock out with :meth:`_lay_out` (which
-    adds ``progress_bar`` and ``status``), and define ``_set_running(running)`` and
-    ``_load_model_info()``.
+    row with :meth:`_run_row` (and ``cancel_button``, and ``cli_button`` in ``cli_row``), lay the dock
+    out with :meth:`_lay_out` (which adds ``cli_row``, ``progress_bar`` and ``status``), and define
+    ``_set_running(running)``, ``_load_model_info()`` and :meth:`cli_command`.
     """
 
     GUIDE_SECTION = ""  # the anchor of this dock's section in docs/user-guide.md
@@ -206,7 +261,10 @@ class JobWidget(Container):
                                         tooltip="how much of the running job is done")
         self.status = Label(label="status", value="", tooltip="what the dock is doing, or what it did last")
         self.status.native.setWordWrap(True)
-        self.status.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)  # the row's width
+        # the row's width, whatever the text: a long word (a path in a copied command) must not widen the dock
+        self.status.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.cli_row: Container | None = None
+        self.cli_notes: list[str] = []  # what the last command copied leaves to the user (save a layer first, ...)
 
     def _model_rows(self, choices: list[tuple[str, str]], tooltip: str, folder_tooltip: str) -> None:
         """The model box (``choices``: (label, folder)), "or folder", the device box and the line under
@@ -249,12 +307,16 @@ class JobWidget(Container):
                                         tooltip="stop the running job after the step in progress; nothing is added")
         self.cancel_button.changed.connect(lambda *_: self.cancel())
         self.help = help_link(self.GUIDE_SECTION)
+        self.cli_button = PushButton(text="Copy CLI command", tooltip=CLI_TIP)
+        self.cli_button.changed.connect(lambda *_: self.copy_cli_command())
+        self.cli_row = row("", self.cli_button)
         return button, row("", button, self.cancel_button, self.help)
 
     def _lay_out(self, body: list, advanced: list, footer: list) -> None:
-        """Essential controls, a collapsed "Advanced" section, and the footer (then the progress bar and
-        the status line), as :func:`._layout.lay_out` arranges them."""
-        self.sections = lay_out(self, body, advanced, [*footer, self.progress_bar, self.status])
+        """Essential controls, a collapsed "Advanced" section, and the footer (then the "Copy CLI command"
+        row, the progress bar and the status line), as :func:`._layout.lay_out` arranges them."""
+        tail = [self.cli_row] if self.cli_row is not None else []
+        self.sections = lay_out(self, body, advanced, [*footer, *tail, self.progress_bar, self.status])
 
     def reset_choices(self, *_) -> None:
         """Refresh every choice box (napari calls this when layers change): they live in the sections."""
@@ -296,6 +358,50 @@ class JobWidget(Container):
             self._load_model_info()
         else:
             self.model.value = value
+
+    # ------------------------------------------------------------ the command line
+    def cli_command(self) -> str:
+        """The ``zfdiffusion`` command (one shell line) that does what this dock's job would do with the
+        settings shown now; what it leaves to the user goes into ``cli_notes``. Each dock defines it."""
+        raise NotImplementedError
+
+    def _cli_device(self) -> str | None:
+        """``--device``'s value: the device chosen, or None for "auto" (the command's default)."""
+        return None if self.device.value in (None, "auto") else str(self.device.value)
+
+    def _cli_input(self, layer, placeholder: str, what: str = "the image") -> str:
+        """The file of an image ``layer`` for the command, or ``placeholder`` with a note in ``cli_notes``
+        saying why (no layer chosen, or napari knows no file for it) and what to do."""
+        path = layer_file(layer) if layer is not None else None
+        if layer is None:
+            self.cli_notes.append(f"no image layer chosen: put {what} in place of {placeholder}")
+        elif path is None:
+            self.cli_notes.append(f"layer '{layer.name}' was not opened from a file: save it first (File > Save "
+                                  f"Selected Layers) and put that file in place of {placeholder}")
+        else:
+            same = [other for other in self._viewer.layers if isinstance(other, Image) and layer_file(other) == path]
+            if len(same) > 1:  # napari opens a file's channels as layers: the command reads one channel
+                self.cli_notes.append(f"if '{path.name}' has several channels, add --channel N (0-based) for the "
+                                      f"channel of layer '{layer.name}'")
+            return str(path)
+        return placeholder
+
+    def copy_cli_command(self, **kwargs) -> str | None:
+        """Put :meth:`cli_command` (given ``kwargs``) on the clipboard, in the status line and in a
+        notification; the command (None, with an error notification, where it cannot be made)."""
+        self.cli_notes = []
+        try:
+            command = self.cli_command(**kwargs)
+        except Exception as e:  # noqa: BLE001 - a dock in a state without a command says why
+            show_error(f"no command to copy: {error_message(e)}")
+            return None
+        clipboard = QApplication.clipboard()
+        if clipboard is not None:
+            clipboard.setText(command)
+        notes = "".join(f"; {n}" for n in self.cli_notes)
+        self.status.value = f"copied to the clipboard: {command}{notes}"
+        show_info(f"zfdiffusion: copied to the clipboard (paste it in a terminal): {command}{notes}")
+        return command
 
     def new_seed(self, *_) -> int:
         self.seed.value = secrets.randbelow(MAX_SEED + 1)
@@ -425,5 +531,5 @@ class CascadeJobWidget(JobWidget):
             cascade_costs([0, *res], 0, sr_steps)[1:]
 
 
-__all__ = ["MAX_SEED", "CascadeJobWidget", "ItemRelay", "Job", "JobWidget", "ProgressRelay", "error_message", "row",
-           "start_job", "step_callback"]
+__all__ = ["CLI_TIP", "MAX_SEED", "CascadeJobWidget", "ItemRelay", "Job", "JobWidget", "ProgressRelay", "cli_line",
+           "cli_model", "cli_value", "error_message", "layer_file", "row", "start_job", "step_callback"]

@@ -16,6 +16,9 @@ other is normalised like the training data.
 
 Layer names say what the model makes ("nuclei patches s0-3" for nuclei-ldm-demo, "EM patches ..."
 for em-ldm-demo: the subject is the model's name without -ldm, -demo, ...) and are made unique.
+
+"Copy CLI command" copies the ``zfdiffusion em generate`` command of these settings
+(:meth:`GenerateEMWidget.cli_command`); encode / decode has no command.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ..core.images import Normalisation
 from ..core.latent import Autoencoder, LatentModel, describe
 from ..core.provenance import stamp
 from ..core.store import model_kind, read_card, resolve_model
-from ._jobs import JobWidget, error_message
+from ._jobs import JobWidget, cli_line, cli_model, error_message
 from ._layers import (
     PROVENANCE_KEY,
     data_limits,
@@ -185,6 +188,31 @@ class GenerateEMWidget(JobWidget):
         return {"n": int(self.n_patches.value), "seed": int(self.seed.value), "sampler": self.sampler.value,
                 "steps": int(self.steps.value), "threshold": float(self.threshold.value),
                 "min_size": int(self.min_size.value)}
+
+    # ------------------------------------------------------------ the command line
+    def cli_command(self) -> str:
+        """``zfdiffusion em generate`` doing what Generate would do now, as one shell line: the model (its
+        name, or its folder), the device (unless auto), patches (``--n``), sampler, steps, seed and
+        ``--out patches.tif``; for a paired model also the mask threshold, the minimum object size,
+        ``--masks-out patches_labels.tif`` (the labels layer) and, with "add mask probability" ticked,
+        ``--prob-out patches_probability.tif``.
+
+        Left out: encode / decode (no command does it), and the layer names (the files are named).
+        """
+        if self.model.value is None or self._card is None:
+            raise UserInputError("choose a usable model first (or a model folder).")
+        if not self.can_generate:
+            raise UserInputError(f"'{Path(self.model.value).name}' is an autoencoder only: encode / decode has "
+                                 "no command; choose a latent diffusion model for `zfdiffusion em generate`.")
+        paired = self.paired
+        return cli_line(["em", "generate"], [
+            ("--model", cli_model(self.model.value)), ("--device", self._cli_device()),
+            ("--n", int(self.n_patches.value)), ("--sampler", self.sampler.value), ("--steps", int(self.steps.value)),
+            ("--seed", int(self.seed.value)), ("--out", "patches.tif"),
+            ("--threshold", float(self.threshold.value) if paired else None),
+            ("--min-size", int(self.min_size.value) if paired else None),
+            ("--masks-out", "patches_labels.tif" if paired else None),
+            ("--prob-out", "patches_probability.tif" if paired and self.keep_probability.value else None)])
 
     # ------------------------------------------------------------ jobs
     def _set_running(self, running: bool) -> None:

@@ -8,10 +8,14 @@ such as a generated stack or a z-stack, gives the plane shown now, or every plan
 "all planes" ticked. A layer made by this plugin (provenance in ``metadata["zfdiffusion"]``) is
 taken as already in [0, 1] (no normalisation) at its own depth class; any other layer is
 normalised like the training data and upsampled at the widget's depth.
+
+"Copy CLI command" copies the ``zfdiffusion generate`` command of these settings, "Copy upsample
+command" the ``zfdiffusion upsample`` one of the selected layer (:meth:`GenerateSlicesWidget.cli_command`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +24,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_error
 
 from ..core.errors import UserInputError
-from ._jobs import CascadeJobWidget, row
+from ._jobs import CascadeJobWidget, cli_line, cli_model, row
 from ._layers import (
     PROVENANCE_KEY,
     data_limits,
@@ -81,6 +85,12 @@ class GenerateSlicesWidget(CascadeJobWidget):
                                           tooltip="take the selected image layer (a square image, e.g. a 64 px "
                                                   "slice) through the super-resolution stages up to the resolution")
         up_row = row("", self.upsample_button, self.all_planes)
+        self.upsample_cli_button = PushButton(text="Copy upsample command",
+                                              tooltip="copy the zfdiffusion upsample command that does what "
+                                                      "'Upsample selected layer' would do with these settings, for "
+                                                      "batch work over folders")
+        self.upsample_cli_button.changed.connect(lambda *_: self.copy_cli_command(job="upsample"))
+        self.cli_row.append(self.upsample_cli_button)
         self._lay_out([self.model, self.depth, self.depth_meaning, self.guidance, self.resolution, self.n_samples],
                       [self.sampler, self.steps, self.sr_steps, seed_row, self.device, self.device_info,
                        self.model_folder],
@@ -151,12 +161,7 @@ class GenerateSlicesWidget(CascadeJobWidget):
             name = f"{layer.name} {self.resolution.value}px s{seed}"
         image = np.asarray(data)
         prov = generated_provenance(layer)
-        ours = prov is not None and ("depth" in prov or "depths" in prov)
-        depth = int(self.depth.value)
-        if ours and "depth" in prov:
-            depth = int(prov["depth"])
-        elif ours and plane is not None and plane < len(prov["depths"]):  # one plane of a generated volume
-            depth = int(prov["depths"][plane])
+        ours, depth = self._upsample_depth(layer, plane)
         model, device = self.model.value, self.device.value
         kw = {"resolution": self.resolution.value, "seed": seed, "sampler": self.sampler.value,
               "steps": int(self.sr_steps.value), "normalise": not ours}
@@ -173,6 +178,65 @@ class GenerateSlicesWidget(CascadeJobWidget):
         larger = [r for r in (self._cascade.resolutions if self._cascade else []) if r > image.shape[-1]]
         costs = self._stage_costs(int(kw["resolution"] or 0), 0, kw["steps"], first=larger[0]) if larger else None
         self._start(job, "upsampling", done, costs)
+
+    def _upsample_depth(self, layer: Image, plane: int | None) -> tuple[bool, int]:
+        """Whether ``layer`` is a slice or volume this plugin made, and the depth class its upsampling
+        uses: its own (that of ``plane`` of a generated volume), else the dock's."""
+        prov = generated_provenance(layer)
+        ours = prov is not None and ("depth" in prov or "depths" in prov)
+        depth = int(self.depth.value)
+        if ours and "depth" in prov:
+            depth = int(prov["depth"])
+        elif ours and plane is not None and plane < len(prov["depths"]):  # one plane of a generated volume
+            depth = int(prov["depths"][plane])
+        return ours, depth
+
+    # ------------------------------------------------------------ the command line
+    def cli_command(self, job: str = "generate") -> str:
+        """The command doing what this dock would do now, as one shell line.
+
+        ``job="generate"``: ``zfdiffusion generate`` with the model (its name, or its folder), the device
+        (unless auto), depth, guidance, resolution, samples (``--n``), sampler, steps, upscaling steps
+        (``--sr-steps``), seed, and ``--out slices.tif``. Everything the dock sets is there.
+
+        ``job="upsample"``: ``zfdiffusion upsample`` of the selected image layer's file (``IMAGE.tif``
+        where napari knows none: a note says to save the layer first), at the depth the dock would use
+        (a generated layer's own), with the resolution, sampler, upscaling steps (upsample's
+        ``--steps``), seed, and ``--out <name>_<R>px.tif``. Left out: the plane shown of a stack
+        without "all planes" (the command upsamples every plane of the file: a note says so).
+        """
+        if self._cascade is None or self.model.value is None:
+            raise UserInputError("choose a usable model first (or a model folder).")
+        common = [("--model", cli_model(self.model.value)), ("--device", self._cli_device())]
+        sampling = [("--resolution", self.resolution.value), ("--sampler", self.sampler.value)]
+        seed = ("--seed", int(self.seed.value))
+        if job == "generate":
+            return cli_line(["generate"], [*common, ("--depth", int(self.depth.value)),
+                                           ("--guidance", float(self.guidance.value)), sampling[0],
+                                           ("--n", int(self.n_samples.value)), sampling[1],
+                                           ("--steps", int(self.steps.value)), ("--sr-steps", int(self.sr_steps.value)),
+                                           seed, ("--out", "slices.tif")])
+        if job != "upsample":
+            raise ValueError(f"no command for job {job!r}: 'generate' or 'upsample'")
+        layer = self._viewer.layers.selection.active
+        layer = layer if isinstance(layer, Image) else None
+        depth = int(self.depth.value)
+        if layer is not None:
+            plane = None
+            try:
+                data = layer_image(layer, "upsampling")
+            except UserInputError as e:
+                self.cli_notes.append(str(e))
+            else:
+                if data.ndim == 3 and not self.all_planes.value:
+                    plane = shown_plane(self._viewer, layer, data)
+                    self.cli_notes.append(f"the command upsamples every plane of the file, not only plane {plane} "
+                                          "shown now")
+            depth = self._upsample_depth(layer, plane)[1]
+        source = self._cli_input(layer, "IMAGE.tif", "the image to upsample")
+        out = f"{Path(source).stem}_{self.resolution.value}px.tif"
+        return cli_line(["upsample"], [("", source), *common, ("--depth", depth), *sampling,
+                                       ("--steps", int(self.sr_steps.value)), seed, ("--out", out)])
 
     def _add_layer(self, result, name: str | None = None) -> None:
         """A result as a layer named ``name`` (default: model, depth, resolution, seed), made unique."""

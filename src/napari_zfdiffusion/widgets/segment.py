@@ -18,6 +18,9 @@ with the labels when choosing a threshold. Both carry the provenance in ``metada
 With "replace previous result" (on by default) a new run on the same source layer removes the
 layers of this dock's previous run on it first, so the new ones take their names; off, the new
 ones are added beside them ("<layer> labels 2").
+
+"Copy CLI command" copies the ``zfdiffusion segment`` command of these settings for the chosen
+layer's file (:meth:`SegmentWidget.cli_command`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ..core.errors import UserInputError
 from ..core.segment import Segmenter, describe
 from ..core.segment.segmenter import KIND
 from ..core.store import model_kind, read_card, resolve_model
-from ._jobs import JobWidget, error_message
+from ._jobs import JobWidget, cli_line, cli_model, cli_value, error_message
 from ._layers import PROVENANCE_KEY, image_layers, unique_name
 from ._models import get_model
 from ._models import model_choices as _choices
@@ -223,6 +226,36 @@ class SegmentWidget(JobWidget):
                 "threshold": float(self.threshold.value), "min_size": int(self.min_size.value),
                 "use_interior": bool(self.use_interior.value), "diameter": diameter,
                 "stack": self.stack_for(self.layer.value)}
+
+    # ------------------------------------------------------------ the command line
+    def cli_command(self) -> str:
+        """``zfdiffusion segment`` doing what Segment would do now, as one shell line: ``--in`` the chosen
+        layer's file (``IMAGE.tif`` where napari knows none, with a note to save the layer first), the
+        model (its name, or its folder), the device (unless auto), tile, overlap, threshold, min size,
+        ``--no-interior`` when "split touching objects" is unticked, the diameter (``auto``, or in
+        pixels; none for 0), ``--stack planes|volume`` for a stack, ``--out <name>_labels.tif`` and,
+        with "add probability map" ticked, ``--prob-out <name>_probability.tif``.
+
+        Left out: "replace previous result" (files are written, not layers), the layer's scale (the
+        command reads the file's own pixel size), a channel napari split off a file (a note asks for
+        ``--channel``), and an RGB layer's conversion to gray.
+        """
+        if self.model.value is None or self._card is None:
+            raise UserInputError(self._model_error or "choose a usable segmentation model first (or a folder "
+                                                      "made by `zfdiffusion train unet`).")
+        layer = self.layer.value if isinstance(self.layer.value, Image) else None
+        source = self._cli_input(layer, "IMAGE.tif", "the image to segment")
+        stem = Path(source).stem
+        diameter = "auto" if self.auto_diameter.value else (cli_value(float(self.diameter.value))
+                                                            if self.diameter.value else None)
+        return cli_line(["segment"], [
+            ("--model", cli_model(self.model.value)), ("--device", self._cli_device()), ("--in", source),
+            ("--out", f"{stem}_labels.tif"),
+            ("--prob-out", f"{stem}_probability.tif" if self.add_probability.value else None),
+            ("--tile", int(self.tile.value)), ("--overlap", int(self.overlap.value)),
+            ("--threshold", float(self.threshold.value)), ("--min-size", int(self.min_size.value)),
+            ("--no-interior", not self.use_interior.value), ("--diameter", diameter),
+            ("--stack", self.stack_for(layer) if _is_stack(layer) else None)])
 
     # ------------------------------------------------------------ jobs
     def _set_running(self, running: bool) -> None:

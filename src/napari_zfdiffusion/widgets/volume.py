@@ -14,6 +14,9 @@ made so far, in a layer renamed "... (cancelled, k/Z planes)"; with none made, t
 and the rest of the volume continues from it. A layer made by this plugin is taken as already in
 [0, 1]; any other layer is normalised like the training data. A model trained without
 ``--continuity`` makes each plane on its own (continuity guidance 0, its control disabled).
+
+"Copy CLI command" copies the ``zfdiffusion volume`` command of these settings
+(:meth:`GenerateVolumeWidget.cli_command`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
 from ..core.errors import UserInputError
-from ._jobs import CascadeJobWidget, ItemRelay
+from ._jobs import CascadeJobWidget, ItemRelay, cli_line, cli_model
 from ._layers import (
     PROVENANCE_KEY,
     data_limits,
@@ -182,6 +185,42 @@ class GenerateVolumeWidget(CascadeJobWidget):
         if prov is not None:
             source["source"] = prov
         return {"first_plane": plane, "first_plane_normalised": prov is not None}, source
+
+    # ------------------------------------------------------------ the command line
+    def cli_command(self) -> str:
+        """``zfdiffusion volume`` doing what Generate would do now, as one shell line: the model (its name,
+        or its folder), the device (unless auto), the depths (first-last), resolution, depth guidance,
+        continuity guidance, sampler, steps, upscaling steps (``--sr-steps``), seed, ``--out volume.tif``,
+        and with "start from layer" ``--first-plane`` with the layer's file.
+
+        Left out: the plane shown of a stack chosen to start from (``--first-plane`` takes a 2D file:
+        the command has ``FIRST_PLANE.tif`` and a note says to save that plane); a layer napari knows no
+        file for gives ``FIRST_PLANE.tif`` too, with a note.
+        """
+        if self._cascade is None or self.model.value is None:
+            raise UserInputError("choose a usable model first (or a model folder).")
+        first, last = int(self.first_depth.value), int(self.last_depth.value)
+        start = self.start_layer.value
+        first_plane = None
+        if start is not None:
+            if start.ndim - int(bool(start.rgb)) == 3:
+                try:
+                    plane = shown_plane(self._viewer, start, layer_image(start, "starting a volume"))
+                except UserInputError as e:
+                    plane = None
+                    self.cli_notes.append(str(e))
+                first_plane = "FIRST_PLANE.tif"
+                self.cli_notes.append(f"--first-plane takes a 2D image: save plane {plane} of '{start.name}' alone "
+                                      f"and put that file in place of {first_plane}")
+            else:
+                first_plane = self._cli_input(start, "FIRST_PLANE.tif", "the first plane")
+        return cli_line(["volume"], [
+            ("--model", cli_model(self.model.value)), ("--device", self._cli_device()),
+            ("--depths", f"{first}-{last}" if last > first else str(first)),
+            ("--resolution", self.resolution.value), ("--guidance", float(self.guidance.value)),
+            ("--continuity-guidance", float(self.continuity.value)), ("--sampler", self.sampler.value),
+            ("--steps", int(self.steps.value)), ("--sr-steps", int(self.sr_steps.value)),
+            ("--seed", int(self.seed.value)), ("--first-plane", first_plane), ("--out", "volume.tif")])
 
     # ------------------------------------------------------------ jobs
     def _set_running(self, running: bool) -> None:
