@@ -461,3 +461,69 @@ def test_labels_layers_save_with_their_provenance(tmp_path):
     out = write_image_tiff(str(tmp_path / "l.tif"), lab, {"name": "x labels",
                                                           "metadata": {"zfdiffusion": {"model": "m", "objects": 1}}})
     assert read_provenance(out[0])["objects"] == 1
+
+
+# ----------------------------------------------------------------------------- correct and fine-tune
+def test_fine_tune_on_corrections_makes_a_model_that_changes_the_prediction(widget, tmp_path, notes):
+    """Segment, correct the labels as a person does (erase an object, paint a missed one), press
+    "Fine-tune on my corrections": a new model in the user models folder, chosen in the dock, and a
+    new labels layer from it; the corrected layer is kept as it was edited."""
+    from napari_zfdiffusion.core.segment import Segmenter
+    from napari_zfdiffusion.core.store import user_models_dir
+
+    viewer, w = widget
+    img, _ = blob_images(tmp_path, seed=4)
+    src = viewer.add_image(img[0], name="cells")
+    w.finetune_button.clicked.emit()  # nothing segmented yet: says what to do
+    assert any("segment an image first" in m for m in errors(notes))
+    notes.clear()
+    w.segment_button.clicked.emit()
+    assert w.wait(120) and errors(notes) == []
+    labels = viewer.layers["cells labels"]
+    viewer.layers.selection.active = labels
+    w.finetune_button.clicked.emit()  # not edited yet
+    assert any("no corrections yet" in m for m in errors(notes))
+    notes.clear()
+    before = Segmenter.load(w.model.value, "cpu").predict(img[0][None], tile=64, overlap=16)
+    edited = labels.data.copy()
+    edited[edited == edited.max()] = 0  # erase one object
+    edited[5:15, 5:15] = edited.max() + 1  # paint a missed one
+    labels.data = edited
+    w.ft_steps.value = 5
+    w.finetune_button.clicked.emit()
+    assert w.running and not w.finetune_button.enabled
+    assert w.wait(180)
+    assert errors(notes) == []
+    made = [p for p in user_models_dir().iterdir() if "-ft-" in p.name]
+    assert len(made) == 1 and (made[0] / "model.json").is_file()
+    assert w.model.value == str(made[0]) and "(fine-tuned)" in w.model.native.currentText()
+    assert "cells labels (fine-tuned)" in viewer.layers
+    assert np.array_equal(viewer.layers["cells labels"].data, edited)  # the corrections are kept
+    after = Segmenter.load(made[0], "cpu").predict(img[0][None], tile=64, overlap=16)
+    assert np.abs(after - before).max() > 1e-3
+    assert "fine-tuned on 1 corrected plane" in w.status.value
+    # a new segmentation with "replace" on keeps the edited layer
+    viewer.layers.selection.active = src
+    w.segment_button.clicked.emit()
+    assert w.wait(120)
+    assert "cells labels" in viewer.layers and any("kept 'cells labels'" in m for _, m in notes)
+
+
+def test_fine_tune_cancel_leaves_no_model(widget, tmp_path, notes):
+    from napari_zfdiffusion.core.store import user_models_dir
+
+    viewer, w = widget
+    img, _ = blob_images(tmp_path, seed=6)
+    viewer.add_image(img[0], name="cells")
+    w.segment_button.clicked.emit()
+    assert w.wait(120)
+    labels = viewer.layers["cells labels"]
+    labels.data = np.where(labels.data == 1, 0, labels.data)
+    viewer.layers.selection.active = labels
+    w.ft_steps.value = 2000
+    w.finetune_button.clicked.emit()
+    w.cancel()
+    assert w.wait(120)
+    assert errors(notes) == [] and w.status.value == "cancelled"
+    assert not [p for p in user_models_dir().iterdir() if "-ft-" in p.name] if user_models_dir().is_dir() else True
+    assert "cells labels (fine-tuned)" not in viewer.layers

@@ -17,7 +17,7 @@ from ..core.progress import Progress
 
 _CASCADE = re.compile(r"^(?:plane (\d+)/(\d+) )?(base|sr(\d+))$")
 _WORDS = {"sample": "generating in latent space", "decode": "decoding patches", "tiles": "segmenting tiles",
-          "items": "making items"}
+          "items": "making items", "train unet": "fine-tuning"}
 
 
 def plain_stage(stage: str, base_resolution: int = 64) -> str:

@@ -21,21 +21,32 @@ ones are added beside them ("<layer> labels 2").
 
 "Copy CLI command" copies the ``zfdiffusion segment`` command of these settings for the chosen
 layer's file (:meth:`SegmentWidget.cli_command`).
+
+**Correct and fine-tune** (human in the loop): edit the Labels layer that Segment made (paint,
+erase, fill, a new label for a missed object), then press "Fine-tune on my corrections". The planes
+you changed (found by the checksums kept with the labels as the model made them) train the chosen
+model further (:func:`..core.segment.finetune.fine_tune`: 200 steps by default, optionally with
+generated pairs mixed in), into a new model folder in the user models folder; the dock switches to
+it and segments the source layer again, as a new layer "<layer> labels (fine-tuned)". Edited
+labels are never replaced or removed by the dock.
 """
 
 from __future__ import annotations
 
 import weakref
 from pathlib import Path
+
+import numpy as np
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, Label, SpinBox
-from napari.layers import Image, Layer
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
+from napari.layers import Image, Labels, Layer
 from napari.utils.notifications import show_error, show_info
 from napari.viewer import Viewer
 
-from ..core.errors import UserInputError
+from ..core.errors import Cancelled, UserInputError
 from ..core.segment import Segmenter, describe
+from ..core.segment.finetune import FINE_TUNE_STEPS, edited_planes, fine_tune, finetuned_folder, plane_checksums
 from ..core.segment.segmenter import KIND
 from ..core.store import model_kind, read_card, resolve_model
 from ._jobs import JobWidget, cli_line, cli_model, cli_value, error_message
@@ -54,6 +65,7 @@ MENU_TITLE = "Segment with zfdiffusion"
 DEFAULTS = {"threshold": 0.5, "tile": 256, "overlap": 32, "min_size": 16}  # for a card without them
 STACK_CHOICES = [("volume (3D objects)", "volume"), ("planes (each on its own)", "planes")]
 TIME_LABELS = ("t", "time", "frame", "frames")
+MADE_KEY = "zfdiffusion_made"  # labels.metadata: the checksums of the labels as the model made them
 OTHER_KINDS = {
     "cascade": "a zebrafish slice cascade: open it with Plugins > zfdiffusion > Generate slices",
     "latent": "a latent diffusion model (patches): open it with Plugins > zfdiffusion > Generate EM patches",
@@ -132,10 +144,23 @@ class SegmentWidget(JobWidget):
         self.segment_button, buttons = self._run_row("Segment", self.segment,
                                                      "segment the chosen layer with these settings (in the "
                                                      "background)")
+        self.finetune_button = PushButton(text="Fine-tune on my corrections",
+                                          tooltip="after correcting the labels Segment made (paint, erase, fill): "
+                                                  "train the model further on the planes you changed, save it as a "
+                                                  "new model and segment the image again with it")
+        self.ft_steps = SpinBox(label="fine-tune steps", value=FINE_TUNE_STEPS, min=5, max=100_000, step=50,
+                                tooltip="training steps of 'Fine-tune on my corrections': 200 take about a "
+                                        "minute on a CPU; more adapt further to your images")
+        self.ft_extra = FileEdit(label="generated pairs", mode="d", nullable=True,
+                                 tooltip="optional: a folder with images/ and masks/ of generated pairs (e.g. "
+                                         "from `zfdiffusion em generate --masks-out`) mixed into a quarter of "
+                                         "every fine-tuning batch")
+        self.finetune_button.changed.connect(lambda *_: self.fine_tune_corrections())
         self._lay_out([self.layer, self.model, self.info, self.diameter, self.auto_diameter, self.stack,
                        self.threshold, self.min_size, self.use_interior, self.add_probability, self.replace],
-                      [self.tile, self.overlap, self.device, self.device_info, self.model_folder],
-                      [buttons])
+                      [self.tile, self.overlap, self.device, self.device_info, self.model_folder, self.ft_steps,
+                       self.ft_extra],
+                      [buttons, self.finetune_button])
         self.auto_diameter.changed.connect(lambda v: setattr(self.diameter, "enabled", not v))
         self.layer.changed.connect(self._default_stack)
         self.info.native.setWordWrap(True)
@@ -260,6 +285,7 @@ class SegmentWidget(JobWidget):
     # ------------------------------------------------------------ jobs
     def _set_running(self, running: bool) -> None:
         self.segment_button.enabled = not running and self._card is not None
+        self.finetune_button.enabled = not running and self._card is not None
         self.cancel_button.enabled = running
         self.use_interior.enabled = self.has_interior
 
@@ -299,7 +325,7 @@ class SegmentWidget(JobWidget):
         self._start(job, f"segmenting '{layer.name}'", done)
 
     # ------------------------------------------------------------ results
-    def _add_result(self, source: Image, result, keep_probability: bool) -> None:
+    def _add_result(self, source: Image, result, keep_probability: bool, suffix: str = "") -> None:
         prov = dict(result.provenance, source_layer=source.name)
         earlier = source.metadata.get(PROVENANCE_KEY)
         if isinstance(earlier, dict):  # a layer made by this plugin: keep how it was made
@@ -314,8 +340,8 @@ class SegmentWidget(JobWidget):
                                                 name=unique_name(self._viewer, f"{source.name} probability"),
                                                 colormap="magma", blending="additive", contrast_limits=(0, 1),
                                                 visible=False, metadata=meta, **place))
-        labels = self._viewer.add_labels(result.labels, name=unique_name(self._viewer, f"{source.name} labels"),
-                                         metadata=meta, **place)
+        labels = self._viewer.add_labels(result.labels, name=unique_name(self._viewer, f"{source.name} labels{suffix}"),
+                                         metadata={**meta, MADE_KEY: plane_checksums(result.labels)}, **place)
         labels.contour = 1  # outlines, as for generated masks: the image stays visible, so the fit can be judged
         added.append(labels)
         self._results[id(source)] = (weakref.ref(source), list(added))
@@ -339,9 +365,110 @@ class SegmentWidget(JobWidget):
         if ref is None or ref() is not source:
             return 0
         gone = [layer for layer in earlier if layer in self._viewer.layers]
+        edited = [layer for layer in gone if isinstance(layer, Labels) and self.edited(layer)]
+        for layer in edited:  # a person's corrections are never thrown away
+            show_info(f"zfdiffusion: kept '{layer.name}': you edited it (Fine-tune on my corrections learns from it)")
+        gone = [layer for layer in gone if layer not in edited]
         for layer in gone:
             self._viewer.layers.remove(layer)
         return len(gone)
+
+
+    # ------------------------------------------------------------ correct and fine-tune
+    @staticmethod
+    def edited(labels: Labels) -> list[int]:
+        """The planes of a Labels layer that differ from the labels as the model made them (every plane
+        with objects for a layer this dock did not make)."""
+        return edited_planes(labels.data, labels.metadata.get(MADE_KEY))
+
+    def corrections_layer(self) -> Labels | None:
+        """The Labels layer to learn from: the selected one if it is a Labels layer, else the last labels
+        this dock made from the chosen image layer."""
+        active = self._viewer.layers.selection.active
+        if isinstance(active, Labels):
+            return active
+        ref, layers = self._results.get(id(self.layer.value), (None, []))
+        found = [x for x in layers if isinstance(x, Labels) and x in self._viewer.layers]
+        return found[-1] if ref is not None and ref() is self.layer.value and found else None
+
+    def fine_tune_corrections(self, labels: Labels | None = None) -> None:
+        """Fine-tune the chosen model on the corrected planes of ``labels`` (default:
+        :meth:`corrections_layer`), save it as a new model, choose it, and segment the source again."""
+        labels = self.corrections_layer() if labels is None else labels
+        if not isinstance(labels, Labels):
+            show_error("Fine-tune: segment an image first, correct its labels (paint, erase, fill), and select "
+                       "that Labels layer.")
+            return
+        prov = labels.metadata.get(PROVENANCE_KEY) or {}
+        source_name = prov.get("source_layer")
+        source = next((x for x in self._viewer.layers if isinstance(x, Image) and x.name == source_name), None)
+        if source is None and isinstance(self.layer.value, Image) and self.layer.value.data.shape[-2:] == \
+                labels.data.shape[-2:]:
+            source = self.layer.value  # labels drawn by hand on the chosen image
+        if source is None:
+            show_error(f"Fine-tune: the image layer that '{labels.name}' belongs to "
+                       f"{f'({source_name!r}) ' if source_name else ''}is not open: open it, or choose it as "
+                       "the image layer.")
+            return
+        planes = self.edited(labels)
+        if not planes:
+            show_error(f"Fine-tune: '{labels.name}' has no corrections yet. Edit it first (paint a missed object "
+                       "with a new label, erase a false one, fix outlines), then press Fine-tune again.")
+            return
+        if self._card is None:
+            show_error(self._model_error or "choose a segmentation model to fine-tune first.")
+            return
+        from ..core.segment.segmenter import as_planes
+
+        try:
+            image_planes = as_planes(source.data[0] if source.multiscale else source.data, f"layer '{source.name}'")[0]
+        except UserInputError as e:
+            show_error(str(e))
+            return
+        lab = labels.data if labels.data.ndim == 3 else labels.data[None]
+        if image_planes.shape != lab.shape:
+            show_error(f"Fine-tune: '{labels.name}' is {lab.shape} but its image '{source.name}' is "
+                       f"{image_planes.shape} (as planes): they must match.")
+            return
+        images = [np.asarray(image_planes[k]) for k in planes]
+        corrected = [np.asarray(lab[k]).astype(np.int32) for k in planes]
+        model, device, steps = self.model.value, self.device.value, int(self.ft_steps.value)
+        extra = self.ft_extra.value
+        extra = Path(extra) if extra is not None and str(extra) not in ("", ".") else None
+        extra_kw = ({"extra_images": [extra / "images"], "extra_masks": [extra / "masks"]}
+                    if extra is not None else {})
+        out = finetuned_folder(resolve_model(model).name)
+        params = {**self.params(), "stack": self.stack_for(source)}
+        data = source.data[0] if source.multiscale else source.data
+        credit = f"{len(planes)} corrected plane(s) of napari layer '{source.name}'"
+
+        def job(callback, token):
+            try:
+                fine_tune(model, images, corrected, out, steps=steps, device=device, callback=callback,
+                          credit=credit, **extra_kw)
+                token.check()
+                seg = Segmenter.load(out, device)
+                return seg, seg.segment(data, **params, probability=False, callback=callback,
+                                        source=f"napari layer '{source.name}'")
+            except (Cancelled, Exception):
+                if not (out / "model.json").is_file():  # nothing usable was made: leave nothing behind
+                    import shutil
+
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
+
+        def done(result):
+            seg, res = result
+            value = str(out)
+            if value not in [v for _, v in self._models]:
+                self._models.append((f"{out.name} (fine-tuned)", value))
+                self.model.reset_choices()
+            self.model.value = value
+            self._add_result(source, res, False, suffix=" (fine-tuned)")
+            self.status.value = (f"fine-tuned on {len(planes)} corrected plane(s) -> model '{out.name}'; "
+                                 + self.status.value)
+
+        self._start(job, f"fine-tuning on {len(planes)} corrected plane(s) of '{labels.name}'", done)
 
 
 def _is_stack(layer) -> bool:
