@@ -426,9 +426,124 @@ train unet`, minutes on a GPU) for other stains, magnifications or modalities; E
     return 0
 
 
+SOURCE_WORDS = {
+    "hela": "HeLa nuclei, widefield fluorescence time-lapse (Cell Tracking Challenge Fluo-N2DL-HeLa, automatic "
+            "ERR_SEG masks)",
+    "cho": "CHO nuclei, confocal 3D time-lapse, planes (Cell Tracking Challenge Fluo-N3DH-CHO, automatic ERR_SEG "
+           "masks): large nuclei, dim background",
+    "nuclei3d": "cells3d nuclei, confocal z-stack planes with 3D labels (Allen Institute, via scikit-image)",
+    "dsb": "DSB 2018 fluorescence nuclei of another lab (manual masks, as shipped with StarDist)",
+}
+
+
+def generalist_card(a: argparse.Namespace) -> int:
+    """MODEL_CARD.md and the ``quality`` of model.json for the generalist segmentation U-Net (issue 14):
+    the domains it was trained on, the leave-one-source-out table (each source scored by a model that
+    never saw it, beside Otsu + watershed tuned on the other sources), its own in-domain figures, 3D
+    object F1, and where it is expected to fail."""
+    card = _load(a.model / "model.json")
+    name = a.name or card.get("name") or a.model.name
+    card["name"] = name
+    stage = _load(a.model / "unet" / "stage.json").get("training", {})
+    ev = _load(a.eval)
+    fmt = "| {} | {:.3f} | {:.3f} | {:.3f} | {:+.2f} |"
+    held = ["| held-out source | method | foreground IoU | object F1 (IoU 0.5) | boundary offset (px) |",
+            "|---|---|---|---|---|"]
+    wins = []
+    for s, row in ev.get("held_out", {}).items():
+        b, u = row.get("baseline"), row.get("U-Net without it")
+        if not b or not u:
+            continue
+        held.append(fmt.format(f"{s} | Otsu + watershed", b["iou"], b["f1"], b["boundary_offset_px"]))
+        held.append(fmt.format(f"{s} | U-Net trained without {s}", u["iou"], u["f1"], u["boundary_offset_px"]))
+        wins.append((s, u["f1"] - b["f1"], u["iou"] - b["iou"]))
+    own = ["| test planes | foreground IoU | Dice | object F1 (IoU 0.5) | precision | recall | boundary offset (px) |",
+           "|---|---|---|---|---|---|---|"]
+    quality = {}
+    for s, row in ev.get("in_domain", {}).items():
+        r = row.get("generalist")
+        if r:
+            own.append(f"| {s} | {r['iou']:.3f} | {r['dice']:.3f} | {r['f1']:.3f} | {r['precision']:.3f} | "
+                       f"{r['recall']:.3f} | {r['boundary_offset_px']:+.2f} |")
+            quality[s] = {k: r[k] for k in ("iou", "dice", "f1", "precision", "recall", "boundary_offset_px")}
+    three = [f"| {v} | {r['volume']['f1']:.3f} | {r['planes']['f1']:.3f} |" for v, r in ev.get("3d", {}).items()]
+    card["quality"] = quality
+    (a.model / "model.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+    sources = [s for s in SOURCE_WORDS if s in ev.get("held_out", {})]
+    beaten = [s for s, df1, _ in wins if df1 > 0]
+    lost = [f"{s} (object F1 {df1:+.3f})" for s, df1, _ in wins if df1 <= 0]
+    verdict = (f"Held out, the U-Net beats Otsu + watershed in object F1 on every source ({', '.join(beaten)})."
+               if wins and not lost else
+               f"Held out, the U-Net beats Otsu + watershed in object F1 on {', '.join(beaten) or 'no source'}, "
+               f"not on {', '.join(lost)}: on such images try the diameter, fine-tune on a few corrected planes, "
+               "or compare with the baseline.")
+    text = f"""# {name}
+
+A residual U-Net ({stage.get('size', 'small')}) that segments fluorescent nuclei in 2D planes, z-stacks
+(3D objects, planes linked) and time series. Per pixel it predicts the foreground probability and
+each nucleus's centre (normalised distance to its edge); instance labels come from a watershed of
+the foreground seeded by the centres' cores, so touching nuclei stay apart at any size. Made by
+`scripts/train_seg_generalist.sh` (`zfdiffusion train unet`); used by the Segment dock and
+`zfdiffusion segment`.
+
+## Trained on (the domains it knows)
+
+{chr(10).join(f"* {SOURCE_WORDS[s]}" for s in sources)}
+
+Training planes only (`zfdiffusion fetch-data --dataset seg` cuts each source into training and test
+planes; time series by time, stacks and the DSB image by columns). Smaller sources repeated so that
+each weighs about the same. Augmentation for what differs between labs: random zoom 0.5-2x,
+Gaussian blur, background offset, contrast, gamma, noise, and a quarter of the crops
+percentile-normalised on their own (so empty fields give no objects). Objects of about
+{card.get('object_diameter_px') or '?'} px across (median): `--diameter` rescales other sizes to it.
+
+## Training
+
+{stage.get('steps_done', '?')} steps, batch {stage.get('batch_size', '?')} crops of {stage.get('crop', '?')} px, AdamW lr {stage.get('lr', '?')},
+EMA {stage.get('ema_decay', '?')}, on a CPU ({stage.get('train_seconds', 0) / 60:.0f} min, {stage.get('world_size', 1)} process,
+torch {stage.get('torch', '?')}). Loss: BCE on both outputs + soft Dice on the foreground.
+
+## Quality
+
+On the test planes of its training sources (never trained on):
+
+{chr(10).join(own)}
+
+**Leave one source out** (a model trained without the source, scored on it, as this model would do
+on a lab's new images; the baseline's smoothing and peak distance tuned on the other sources):
+
+{chr(10).join(held)}
+
+{verdict}
+
+3D object F1 at IoU 0.5 against the 3D labels (planes linked as a volume / each plane on its own):
+
+| volume | as a volume | plane by plane |
+|---|---|---|
+{chr(10).join(three)}
+
+All figures: `python -m napari_zfdiffusion.evaluation.generalist --run RUN` (docs/evaluation.md).
+
+## Where it is expected to fail
+
+* Not nuclei: cytoplasm, membranes, bacteria (rods, phase contrast: see the bacteria row of
+  docs/evaluation.md), EM, brightfield or histology stains.
+* Objects much smaller or larger than about 0.5-2x its training size without `--diameter`; dense
+  clusters of nuclei that touch along most of their outline; very dim nuclei next to bright ones
+  (percentile normalisation per plane).
+* 3D linking assumes a nucleus spans several planes: for widely spaced planes choose `planes`.
+* Two of its sources have automatic (ERR_SEG), not manual, masks: it learned their misses too.
+* A few planes of your own, corrected and fine-tuned on ("Fine-tune on my corrections", or
+  `zfdiffusion train unet --init-from`), adapt it to a new domain (docs/evaluation.md).
+"""
+    (a.model / "MODEL_CARD.md").write_text(text)
+    print(f"wrote {a.model / 'MODEL_CARD.md'}")
+    return 0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG + "cards", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="kind", required=True, metavar="{cascade,patch,seg}")
+    sub = ap.add_subparsers(dest="kind", required=True, metavar="{cascade,patch,seg,seg-generalist}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", type=Path, help="the model folder (MODEL_CARD.md and its JSON card are written there)")
@@ -452,12 +567,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--run-name", default="real", help="the model's name in the evaluation JSON")
     s.add_argument("--eval", type=Path, default=None, help="default: RESULTS/seg_eval.json")
     s.add_argument("--bench", type=Path, default=None, help="default: RESULTS/bench_segment.json")
+    g = sub.add_parser("seg-generalist", help="the generalist segmentation U-Net (issue 14)")
+    common(g)
+    g.add_argument("--eval", type=Path, default=None, help="default: RESULTS/seg_generalist.json")
     a = ap.parse_args(argv)
     if a.kind == "cascade":
         a.eval = a.eval or a.results / "cascade_eval.json"
         a.volume_eval = a.volume_eval or a.results / "volume_eval.json"
     elif a.kind == "patch":
         a.bench = a.bench or a.results / "bench_latent.json"
+    elif a.kind == "seg-generalist":
+        a.eval = a.eval or a.results / "seg_generalist.json"
     else:
         a.eval = a.eval or a.results / "seg_eval.json"
         a.bench = a.bench or a.results / "bench_segment.json"
@@ -466,7 +586,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    return {"cascade": cascade_card, "patch": patch_card, "seg": seg_card}[a.kind](a)
+    return {"cascade": cascade_card, "patch": patch_card, "seg": seg_card, "seg-generalist": generalist_card}[a.kind](a)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,29 @@ def score(pairs, fn) -> dict:
     return out
 
 
+def empty_windows(pairs, side: int = 128, per_plane: int = 2) -> list[np.ndarray]:
+    """Windows of ``side`` px that hold no annotated object (and none within 8 px), up to ``per_plane``
+    per test plane: background-only images, as a user's crop of an empty field is."""
+    from scipy import ndimage as ndi
+
+    out = []
+    for img, truth in pairs:
+        near = ndi.binary_dilation(truth > 0, iterations=8)
+        found = 0
+        for y in range(0, img.shape[0] - side + 1, side // 2):
+            for x in range(0, img.shape[1] - side + 1, side // 2):
+                if found < per_plane and not near[y:y + side, x:x + side].any():
+                    out.append(img[y:y + side, x:x + side])
+                    found += 1
+    return out
+
+
+def background_objects(windows, fn) -> dict:
+    """How many objects ``fn`` finds on background-only windows (each segmented on its own)."""
+    counts = [int(fn(w).max()) for w in windows]
+    return {"windows": len(counts), "with_objects": int(sum(c > 0 for c in counts)), "objects": int(sum(counts))}
+
+
 def tune_baseline(train_pairs) -> tuple[float, int, float]:
     from ..core.masks import otsu_watershed
 
@@ -198,6 +221,21 @@ def main(argv=None) -> int:
                 f"{keys['all']} auto|{s}", lambda: score(test[s], unet(models["all"], diameter="auto")))
         result["in_domain"][s] = row
         print(f"in domain {s}: " + "; ".join(f"{k} F1 {v['f1']:.3f} IoU {v['iou']:.3f}" for k, v in row.items()))
+    # ---- background-only windows: no objects expected
+    result["background"] = {}
+    for s in SOURCES:
+        wins = empty_windows(test[s])
+        if not wins:
+            continue
+        row = {"baseline": cache.get(f"otsu {sigma} {md} background|{s}", lambda: background_objects(
+                   wins, lambda im: otsu_watershed(im, sigma=sigma, min_distance=md, min_size=MIN_SIZE))),
+               f"before ({a.before})": cache.get(f"{keys['before']} background|{s}",
+                                                 lambda: background_objects(wins, unet(before)))}
+        if "all" in models:
+            row["generalist"] = cache.get(f"{keys['all']} background|{s}",
+                                          lambda: background_objects(wins, unet(models["all"])))
+        result["background"][s] = row
+        print(f"background {s}: " + "; ".join(f"{k} {v['with_objects']}/{v['windows']}" for k, v in row.items()))
     # ---- 3D instances
     if "all" in models:
         from ..core.metrics import match_objects
@@ -248,6 +286,16 @@ def write_markdown(result: dict, path: Path) -> None:
     for s, row in result["in_domain"].items():
         lines += [f"### {s}", "", *HEADER] + [_row("Otsu + watershed" if k == "baseline" else k, v)
                                               for k, v in row.items()] + [""]
+    if result.get("background"):
+        names = list(next(iter(result["background"].values())))
+        lines += ["## Background-only windows (128 px, no annotated object within 8 px): windows with any object",
+                  "", "| source | " + " | ".join("Otsu + watershed" if n == "baseline" else n for n in names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        for src, row in result["background"].items():
+            lines.append(f"| {src} | " + " | ".join(
+                f"{row[n]['with_objects']}/{row[n]['windows']} ({row[n]['objects']} objects)" if n in row else ""
+                for n in names) + " |")
+        lines.append("")
     if result["3d"]:
         lines += ["## 3D instances (object F1 at IoU 0.5 against the 3D labels)", "",
                   "| volume | as a volume (planes linked) | plane by plane |", "|---|---|---|"]
