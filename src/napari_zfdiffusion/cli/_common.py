@@ -9,7 +9,7 @@ from pathlib import Path
 
 # Light on purpose: building the parser (``--help``, ``--version``, ``models``) must not import torch
 # or diffusers; the commands import what they need when they run.
-from ..core.choices import DEFAULT_SAMPLER, DEVICES, SAMPLERS
+from ..core.choices import DEFAULT_SAMPLER, DEVICE_FORMS, SAMPLERS, check_device
 
 RESOLUTIONS = (64, 128, 256, 512)
 
@@ -45,8 +45,27 @@ def add_channel(p: argparse.ArgumentParser) -> None:
                         "or specimens, Z: depth, C: channels)")
 
 
+def device_choice(text: str) -> str:
+    """``--device``'s value: auto, cpu, cuda, cuda:N or mps (lower case), or argparse's error naming them."""
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def batch_choice(text: str) -> int | str:
+    """A ``--batch`` value: 'auto' (the command sizes it from the GPU's free memory) or a whole number >= 1."""
+    t = str(text).strip().lower()
+    if t == "auto":
+        return t
+    if not t.isdigit() or int(t) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of at least 1, got '{text}'")
+    return int(t)
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda > mps > cpu")
+    p.add_argument("--device", default="auto", type=device_choice, metavar="{" + ",".join(DEVICE_FORMS) + "}",
+                   help="auto = cuda > mps > cpu; cuda:N = the GPU numbered N (0 = the first)")
 
 
 def add_sampler(p: argparse.ArgumentParser, steps: int) -> None:

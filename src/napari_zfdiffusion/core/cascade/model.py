@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..device import autocast_dtype, resolve_device
+from ..device import autocast_dtype, maybe_compile, resolve_device
 from ..diffusion.objective import alphas, noise_to_level
 from ..diffusion.sampling import DEFAULT_SAMPLER, check_guidance, check_steps, denoise, generators, randn
 from ..diffusion.unet import ZfUNet
@@ -126,7 +126,7 @@ class Cascade:
 
     def _model(self, stage: Stage) -> torch.nn.Module:
         if stage.model is None:
-            stage.model = load_model(stage.folder, ZfUNet).to(self.device)
+            stage.model = maybe_compile(load_model(stage.folder, ZfUNet).to(self.device), self.device)
         return stage.model
 
     # ---------------------------------------------------------------- facts

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..diffusion.sampling import DEFAULT_SAMPLER, check_steps, denoise, generators
+from ..device import maybe_compile
 from ..diffusion.unet import ZfUNet
 from ..errors import UserInputError
 from ..images import to_unit
@@ -71,7 +72,7 @@ class LatentModel(Autoencoder):
                 "(its weights differ): copy the whole model folder again, or retrain with `zfdiffusion train ldm`."
             )
         base = Autoencoder.load(path, device)
-        unet = load_model(path / "unet", ZfUNet)
+        unet = maybe_compile(load_model(path / "unet", ZfUNet), base.device)  # ZFDIFFUSION_COMPILE=1, CUDA
         z = card["latent_shape"]
         if unet.config.in_channels != z[0] or base.vae.config.latent_channels != z[0]:
             raise UserInputError(f"'{path}': the UNet and the autoencoder disagree on the latent channels.")

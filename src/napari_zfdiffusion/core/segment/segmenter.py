@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..device import resolve_device
+from ..device import maybe_compile, resolve_device
 from ..errors import UserInputError
 from ..images import Normalisation, check_finite, exact_percentiles, looks_rgb, to_gray, unit_to_model
 from ..masks import StripInstances, instances
@@ -125,7 +125,7 @@ class Segmenter:
         path = resolve_model(model)
         card = read_card(path, (KIND,))
         dev = resolve_device(device)
-        net = load_model(path / "unet", ResUNet).to(dev).eval().requires_grad_(False)
+        net = maybe_compile(load_model(path / "unet", ResUNet).to(dev).eval().requires_grad_(False), dev)
         return cls(path, card, net, dev)
 
     @property
