@@ -9,7 +9,8 @@ corrector): for N = 1, 2, 4 (``--planes``) training planes of ``--source``, pick
 other, and ``--seeds`` different picks, the starting model is fine-tuned with
 :func:`..core.segment.finetune.fine_tune` (the dock's defaults: 200 steps, lr 3e-4) and scored on the
 source's test planes (foreground IoU, object F1 at IoU 0.5, boundary offset), beside the starting
-model. Writes ``OUT/results/seg_finetune.json`` and ``.md``; the fine-tuned models go to ``--work``.
+model. Writes ``OUT/results/seg_finetune.json`` and ``.md``; the fine-tuned models go to ``--work``,
+where a rerun finds the finished ones (an interrupted one is trained again).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
             out = a.work / f"{Path(str(a.start)).name}-{a.source}-n{n}-s{seed}"
             t0 = time.perf_counter()
             if not (out / "model.json").is_file():
+                if out.exists():  # an interrupted run: start it again
+                    import shutil
+
+                    shutil.rmtree(out)
                 fine_tune(a.start, [train[i][0] for i in idx], [train[i][1] for i in idx], out, steps=steps,
                           device="cpu", seed=seed)
             secs = time.perf_counter() - t0
