@@ -2,23 +2,21 @@
 registry's models that can be downloaded, and ``--fetch NAME`` to download one (core.registry).
 
 Light on purpose: nothing here imports torch or diffusers (no network is built), so the listing
-takes a fraction of a second.
+takes a fraction of a second. What a model is comes from :mod:`..core.modelinfo` (``describe``, shared
+with the docks' "About the model"); its names are imported here as before.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-STAGES = ("base", "sr128", "sr256", "sr512")  # the cascade's stages, in order (as core.cascade.model has them)
-WHERE = {"bundled": "bundled with the package", "user": "cached in ZFDIFFUSION_HOME/models", "path": "a folder",
-         "cached": "downloaded from the model registry (sha256-checked), cached in ZFDIFFUSION_HOME/models"}
+from ..core.modelinfo import STAGES, WHERE, _cascade, _pixel, _size, describe, describe_lines, model_entry
 
 
 def cmd_models(a) -> int:
     from ..core.registry import format_size
-    from ..core.store import ModelEntry, list_models, model_kind, resolve_model, user_models_dir
+    from ..core.store import list_models, user_models_dir
 
     if a.fetch:
         if a.name and a.name != a.fetch:
@@ -28,13 +26,7 @@ def cmd_models(a) -> int:
         a.name = a.fetch
         fetch(a.fetch, offline=True if a.offline else None, quiet=getattr(a, "quiet", False))
     if a.name:
-        listed = {m.name: m for m in list_models(downloadable=True)}
-        if a.name in listed and listed[a.name].source == "downloadable":
-            models = [listed[a.name]]
-        else:
-            path = resolve_model(a.name)
-            known = {m.path.resolve(): m for m in list_models()}
-            models = [known.get(path.resolve()) or ModelEntry(path.name, model_kind(path) or "unknown", path, "path")]
+        models = [model_entry(a.name)]
     else:
         models = list_models(downloadable=True)
     if not models:
@@ -46,12 +38,7 @@ def cmd_models(a) -> int:
         else:
             print(f"{m.name:24s} {m.kind:12s} {m.source:8s} {m.path}")
         if not a.brief:
-            try:
-                lines = describe(m)
-            except (TypeError, ValueError, AttributeError, KeyError) as e:  # a card with fields of odd types
-                lines = [f"its card could not be read as expected ({type(e).__name__}: {str(e)[:100]}); "
-                         "loading the model says what is wrong"]
-            for line in lines:
+            for line in describe_lines(m):  # describe(m), or why the card could not be read
                 print(f"    {line}")
     print(f"(user models go in {user_models_dir()}: copy a model folder there, or set ZFDIFFUSION_HOME to move "
           "this cache; `zfdiffusion models NAME` shows one model; `zfdiffusion models --fetch NAME` downloads a "
@@ -98,104 +85,6 @@ class _ByteBar:
             self.bar.close()
 
 
-def describe(m) -> list[str]:
-    """Lines about one model (a :class:`..core.store.ModelEntry`): what it does, what it makes, its
-    depth classes and their meaning, pixel size, size on disk and where it lives."""
-    from ..core.errors import UserInputError
-    from ..core.store import CARD_FILE, CASCADE_FILE, read_json
-
-    if m.source == "downloadable":
-        from urllib.parse import urlsplit
-
-        from ..core.registry import format_size, load_registry
-
-        r = load_registry()[m.name]
-        hosts = ", ".join(sorted({urlsplit(f.url).hostname or "?" for f in r.files}))
-        lines = [f"what: {m.description}"] if m.description else []
-        lines.append(f"download: {format_size(r.size)} in {len(r.files)} files from {hosts}, each checked against "
-                     f"the registry's sha256, into {m.path}")
-        return lines + ([f"licence: {r.licence}"] if r.licence else [])
-    where = f"on disk: {_size(m.path)}; {WHERE.get(m.source, m.source)}"
-    try:
-        card = read_json(m.path / (CASCADE_FILE if (m.path / CASCADE_FILE).is_file() else CARD_FILE))
-    except UserInputError as e:
-        return [f"unreadable: {e}", where]
-    lines = [f"what: {card['description']}"] if card.get("description") else []
-    if m.kind == "cascade":
-        lines += _cascade(m.path, card, read_json)
-    elif m.kind == "latent":
-        p = card.get("patch_size", "?")
-        paired = "mask" in (card.get("channels") or [])
-        lines.append(f"makes: {p}x{p} image patches " + ("WITH masks (instance labels and foreground probability)"
-                                                          if paired else "(no masks)") + ", with `em generate`")
-    elif m.kind == "vae":
-        lines.append("makes: nothing by itself: an autoencoder to encode / decode images, and to train a latent "
-                     "model on (`train ldm --vae`)")
-    elif m.kind == "segmentation":
-        d = {k: card.get(k) for k in ("tile", "overlap", "threshold", "min_size") if card.get(k) is not None}
-        defaults = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
-        lines.append("makes: masks (instance labels, and a foreground probability) of your images, with `segment`"
-                     + (f"; card defaults {defaults}" if d else ""))
-        v = card.get("validation") or {}
-        if "dice" in v:
-            lines.append(f"held out: Dice {v['dice']:.3f}, IoU {v['iou']:.3f}"
-                         + (f", object F1 {v['f1']:.3f}" if "f1" in v else ""))
-    if m.kind != "cascade":
-        lines.append(_pixel(card.get("pixel_size_um")))
-    data = card.get("training_data") or {}
-    if isinstance(data, dict) and data.get("credit"):
-        lines.append(f"trained on: {data['credit']}")
-    lines.append(where)
-    return lines
-
-
-def _cascade(path: Path, card: dict, read_json) -> list[str]:
-    res, volume = [], True
-    for name in STAGES:  # the stages chain: sr256 only after sr128, and so on
-        info = path / name / "stage.json"
-        if not info.is_file():
-            break
-        stage = read_json(info)
-        res.append(int(stage.get("resolution", 0)))
-        volume = volume and int(stage.get("prev_channels") or 0) > 0
-    volume = volume and bool(res)
-    out = ["makes: images, no masks: depth slices with `generate`"
-           + ("; volumes with `volume` (every stage takes the plane above)" if volume else
-              " (a slice model: `volume` makes its planes independently)"),
-           f"resolutions: {', '.join(map(str, res)) or 'none (no trained stage)'} px"]
-    classes = card.get("depth_classes") or []
-    if classes:
-        out.append(f"depth classes (--depth 0 to {len(classes) - 1}):")
-        out += [f"  {i}: {c.get('label', '') if isinstance(c, dict) else c}" for i, c in enumerate(classes)]
-    field, z = card.get("field_um"), card.get("z_step_um")
-    if field and res:
-        per = ", ".join(f"{field / r:.3g} um/px at {r}" for r in res)
-        x = (card.get("pixel_size_um") or {}).get("x") if isinstance(card.get("pixel_size_um"), dict) else None
-        src = f" (training data {x:g} um/px)" if isinstance(x, (int, float)) else ""
-        out.append(f"pixel size: every slice shows {field:.3g} um{src}: {per}"
-                   + (f"; planes {z:g} um apart" if z else ""))
-    else:
-        out.append(_pixel(card.get("pixel_size_um")) + (f"; planes {z:g} um apart" if z else ""))
-    return out
-
-
-def _pixel(size) -> str:
-    if isinstance(size, dict) and size:
-        return "pixel size: " + ", ".join(f"{k} {v:g} um" for k, v in size.items() if isinstance(v, (int, float)))
-    return "pixel size: not recorded in the card"
-
-
-def _size(folder: Path) -> str:
-    total = 0
-    for root, _dirs, files in os.walk(folder):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return f"{total / 1e6:.1f} MB" if total >= 1e5 else f"{total / 1e3:.1f} kB"
-
-
 def add_commands(sub) -> None:
     m = sub.add_parser("models", help="list bundled, user and downloadable models, and what each one does; "
                                       "download one",
@@ -212,3 +101,7 @@ def add_commands(sub) -> None:
                    help="use only the cache, never the network (as ZFDIFFUSION_OFFLINE=1): --fetch then checks the "
                         "files copied there by hand and names each missing one")
     m.set_defaults(func=cmd_models)
+
+
+__all__ = ["STAGES", "WHERE", "_cascade", "_pixel", "_size", "add_commands", "cmd_models", "describe",
+           "fetch"]

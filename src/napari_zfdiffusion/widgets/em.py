@@ -12,7 +12,9 @@ Encode / decode takes the chosen Image layer's plane shown now (a 2D layer as is
 reconstruction next to it, in the source's intensity range and with its contrast limits, and the
 difference (reconstruction - source, clipped to the range the model sees) as a third layer, with
 MSE / PSNR / SSIM in the status. A layer made by this plugin is taken as already in [0, 1]; any
-other is normalised like the training data.
+other is normalised like the training data. "About the model" (:mod:`._about`) says what the model's
+cards say, and warns when the layer to encode / decode looks unlike its training data (also as a
+notification at Encode / decode).
 
 Layer names say what the model makes ("nuclei patches s0-3" for nuclei-ldm-demo, "EM patches ..."
 for em-ldm-demo: the subject is the model's name without -ldm, -demo, ...) and are made unique.
@@ -37,6 +39,7 @@ from ..core.images import Normalisation
 from ..core.latent import Autoencoder, LatentModel, describe
 from ..core.provenance import stamp
 from ..core.store import model_kind, read_card, resolve_model
+from ._about import AboutPanel, layer_warnings
 from ._jobs import JobWidget, cli_line, cli_model, error_message
 from ._layers import (
     PROVENANCE_KEY,
@@ -127,7 +130,11 @@ class GenerateEMWidget(JobWidget):
                       [self.sampler, self.steps, seed_row, self.device, self.device_info, self.model_folder],
                       [buttons, self.layer, self.roundtrip_button])
 
+        self.about = AboutPanel("the layer to encode / decode")
+        self.about.install(self.sections)
+
         self.roundtrip_button.changed.connect(lambda *_: self.roundtrip())
+        self.layer.changed.connect(self.check_domain)
         viewer.layers.selection.events.active.connect(self._follow_selection)
         self._wire_model()
 
@@ -158,7 +165,17 @@ class GenerateEMWidget(JobWidget):
                 show_error(error_message(e))
             else:
                 self.info.value = self._describe(path)
+        self.about.show_model(self.model.value, self._card)
+        self.check_domain()
         self._set_running(self._job is not None)
+
+    def check_domain(self, *_, layer: Image | None = None) -> list[str]:
+        """Whether ``layer`` (default: the one to encode / decode) looks unlike the model's training data:
+        the warnings, shown in "About the model"."""
+        layer = self.layer.value if layer is None else layer
+        warnings = layer_warnings(self._viewer, layer, self._card, "patches")
+        self.about.set_warnings(warnings)
+        return warnings
 
     def _describe(self, path: Path) -> str:
         """The model's description: :func:`describe` once loaded, its card until then."""
@@ -264,6 +281,7 @@ class GenerateEMWidget(JobWidget):
             show_error(str(e))
             return
         ours = generated_provenance(layer) is not None
+        self.about.notify(layer, self.model.value, self.check_domain(layer=layer))  # once per layer and model
         model, device = self.model.value, self.device.value
         loader = loader_for(self._card or {})
         name = f"{layer.name}{'' if plane is None else f' [plane {plane}]'}"

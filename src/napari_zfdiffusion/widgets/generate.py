@@ -7,7 +7,9 @@ Upsample takes the selected Image layer. A 2D layer is upsampled as is. A 3D lay
 such as a generated stack or a z-stack, gives the plane shown now, or every plane with
 "all planes" ticked. A layer made by this plugin (provenance in ``metadata["zfdiffusion"]``) is
 taken as already in [0, 1] (no normalisation) at its own depth class; any other layer is
-normalised like the training data and upsampled at the widget's depth.
+normalised like the training data and upsampled at the widget's depth. "About the model" (:mod:`._about`)
+says what the model's cards say, and warns when the selected layer looks unlike its training data
+(the field of view it shows, its intensities), also as a notification when it is upsampled.
 
 "Copy CLI command" copies the ``zfdiffusion generate`` command of these settings, "Copy upsample
 command" the ``zfdiffusion upsample`` one of the selected layer (:meth:`GenerateSlicesWidget.cli_command`).
@@ -24,6 +26,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_error
 
 from ..core.errors import UserInputError
+from ._about import AboutPanel, layer_warnings
 from ._jobs import CascadeJobWidget, cli_line, cli_model, row
 from ._layers import (
     PROVENANCE_KEY,
@@ -95,15 +98,20 @@ class GenerateSlicesWidget(CascadeJobWidget):
                       [self.sampler, self.steps, self.sr_steps, seed_row, self.device, self.device_info,
                        self.model_folder],
                       [buttons, up_row])
+        self.about = AboutPanel("the selected layer (to upsample)")
+        self.about.install(self.sections)
 
         self.depth.changed.connect(self._show_depth_meaning)
         self.upsample_button.changed.connect(lambda *_: self.upsample_selected())
+        viewer.layers.selection.events.active.connect(self.check_domain)
         self._wire_model()
 
     # ------------------------------------------------------------ model
     def _load_model_info(self, *_) -> None:
         """Read the chosen model's card (small JSON) to fill depth and resolution; weights load later."""
         cascade = self._load_cascade()
+        self.about.show_model(self.model.value, None if cascade is None else cascade.card)
+        self.check_domain()
         if cascade is None:
             return
         self.depth.max = cascade.n_classes - 1
@@ -114,6 +122,15 @@ class GenerateSlicesWidget(CascadeJobWidget):
     def _show_depth_meaning(self, *_) -> None:
         if self._cascade is not None and self.depth.value < self._cascade.n_classes:
             self.depth_meaning.value = self._cascade.depth_label(self.depth.value)
+
+    def check_domain(self, *_, layer: Image | None = None) -> list[str]:
+        """Whether ``layer`` (default: the selected one, what "Upsample selected layer" takes) looks unlike
+        the model's training data (field of view, intensities): the warnings, shown in "About the model"."""
+        layer = self._viewer.layers.selection.active if layer is None else layer
+        card = None if self._cascade is None else self._cascade.card
+        warnings = layer_warnings(self._viewer, layer, card, "slices")
+        self.about.set_warnings(warnings)
+        return warnings
 
     # ------------------------------------------------------------ parameters
     def params(self) -> dict:
@@ -160,6 +177,7 @@ class GenerateSlicesWidget(CascadeJobWidget):
         else:
             name = f"{layer.name} {self.resolution.value}px s{seed}"
         image = np.asarray(data)
+        self.about.notify(layer, self.model.value, self.check_domain(layer=layer))  # once per layer and model
         prov = generated_provenance(layer)
         ours, depth = self._upsample_depth(layer, plane)
         model, device = self.model.value, self.device.value

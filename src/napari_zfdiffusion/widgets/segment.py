@@ -7,7 +7,10 @@ and non-numeric layers are refused there with the reason).
 
 Choosing a model reads only its card (small JSON): threshold, tile, overlap and minimum object size
 take the model's defaults, and a folder of another kind is answered by a notification. The weights
-load in the worker on the first job and stay cached.
+load in the worker on the first job and stay cached. "About the model" (:mod:`._about`, collapsed)
+holds the one-line 'about' summary and what the cards say; above it a warning when the chosen layer
+looks unlike the training data (pixel size, intensities, a flat image), also notified once per layer
+and model when Segment is pressed.
 
 Results: a Labels layer "<layer> labels" (int32 instance labels, numbered across the stack) with the
 source layer's scale and translation, drawn as outlines (contour 0 in the layer controls fills them),
@@ -49,6 +52,7 @@ from ..core.segment import Segmenter, describe
 from ..core.segment.finetune import FINE_TUNE_STEPS, edited_planes, fine_tune, finetuned_folder, plane_checksums
 from ..core.segment.segmenter import KIND
 from ..core.store import model_kind, read_card, resolve_model
+from ._about import AboutPanel, layer_warnings
 from ._jobs import JobWidget, cli_line, cli_model, cli_value, error_message
 from ._layers import PROVENANCE_KEY, image_layers, unique_name
 from ._models import get_model
@@ -127,7 +131,7 @@ class SegmentWidget(JobWidget):
         self.diameter = FloatSpinBox(label="object diameter (px)", value=0, min=0, max=100_000, step=1,
                                      tooltip="the typical diameter of the objects in this image, in pixels: the "
                                              "image is rescaled so that they have the size the model was "
-                                             "trained on (see 'about'). 0: the image as it is")
+                                             "trained on (see 'About the model'). 0: the image as it is")
         self.auto_diameter = CheckBox(text="estimate the object size (auto)", value=False,
                                       tooltip="measure the objects' size in a first pass and rescale to the "
                                               "model's (as cellpose's diameter estimate)")
@@ -156,14 +160,18 @@ class SegmentWidget(JobWidget):
                                          "from `zfdiffusion em generate --masks-out`) mixed into a quarter of "
                                          "every fine-tuning batch")
         self.finetune_button.changed.connect(lambda *_: self.fine_tune_corrections())
-        self._lay_out([self.layer, self.model, self.info, self.diameter, self.auto_diameter, self.stack,
+        self._lay_out([self.layer, self.model, self.diameter, self.auto_diameter, self.stack,
                        self.threshold, self.min_size, self.use_interior, self.add_probability, self.replace],
                       [self.tile, self.overlap, self.device, self.device_info, self.model_folder, self.ft_steps,
                        self.ft_extra],
                       [buttons, self.finetune_button])
+        # what the model is (the 'about' line first), and a warning for a layer unlike its training data
+        self.about = AboutPanel("the chosen image layer", lead=self.info)
+        self.about.install(self.sections)
         self.auto_diameter.changed.connect(lambda v: setattr(self.diameter, "enabled", not v))
         self.layer.changed.connect(self._default_stack)
-        self.info.native.setWordWrap(True)
+        for w in (self.layer, self.diameter, self.auto_diameter):
+            w.changed.connect(self.check_domain)
 
         viewer.layers.selection.events.active.connect(self._follow_selection)
         register_layer_context_menu()
@@ -200,7 +208,18 @@ class SegmentWidget(JobWidget):
                 self.overlap.value = int(c.get("overlap", DEFAULTS["overlap"]))
                 self.min_size.value = int(c.get("min_size", DEFAULTS["min_size"]))
                 self.use_interior.value = self.has_interior
+        self.about.show_model(self.model.value, self._card)
+        self.check_domain()
         self._set_running(self._job is not None)
+
+    def check_domain(self, *_, layer: Image | None = None) -> list[str]:
+        """Whether ``layer`` (default: the chosen one) looks unlike the model's training data: the
+        warnings, shown in "About the model" (none with the object diameter set: no pixel-size one)."""
+        layer = self.layer.value if layer is None else layer
+        rescaled = bool(self.auto_diameter.value) or float(self.diameter.value) > 0
+        warnings = layer_warnings(self._viewer, layer, self._card, "segmentation", rescaled=rescaled)
+        self.about.set_warnings(warnings)
+        return warnings
 
     # ------------------------------------------------------------ parameters
     def _image_layers(self, *_) -> list[tuple[str, Image]]:
@@ -300,6 +319,7 @@ class SegmentWidget(JobWidget):
                        f"`zfdiffusion train unet` (the bundled '{DEMO_MODEL}' is not installed).")
             return
         params = {**self.params(), "stack": self.stack_for(layer), **overrides}
+        self.about.notify(layer, self.model.value, self.check_domain(layer=layer))  # once per layer and model
         note = self.stack_note(layer) if params["stack"] == "volume" else None
         if note:
             show_info(f"zfdiffusion: {note}")

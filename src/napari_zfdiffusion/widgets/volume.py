@@ -14,6 +14,8 @@ made so far, in a layer renamed "... (cancelled, k/Z planes)"; with none made, t
 and the rest of the volume continues from it. A layer made by this plugin is taken as already in
 [0, 1]; any other layer is normalised like the training data. A model trained without
 ``--continuity`` makes each plane on its own (continuity guidance 0, its control disabled).
+"About the model" (:mod:`._about`) says what the model's cards say, and warns when the layer to start
+from looks unlike its training data (also as a notification when the volume starts from it).
 
 "Copy CLI command" copies the ``zfdiffusion volume`` command of these settings
 (:meth:`GenerateVolumeWidget.cli_command`).
@@ -30,6 +32,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
 from ..core.errors import UserInputError
+from ._about import AboutPanel, layer_warnings
 from ._jobs import CascadeJobWidget, ItemRelay, cli_line, cli_model
 from ._layers import (
     PROVENANCE_KEY,
@@ -115,15 +118,20 @@ class GenerateVolumeWidget(CascadeJobWidget):
                       [self.sampler, self.steps, self.sr_steps, seed_row, self.device, self.device_info,
                        self.model_folder],
                       [buttons])
+        self.about = AboutPanel("the layer to start from")
+        self.about.install(self.sections)
 
         self.first_depth.changed.connect(self._on_first_depth)
         self.last_depth.changed.connect(self._on_last_depth)
+        self.start_layer.changed.connect(self.check_domain)
         self._wire_model()
 
     # ------------------------------------------------------------ model
     def _load_model_info(self, *_) -> None:
         """Read the chosen model's cards (small JSON): depth classes, resolutions, volume or not."""
         cascade = self._load_cascade()
+        self.about.show_model(self.model.value, None if cascade is None else cascade.card)
+        self.check_domain()
         if cascade is None:
             return
         top = cascade.n_classes - 1
@@ -144,6 +152,14 @@ class GenerateVolumeWidget(CascadeJobWidget):
         self.status.value = f"{cascade.name}: {cascade.n_classes} depth classes, up to " \
                             f"{cascade.resolutions[-1]} ({kind})"
         self._set_running(self._job is not None)
+
+    def check_domain(self, *_) -> list[str]:
+        """Whether the layer to start from looks unlike the model's training data (field of view,
+        intensities): the warnings, shown in "About the model" (none without a layer to start from)."""
+        card = None if self._cascade is None else self._cascade.card
+        warnings = layer_warnings(self._viewer, self.start_layer.value, card, "slices")
+        self.about.set_warnings(warnings)
+        return warnings
 
     def _image_layers(self, *_) -> list[tuple[str, Image]]:
         return image_layers(self._viewer)
@@ -242,6 +258,8 @@ class GenerateVolumeWidget(CascadeJobWidget):
             show_error(str(e))
             return
         params.update(first)
+        if first:  # once per layer and model
+            self.about.notify(self.start_layer.value, self.model.value, self.check_domain())
         depths = tuple(params["depths"])
         res = int(params["resolution"])
         span = f"d{depths[0]}-{depths[-1]} " if depths else ""
