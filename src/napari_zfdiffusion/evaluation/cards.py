@@ -446,7 +446,7 @@ def generalist_card(a: argparse.Namespace) -> int:
     card["name"] = name
     stage = _load(a.model / "unet" / "stage.json").get("training", {})
     ev = _load(a.eval)
-    fmt = "| {} | {:.3f} | {:.3f} | {:.3f} | {:+.2f} |"
+    fmt = "| {} | {} | {:.3f} | {:.3f} | {:+.2f} |"
     held = ["| held-out source | method | foreground IoU | object F1 (IoU 0.5) | boundary offset (px) |",
             "|---|---|---|---|---|"]
     wins = []
@@ -454,8 +454,8 @@ def generalist_card(a: argparse.Namespace) -> int:
         b, u = row.get("baseline"), row.get("U-Net without it")
         if not b or not u:
             continue
-        held.append(fmt.format(f"{s} | Otsu + watershed", b["iou"], b["f1"], b["boundary_offset_px"]))
-        held.append(fmt.format(f"{s} | U-Net trained without {s}", u["iou"], u["f1"], u["boundary_offset_px"]))
+        held.append(fmt.format(s, "Otsu + watershed", b["iou"], b["f1"], b["boundary_offset_px"]))
+        held.append(fmt.format(s, f"U-Net trained without {s}", u["iou"], u["f1"], u["boundary_offset_px"]))
         wins.append((s, u["f1"] - b["f1"], u["iou"] - b["iou"]))
     own = ["| test planes | foreground IoU | Dice | object F1 (IoU 0.5) | precision | recall | boundary offset (px) |",
            "|---|---|---|---|---|---|---|"]
