@@ -16,13 +16,8 @@ done
 # the UNet is stored in float16 (half the size; it loads as float32): on the nuclei demo, 4 patches at
 # 50 steps differ by 6e-5 on average (max 0.017) from the float32 weights, masks agree on 99.99 % of pixels
 KIND=$(${PY:-.venv/bin/python} -c "import json,sys; print(json.load(open(sys.argv[1])).get('kind'))" "$DEST.tmp/model.json")
-if [ "$KIND" = "segmentation" ]; then  # float16 too (1.3 MB; loads as float32); its own card
-  ${PY:-.venv/bin/python} - "$DEST.tmp/unet/diffusion_pytorch_model.safetensors" <<'PY'
-import sys
-from safetensors.torch import load_file, save_file
-p = sys.argv[1]
-save_file({k: (v.half() if v.is_floating_point() else v) for k, v in load_file(p).items()}, p, metadata={"format": "pt"})
-PY
+if [ "$KIND" = "segmentation" ]; then  # float16 too (batch-norm statistics stay float32: slim_weights.py); its own card
+  ${PY:-.venv/bin/python} scripts/slim_weights.py "$DEST.tmp"
   # CARD=seg-generalist: the generalist's card (domains, leave-one-source-out; docs/results/seg_generalist.json)
   ${PY:-.venv/bin/python} -m napari_zfdiffusion.evaluation.cards "${CARD:-seg}" "$DEST.tmp" --name "$NAME" ${RUN_NAME:+--run-name "$RUN_NAME"}
   rm -rf "$DEST"; mv "$DEST.tmp" "$DEST"; du -sh "$DEST"; exit 0

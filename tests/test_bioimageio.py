@@ -110,7 +110,7 @@ def test_package_holds_weights_tensors_cover_card_and_the_normalisation(package)
     assert [a.id for a in inp.axes] == ["batch", "channel", "y", "x"]
     assert [a.id for a in outp.axes] == ["batch", "channel", "y", "x"]
     assert inp.axes[2].size.min == 64 and inp.axes[2].size.step == 8  # multiples of the down-sampling factor
-    assert outp.axes[1].channel_names == ["foreground", "interior"]
+    assert outp.axes[1].channel_names == ["foreground", "center"]
     assert outp.axes[2].halo == outp.axes[3].halo == 16  # half the card's overlap (32)
     ops = [p.id for p in inp.preprocessing]
     assert ops == ["ensure_dtype", "scale_range", "clip", "scale_linear", "ensure_dtype"]

@@ -505,7 +505,7 @@ torch {stage.get('torch', '?')}). Loss: BCE on both outputs + soft Dice on the f
 
 ## Quality
 
-On the test planes of its training sources (never trained on):
+On the test planes of its training sources (never trained on), and on bacteria (outside its domain):
 
 {chr(10).join(own)}
 
@@ -528,6 +528,9 @@ All figures: `python -m napari_zfdiffusion.evaluation.generalist --run RUN` (doc
 
 * Not nuclei: cytoplasm, membranes, bacteria (rods, phase contrast: see the bacteria row of
   docs/evaluation.md), EM, brightfield or histology stains.
+* Large nuclei with textured interiors, as CHO's: it splits some of them into pieces (low precision
+  on CHO above); a lower seed threshold or `--min-size` near the nuclei's area helps, and so does
+  fine-tuning on a few corrected planes.
 * Objects much smaller or larger than about 0.5-2x its training size without `--diameter`; dense
   clusters of nuclei that touch along most of their outline; very dim nuclei next to bright ones
   (percentile normalisation per plane).
