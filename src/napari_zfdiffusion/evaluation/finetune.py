@@ -81,6 +81,9 @@ def main(argv=None) -> int:
                 fine_tune(a.start, [train[i][0] for i in idx], [train[i][1] for i in idx], out, steps=steps,
                           device="cpu", seed=seed)
             secs = time.perf_counter() - t0
+            stage = out / "unet" / "stage.json"  # the training's own time (also for a run made before)
+            if stage.is_file():
+                secs = float(json.loads(stage.read_text()).get("training", {}).get("train_seconds", secs))
             r = scored(out)
             rows.append({"planes": n, "seed": seed, "train_planes": idx, "seconds": round(secs, 1), **r})
             log(f"{n} plane(s), seed {seed} ({idx}): F1 {r['f1']:.3f} IoU {r['iou']:.3f} ({secs:.0f} s)")
