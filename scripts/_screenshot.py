@@ -62,10 +62,13 @@ def open_cascade_widget(widget_cls, dock_name: str, size: str, model: str | None
 
 
 def save_screenshot(viewer, out: Path) -> None:
-    """Let Qt settle, then write the whole window (not only the canvas) to ``out``."""
+    """Let Qt settle, then write the whole window (not only the canvas) to ``out``: a PNG of 256
+    colours (a third of the size, no visible difference for a screenshot; the repository's size budget)."""
+    from PIL import Image
     from qtpy.QtWidgets import QApplication
 
     for _ in range(20):
         QApplication.processEvents()
     out.parent.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(out), canvas_only=False)
+    Image.open(out).convert("RGB").quantize(256).save(out, optimize=True)

@@ -9,7 +9,6 @@ The data are the Cell Tracking Challenge Fluo-N2DL-HeLa sequence 02, frames 0-3 
 with their ERR_SEG labels (fetched with `zfdiffusion fetch-data --dataset hela` if missing). The dock
 trains a small U-Net in a separate process (about 4 minutes on a CPU for 400 steps) into a
 temporary ZFDIFFUSION_HOME; the screenshot shows the loss plot and the last checkpoint's preview.
-Saved as a 256-colour PNG (the repository's size budget).
 """
 
 from __future__ import annotations
@@ -65,9 +64,6 @@ def main() -> int:
     viewer.layers.selection.active = preview
     w.show_log.value = False
     save_screenshot(viewer, a.out)
-    from PIL import Image
-
-    Image.open(a.out).convert("RGB").quantize(256).save(a.out, optimize=True)
     viewer.close()
     print(f"wrote {a.out}; errors: {errors or 'none'}")
     return 0 if not errors else 1

@@ -122,14 +122,14 @@ def torchrun_cli(*args: str, procs: int = 2, timeout: int = 300):
     return proc
 
 
-def make_tiny_segmenter(path: Path, steps: int = 160, interior: bool = True) -> Path:
+def make_tiny_segmenter(path: Path, steps: int = 160, interior: bool = True, inner: str = "center") -> Path:
     """A tiny segmentation U-Net trained for a few seconds on blobs: it finds the bright discs."""
     from napari_zfdiffusion.core.segment.train import UnetConfig, train_unet
 
     path = Path(path)
     imgs, masks = make_blobs(path.parent / f"{path.name}-data", n=6, shape=(96, 128))
     cfg = UnetConfig(size="tiny", steps=steps, batch_size=8, crop=64, checkpoint_every=steps, tile=64, overlap=16,
-                     interior=interior)
+                     interior=interior, inner=inner)
     train_unet(imgs, masks, path, cfg, device="cpu", show_progress=False)
     return path
 
