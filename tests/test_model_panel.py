@@ -118,7 +118,7 @@ def test_a_large_memory_mapped_image_is_read_at_a_million_values(tmp_path):
 def test_about_lines_add_the_measured_quality_and_the_model_card():
     lines = about_lines(model_entry("nuclei-unet-demo"))
     assert any(line.startswith("trained on: Fluo-N2DL-HeLa") for line in lines)
-    assert "measured quality (from the card):" in lines and any("dsb manual: iou 0.846" in x for x in lines)
+    assert "measured quality (from the card):" in lines and any(x.startswith("  dsb: iou 0.855") for x in lines)
     assert lines[-1].startswith("on disk:")
     assert model_card_file(WEIGHTS / "nuclei-unet-demo") == WEIGHTS / "nuclei-unet-demo" / "MODEL_CARD.md"
     card = seg_card()
@@ -154,7 +154,7 @@ def _dock(viewer, which: str):
 FACTS = {"slices": ["depth classes (--depth 0 to 4):", "0: plane 0, z = 0 um (top)", "every slice shows 89.5 um"],
          "volume": ["4: plane 4, z = 4 um (bottom)", "volume neighbour correlation:"],
          "em": ["trained on: islet_mito_5nm.png", "reconstruction heldout:"],
-         "segment": ["trained on: Fluo-N2DL-HeLa (Cell Tracking Challenge)", "held out: Dice 0.946"]}
+         "segment": ["trained on: Fluo-N2DL-HeLa and Fluo-N3DH-CHO", "held out: Dice 0.934"]}
 CARDS = {"slices": "zf-cascade-demo", "volume": "zf-cascade-demo", "em": "em-ldm-demo", "segment": "nuclei-unet-demo"}
 
 
