@@ -153,8 +153,8 @@ class SegmentWidget(JobWidget):
                                                   "train the model further on the planes you changed, save it as a "
                                                   "new model and segment the image again with it")
         self.ft_steps = SpinBox(label="fine-tune steps", value=FINE_TUNE_STEPS, min=5, max=100_000, step=50,
-                                tooltip="training steps of 'Fine-tune on my corrections': 200 take about a "
-                                        "minute on a CPU; more adapt further to your images")
+                                tooltip="training steps of 'Fine-tune on my corrections': 200 take a few "
+                                        "minutes on a CPU; more adapt further to your images")
         self.ft_extra = FileEdit(label="generated pairs", mode="d", nullable=True,
                                  tooltip="optional: a folder with images/ and masks/ of generated pairs (e.g. "
                                          "from `zfdiffusion em generate --masks-out`) mixed into a quarter of "
