@@ -140,6 +140,13 @@ def tiny_segmenter(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_volume(tmp_path_factory) -> Path:
+    """A tiny volume model (every stage takes the previous plane): 3 depth classes, 64 and 128 px."""
+    return make_tiny_cascade(tmp_path_factory.mktemp("models") / "tiny-volume", stages=("base", "sr128"),
+                             continuity=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_latent(tmp_path_factory) -> Path:
     return make_tiny_latent(tmp_path_factory.mktemp("models") / "tiny-latent")
 

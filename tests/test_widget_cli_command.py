@@ -14,19 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import errors, make_tiny_cascade
+from conftest import errors
 
 pytest.importorskip("napari")
 pytest.importorskip("qtpy")
 
 pytestmark = pytest.mark.gui
-
-
-@pytest.fixture(scope="module")
-def tiny_volume(tmp_path_factory):
-    """A tiny volume model (continuity): 3 depth classes, 64 and 128 px."""
-    return make_tiny_cascade(tmp_path_factory.mktemp("models") / "tiny-volume", stages=("base", "sr128"),
-                             continuity=True)
 
 
 def press(button) -> str:

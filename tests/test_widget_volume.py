@@ -12,13 +12,6 @@ pytest.importorskip("qtpy")
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture(scope="module")
-def tiny_volume(tmp_path_factory):
-    """A tiny volume model (every stage takes the previous plane): 3 depth classes, 64 and 128 px."""
-    return make_tiny_cascade(tmp_path_factory.mktemp("models") / "tiny-volume", stages=("base", "sr128"),
-                             continuity=True)
-
-
 def _dock(viewer, model, *, resolution: int = 64, steps: int = 2):
     """Dock the widget in ``viewer`` with ``model`` chosen, on the CPU."""
     from napari_zfdiffusion.widgets.volume import GenerateVolumeWidget

@@ -273,8 +273,13 @@ class JobWidget(Container):
         self._models = choices
         self.model = ComboBox(label="model", choices=lambda _: list(self._models), nullable=True, tooltip=tooltip)
         self.model_folder = FileEdit(label="model folder", mode="d", nullable=True, tooltip=folder_tooltip)
+        self._device_rows("the model runs")
+
+    def _device_rows(self, what: str) -> None:
+        """The device box and the line under it that says what the choice means on this computer
+        (``what``: "the model runs", "the training runs", for the tooltip)."""
         self.device = ComboBox(label="device", choices=available_devices(), value="auto",
-                               tooltip="where the model runs: auto takes a GPU (CUDA or Apple MPS) when there "
+                               tooltip=f"where {what}: auto takes a GPU (CUDA or Apple MPS) when there "
                                        "is one, else the CPU (slower, but works everywhere)")
         self.device_info = Label(label="", value=device_line("auto"),
                                  tooltip="what the device choice means on this computer")

@@ -47,7 +47,7 @@ from napari.layers import Image, Labels, Layer
 from napari.utils.notifications import show_error, show_info
 from napari.viewer import Viewer
 
-from ..core.errors import Cancelled, UserInputError
+from ..core.errors import UserInputError
 from ..core.segment import Segmenter, describe
 from ..core.segment.finetune import FINE_TUNE_STEPS, edited_planes, fine_tune, finetuned_folder, plane_checksums
 from ..core.segment.segmenter import KIND
@@ -470,7 +470,7 @@ class SegmentWidget(JobWidget):
                 seg = Segmenter.load(out, device)
                 return seg, seg.segment(data, **params, probability=False, callback=callback,
                                         source=f"napari layer '{source.name}'")
-            except (Cancelled, Exception):
+            except Exception:  # Cancelled too
                 if not (out / "model.json").is_file():  # nothing usable was made: leave nothing behind
                     import shutil
 

@@ -42,13 +42,12 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QEvent, QObject, QSize, QTimer
 from qtpy.QtWidgets import QComboBox, QMainWindow, QMessageBox, QPlainTextEdit
 
-from ..core.device import available_devices
 from ..core.errors import UserInputError
 from ..core.store import list_models, user_models_dir
 from ..core.training import monitor
 from ._jobs import CLI_TIP, JobWidget, error_message, row
 from ._layers import data_limits, layer_image, shown_image
-from ._layout import device_line, help_link, is_gpu
+from ._layout import help_link, is_gpu
 
 if TYPE_CHECKING:
     import napari
@@ -211,12 +210,7 @@ class TrainWidget(JobWidget):
         self.out = FileEdit(label="output folder", mode="d",
                             tooltip="the model folder to create (in your user models, so the other docks list it); "
                                     "it also holds the training state, the log and the layers trained on")
-        self.device = ComboBox(label="device", choices=available_devices(), value="auto",
-                               tooltip="where the training runs: auto takes a GPU (CUDA or Apple MPS) when there is "
-                                       "one, else the CPU (slower, but works everywhere)")
-        self.device_info = Label(label="", value=device_line("auto"),
-                                 tooltip="what the device choice means on this computer")
-        self.device.changed.connect(lambda v: setattr(self.device_info, "value", device_line(v)))
+        self._device_rows("the training runs")
         self.size = ComboBox(label="network size", choices=SIZES, value="small",
                              tooltip="tiny (tests, useless models), small (a CPU trains it), base (wider, for a GPU)")
         self.checkpoint_every = SpinBox(label="checkpoint every", value=250, min=1, max=1_000_000, step=50,
