@@ -191,3 +191,34 @@ def test_bundled_patches_agree_across_batch_sizes():
     b = m.generate(3, seed=0, steps=4, batch=1)
     assert np.abs(a.images - b.images).max() < 1e-4
     assert np.array_equal(a.images, m.generate(3, seed=0, steps=4, batch=3).images)  # same batch: bitwise
+
+
+def test_recipe_losses():
+    """The log-spectrum term is 0 for the same image and grows as detail is blurred away; the hinge loss
+    is 0 for a confident discriminator; the adaptive weight is the ratio of the two gradients' norms."""
+    from napari_zfdiffusion.core.latent.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, log_spectrum_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 64, 64, generator=g) * 2 - 1
+    blur1 = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    blur2 = torch.nn.functional.avg_pool2d(x, 7, 1, 3)
+    assert float(log_spectrum_loss(x, x)) == 0.0
+    assert 0 < float(log_spectrum_loss(blur1, x)) < float(log_spectrum_loss(blur2, x))
+    assert float(hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0))) == 0.0
+    assert float(hinge_d_loss(torch.zeros(4), torch.zeros(4))) == 1.0
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    assert float(adaptive_weight((3 * w).sum(), (0.5 * w).sum(), w)) == pytest.approx(6.0, rel=1e-3)
+    assert PatchDiscriminator(2)(torch.zeros(1, 2, 64, 64)).shape[:2] == (1, 1)
+
+
+def test_conv_padding_is_saved_and_loaded(tmp_path):
+    from napari_zfdiffusion.core.latent.autoencoder import KLAutoencoder
+
+    vae = build_autoencoder(1, "tiny", conv_padding="replicate").eval()
+    vae.save_pretrained(tmp_path, safe_serialization=True)
+    back = KLAutoencoder.from_pretrained(tmp_path).eval()
+    assert back.config["conv_padding"] == "replicate"
+    x = torch.randn(1, 1, 32, 32)
+    assert torch.equal(vae(x, sample_posterior=False)[0], back(x, sample_posterior=False)[0])
+    with pytest.raises(UserInputError, match="padding"):
+        build_autoencoder(1, "tiny", conv_padding="circular")

@@ -69,16 +69,50 @@ def test_vae_and_ldm_train_into_loadable_folders(paired_models):
     assert any("validation" in x for x in log)
 
 
+def test_vae_recipe_is_in_the_card_and_the_weights(tmp_path, blobs):
+    """The discriminator's and the spectrum term's weights, the padding and the validation spectra are in the
+    card; the loaded network pads by replication; the discriminator's state is saved with the checkpoint."""
+    tvae(blobs[0], tmp_path / "v", steps=4, disc_start=1)
+    card = json.loads((tmp_path / "v" / "model.json").read_text())
+    assert card["loss_weights"] == {"mse": 1.0, "kl_beta": 1e-4, "log_spectrum": 0.1, "adversarial": 0.5,
+                                    "adversarial_from_step": 1}
+    assert card["conv_padding"] == "replicate" and "patch-discriminator" in card["loss"]
+    assert {"spectrum_ratio_min", "spectrum_ratio_max", "edge_minus_centre_shift"} <= set(card["validation"])
+    vae = Autoencoder.load(tmp_path / "v", "cpu").vae
+    pads = {m.padding_mode for m in vae.modules() if isinstance(m, torch.nn.Conv2d) and max(m.padding) > 0}
+    assert pads == {"replicate"}
+    state = torch.load(tmp_path / "v" / "training" / "vae" / "state.pt", weights_only=True)
+    assert set(state["extra"]) == {"disc", "disc_optimizer", "disc_from"} and int(state["extra"]["disc_from"]) == 1
+
+
+def test_plain_recipe_has_no_discriminator(tmp_path, blobs):
+    tvae(blobs[0], tmp_path / "v", steps=2, disc_weight=0.0, spectrum_weight=0.0, conv_padding="zeros")
+    card = json.loads((tmp_path / "v" / "model.json").read_text())
+    assert card["loss"] == "MSE + beta * KL (KL per latent element)" and card["conv_padding"] == "zeros"
+    assert "extra" not in torch.load(tmp_path / "v" / "training" / "vae" / "state.pt", weights_only=True)
+
+
+def test_vae_resume_with_the_discriminator_matches_an_uninterrupted_run(tmp_path, blobs):
+    tvae(blobs[0], tmp_path / "full", steps=6, disc_start=1)
+    tvae(blobs[0], tmp_path / "part", steps=3, checkpoint_every=3, disc_start=1)
+    tvae(blobs[0], tmp_path / "part", steps=6, disc_start=1, resume=True)
+    a = load_file(str(tmp_path / "full" / "vae" / WEIGHTS_FILE))
+    b = load_file(str(tmp_path / "part" / "vae" / WEIGHTS_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_vae_training_reduces_the_loss(tmp_path, blobs):
-    s = tvae(blobs[0], tmp_path / "v", steps=30, lr=2e-3, log_every=5)
+    # the adversarial term is a game, not a loss that falls: the reconstruction terms alone here
+    s = tvae(blobs[0], tmp_path / "v", steps=30, lr=2e-3, log_every=5, disc_weight=0.0)
     log = [json.loads(x) for x in (tmp_path / "v" / "training" / "vae" / "log.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in log if "loss" in x]
     assert losses[-1] < losses[0] and np.isfinite(s["loss"])
 
 
 def test_vae_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, blobs):
-    tvae(blobs[0], tmp_path / "full", steps=4)
-    tvae(blobs[0], tmp_path / "part", steps=2, checkpoint_every=2)
+    # the default --disc-start is a quarter of the first run's --steps: the same for both runs here
+    tvae(blobs[0], tmp_path / "full", steps=4, disc_start=1)
+    tvae(blobs[0], tmp_path / "part", steps=2, checkpoint_every=2, disc_start=1)
     tvae(blobs[0], tmp_path / "part", steps=4, resume=True)
     a = load_file(str(tmp_path / "full" / "vae" / WEIGHTS_FILE))
     b = load_file(str(tmp_path / "part" / "vae" / WEIGHTS_FILE))
@@ -259,7 +293,8 @@ def test_corrupt_training_state_on_resume(tmp_path, blobs):
 
 @pytest.mark.parametrize(("kw", "match"), [
     ({"size": "huge"}, "unknown autoencoder size"), ({"beta": -1.0}, "--beta"), ({"crop": 8}, "--crop"),
-    ({"steps": 0}, "--steps"),
+    ({"steps": 0}, "--steps"), ({"spectrum_weight": -1.0}, "--spectrum-weight"), ({"disc_weight": -0.1}, "--disc-weight"),
+    ({"disc_start": -5}, "--disc-start"), ({"conv_padding": "circular"}, "--padding"), ({"latent_channels": 0}, "--latent-channels"),
 ])
 def test_bad_vae_options(tmp_path, blobs, kw, match):
     with pytest.raises(UserInputError, match=match):

@@ -23,7 +23,8 @@ def cmd_train_vae(a) -> int:
     from ..core.latent.train import VaeConfig, train_vae
 
     cfg = VaeConfig(size=a.size, beta=a.beta, latent_channels=a.latent_channels, patch_size=a.patch_size,
-                    crop=a.crop, **training_options(a))
+                    crop=a.crop, spectrum_weight=a.spectrum_weight, disc_weight=a.disc_weight,
+                    disc_start=a.disc_start, conv_padding=a.padding, **training_options(a))
     print_summary(train_vae(a.images, a.out, cfg, masks=a.masks, device=a.device, resume=a.resume,
                             show_progress=not a.quiet), "autoencoder")
     return 0
@@ -87,12 +88,23 @@ def _em_batch(a, model) -> int:
 
 def add_commands(sub, train: argparse._SubParsersAction) -> None:
     """``em generate``, ``train vae`` and ``train ldm``."""
-    v = train.add_parser("vae", help="train a KL autoencoder (MSE + beta*KL) on random crops of 2D images")
+    v = train.add_parser("vae", help="train a KL autoencoder (MSE + log-spectrum + beta*KL, then a patch "
+                                     "discriminator) on random crops of 2D images")
     add_patch_training(v, 20000, 8)
-    v.add_argument("--size", default="small", choices=("tiny", "small", "base"),
-                   help="tiny (tests; downsamples by 2), small (CPU; by 8), base (GPU; by 8, wider)")
+    v.add_argument("--size", default="small", choices=("tiny", "small", "small-f4", "base"),
+                   help="tiny (tests; downsamples by 2), small (CPU; by 8), small-f4 (CPU; by 4, keeps finer "
+                        "texture, a 4x larger latent), base (GPU; by 8, wider)")
     v.add_argument("--beta", type=float, default=1e-4, help="weight of the KL term (per latent element)")
-    v.add_argument("--latent-channels", type=int, default=4, help="channels of the latent")
+    v.add_argument("--latent-channels", type=int, default=4,
+                   help="channels of the latent (8 with downsampling by 8 keeps more detail)")
+    v.add_argument("--spectrum-weight", type=float, default=0.1,
+                   help="weight of the log Fourier amplitude L1 term (0: off)")
+    v.add_argument("--disc-weight", type=float, default=0.5,
+                   help="weight of the patch discriminator (adaptive, as in latent diffusion; 0: off)")
+    v.add_argument("--disc-start", type=int, default=None,
+                   help="step from which the discriminator trains and counts (default: a quarter of --steps)")
+    v.add_argument("--padding", default="replicate", choices=("zeros", "replicate", "reflect"),
+                   help="convolution padding: replicate (default) leaves no dark or bright frame at the edges")
     v.add_argument("--patch-size", type=int, default=256, help="side of the patches the models generate")
     v.add_argument("--crop", type=int, default=None, help="train on smaller crops (default: the patch size)")
     v.set_defaults(func=cmd_train_vae)

@@ -60,6 +60,27 @@ def radial_power_spectrum(img: np.ndarray, bins: int = 64) -> tuple[np.ndarray, 
     return 0.5 * (edges[1:] + edges[:-1]), power
 
 
+def edge_profile(x: np.ndarray, band: int = 16) -> dict:
+    """Mean intensity of a ``band``-pixel frame at the patch edges, of the central half, and their difference
+    (padding artefacts of a convolutional decoder show up as a frame)."""
+    h, w = x.shape[-2:]
+    frame = np.ones((h, w), bool)
+    frame[band:h - band, band:w - band] = False
+    edge, centre = float(x[..., frame].mean()), float(x[..., h // 4:3 * h // 4, w // 4:3 * w // 4].mean())
+    return {"edge_band_mean": edge, "centre_mean": centre, "edge_minus_centre": edge - centre}
+
+
+def spectrum_ratio(real: np.ndarray, other: np.ndarray, up_to: float = 0.25, from_: float = 1 / 64) -> dict:
+    """The radially averaged power of ``other`` over that of ``real`` (both (N, Y, X) batches), at the
+    frequencies from ``from_`` to ``up_to`` cycles/pixel: its smallest and largest value (1 = the same
+    power; "within 2x" = between 0.5 and 2)."""
+    f, p_real = radial_power_spectrum(real)
+    _, p_other = radial_power_spectrum(other)
+    keep = (f >= from_) & (f <= up_to)
+    r = p_other[keep] / np.maximum(p_real[keep], 1e-20)
+    return {"spectrum_ratio_min": float(r.min()), "spectrum_ratio_max": float(r.max())}
+
+
 def nearest_neighbour_rms(queries: np.ndarray, reference: np.ndarray, chunk: int = 256) -> np.ndarray:
     """For each query image, the RMS distance to its nearest reference image (all (N, Y, X) in [0, 1])."""
     q = np.asarray(queries, np.float32).reshape(len(queries), -1)

@@ -74,6 +74,7 @@ from ..core.metrics import (
     nearest_neighbour_rms_dihedral,
     nearest_neighbours,
     psnr,
+    edge_profile,
     radial_power_spectrum,
     ssim,
 )
@@ -237,16 +238,6 @@ def spectrum_log_ratio(p: np.ndarray, ref: np.ndarray) -> float:
     """Mean |log10(p / ref)| over the frequency bins above zero: 0 = same spectrum, 0.3 = a factor 2."""
     ok = (ref[1:] > 0) & (p[1:] > 0)
     return float(np.mean(np.abs(np.log10(p[1:][ok] / ref[1:][ok]))))
-
-
-def edge_profile(x: np.ndarray, band: int = 16) -> dict:
-    """Mean intensity of a ``band``-pixel frame at the patch edges, of the central half, and their difference
-    (padding artefacts of a convolutional decoder show up as a frame)."""
-    h, w = x.shape[-2:]
-    frame = np.ones((h, w), bool)
-    frame[band:h - band, band:w - band] = False
-    edge, centre = float(x[..., frame].mean()), float(x[..., h // 4:3 * h // 4, w // 4:3 * w // 4].mean())
-    return {"edge_band_mean": edge, "centre_mean": centre, "edge_minus_centre": edge - centre}
 
 
 def object_stats(labels: np.ndarray, images: np.ndarray) -> dict:

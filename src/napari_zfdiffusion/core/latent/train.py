@@ -24,13 +24,14 @@ from ..diffusion.unet import SIZES, ZfUNet, build_model
 from ..errors import UserInputError
 from ..images import Normalisation, to_unit
 from ..io import write_json
-from ..metrics import dice, psnr, ssim
+from ..metrics import dice, edge_profile, psnr, spectrum_ratio, ssim
 from ..progress import ProgressCallback
 from ..provenance import made_by
 from ..store import CARD_FILE, WEIGHTS_FILE, read_card, resolve_model, save_model, weights_sha256
 from ..training import loop
 from ..training.patches import PatchData
-from .autoencoder import VAE_SIZES, KLAutoencoder, build_autoencoder, downsampling, load_vae
+from .autoencoder import PADDINGS, VAE_SIZES, KLAutoencoder, build_autoencoder, downsampling, load_vae
+from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, log_spectrum_loss
 
 
 @dataclass
@@ -43,6 +44,16 @@ class VaeConfig(loop.TrainOptions):
     crop: int | None = None
     norm_low: float = 1.0
     norm_high: float = 99.8
+    # The recipe beyond MSE + beta * KL (see .losses): a log-spectrum term, a patch discriminator from
+    # disc_start (default: a quarter of the steps) on, replicate padding. 0 switches a term off.
+    spectrum_weight: float = 0.1
+    disc_weight: float = 0.5
+    disc_start: int | None = None
+    conv_padding: str = "replicate"
+
+    @property
+    def disc_from(self) -> int:
+        return self.steps // 4 if self.disc_start is None else self.disc_start
 
     def validate(self) -> None:
         if self.size not in VAE_SIZES:
@@ -50,6 +61,14 @@ class VaeConfig(loop.TrainOptions):
         _common_checks(self)
         if self.beta < 0:
             raise UserInputError(f"--beta must be 0 or more, got {self.beta}.")
+        if self.spectrum_weight < 0 or self.disc_weight < 0:
+            raise UserInputError("--spectrum-weight and --disc-weight must be 0 or more.")
+        if self.disc_start is not None and self.disc_start < 0:
+            raise UserInputError(f"--disc-start must be 0 or more, got {self.disc_start}.")
+        if self.conv_padding not in PADDINGS:
+            raise UserInputError(f"unknown --padding '{self.conv_padding}': choose one of {', '.join(PADDINGS)}.")
+        if self.latent_channels < 1:
+            raise UserInputError(f"--latent-channels must be at least 1, got {self.latent_channels}.")
 
 
 @dataclass
@@ -111,6 +130,8 @@ def validate_vae(vae, data: PatchData, patch: int) -> dict:
     a, b = to_unit(x[:, 0]), to_unit(rec[:, 0])
     out = {"crops": len(x), "mse": float(np.mean((a - b) ** 2)),
            "psnr": float(np.mean([psnr(p, q) for p, q in zip(a, b)])), "ssim": ssim(a, b)}
+    out.update(spectrum_ratio(a, b))
+    out["edge_minus_centre_shift"] = edge_profile(b)["edge_minus_centre"] - edge_profile(a)["edge_minus_centre"]
     if x.shape[1] > 1:
         out["mask_dice"] = dice(to_unit(rec[:, 1]) >= 0.5, to_unit(x[:, 1]) >= 0.5)
     return out
@@ -143,17 +164,60 @@ def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_p
                 f"{data.n_channels} ({', '.join(data.channels)}): resume with the same --masks, or use another --out.")
     else:
         torch.manual_seed(cfg.seed)
-        vae = build_autoencoder(data.n_channels, cfg.size, cfg.latent_channels)
+        vae = build_autoencoder(data.n_channels, cfg.size, cfg.latent_channels, cfg.conv_padding)
     crop = cfg.crop or cfg.patch_size
     f = downsampling(vae)
     if crop % f:
         raise UserInputError(f"--crop must be a multiple of {f} (the autoencoder's downsampling), got {crop}.")
-    latent_numel = cfg.latent_channels * (crop // f) ** 2
+    latent_numel = vae.config.latent_channels * (crop // f) ** 2
+    disc = disc_opt = None
+    if cfg.disc_weight > 0:
+        torch.manual_seed(cfg.seed + 1)
+        disc = PatchDiscriminator(data.n_channels).to(dev).train()
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    disc_net = disc
+    if disc is not None and di.world > 1:
+        disc_net = torch.nn.parallel.DistributedDataParallel(disc, device_ids=[dev.index] if dev.type == "cuda" else None)
+    last_layer = vae.decoder.conv_out.weight
+    pending: dict = {}  # this step's crops and reconstructions, for the discriminator's update
+    # The step the discriminator starts from is fixed by the first run (its default follows --steps, which
+    # a resumed run usually raises) and kept in the training state.
+    disc_from = [cfg.disc_from]
 
     def loss_fn(net, step, g):
         x = data.random_crops(cfg.batch_size, crop, g).to(dev)
         rec, kl = net(x, generator=g)
-        return F.mse_loss(rec.float(), x) + cfg.beta * kl.float().mean() / latent_numel
+        rec = rec.float()
+        rec_loss = F.mse_loss(rec, x)
+        if cfg.spectrum_weight > 0:
+            rec_loss = rec_loss + cfg.spectrum_weight * log_spectrum_loss(rec, x)
+        loss = rec_loss + cfg.beta * kl.float().mean() / latent_numel
+        if disc is not None and step > disc_from[0]:
+            disc.requires_grad_(False)
+            g_loss = -disc_net(rec).mean()
+            disc.requires_grad_(True)
+            loss = loss + cfg.disc_weight * adaptive_weight(rec_loss, g_loss, last_layer) * g_loss
+            pending.update(x=x, rec=rec.detach())
+        return loss
+
+    def disc_step(step, g):
+        if not pending:
+            return
+        x, rec = pending.pop("x"), pending.pop("rec")
+        d_loss = hinge_d_loss(disc_net(x), disc_net(rec))
+        disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        disc_opt.step()
+
+    def get_disc() -> dict:
+        return {"disc": disc.state_dict(), "disc_optimizer": disc_opt.state_dict(),
+                "disc_from": torch.tensor(disc_from[0])}
+
+    def set_disc(state: dict) -> None:
+        disc.load_state_dict(state["disc"])
+        disc_opt.load_state_dict(state["disc_optimizer"])
+        if "disc_from" in state:
+            disc_from[0] = int(state["disc_from"])
 
     last_val: dict = {}
 
@@ -172,15 +236,30 @@ def _train_vae(dev, di, images, out: Path, cfg: VaeConfig, masks, resume, show_p
             "normalisation": data.normalisation.to_dict(),
             "intensity": "images in [0, 1] after percentile normalisation; the models see (x - 0.5) / 0.5",
             "scaling_factor": scale, "downsampling": f, "latent_channels": cfg.latent_channels,
-            "patch_size": cfg.patch_size, "beta": cfg.beta, "loss": "MSE + beta * KL (KL per latent element)",
+            "patch_size": cfg.patch_size, "beta": cfg.beta, "loss": _loss_words(cfg, disc_from[0]),
+            "loss_weights": {"mse": 1.0, "kl_beta": cfg.beta, "log_spectrum": cfg.spectrum_weight,
+                             "adversarial": cfg.disc_weight, "adversarial_from_step": disc_from[0] if cfg.disc_weight else None},
+            "conv_padding": vae.config.get("conv_padding", "zeros"), "crop": crop,
             "steps": step, "validation": dict(last_val) or None,
             "training_data": _data_card(data, cfg, stats), **made_by(),
         })
 
     summary = loop.run(vae, loss_fn=loss_fn, export=export, cfg=cfg.loop_config("train vae"), dev=dev, di=di,
                        state_path=state_path, saved=saved, show_progress=show_progress, callback=callback,
-                       validate=validate)
+                       validate=validate, after_step=disc_step if disc is not None else None,
+                       extra_state=(get_disc, set_disc) if disc is not None else None)
     return {"what": "vae", **summary, "model": str(out), "validation": dict(last_val)}
+
+
+def _loss_words(cfg: VaeConfig, disc_from: int) -> str:
+    words = "MSE"
+    if cfg.spectrum_weight > 0:
+        words += f" + {cfg.spectrum_weight:g} * log-spectrum L1"
+    words += " + beta * KL (KL per latent element)"
+    if cfg.disc_weight > 0:
+        words += (f" + {cfg.disc_weight:g} * adaptive weight * patch-discriminator hinge loss "
+                  f"(from step {disc_from})")
+    return words
 
 
 # ----------------------------------------------------------------------------- latent diffusion

@@ -261,11 +261,15 @@ def run(
     show_progress: bool = True,
     callback: ProgressCallback | None = None,
     validate: Callable[[torch.nn.Module, int], dict] | None = None,
+    after_step: Callable[[int, torch.Generator], None] | None = None,
+    extra_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
 ) -> dict:
     """Train ``model`` (already built, or rebuilt from ``saved``) for ``cfg.steps`` steps in total.
 
     ``validate(ema, step)`` (optional) runs at every checkpoint on rank 0, before ``export``; its dict
-    goes in the log.
+    goes in the log. ``after_step(step, generator)`` (optional) runs after each optimiser step (e.g. a
+    discriminator's own update), and ``extra_state = (get, set)`` saves and restores what it trains
+    (a dict of state dicts, tensors and numbers only) with the checkpoint.
     Returns a summary: steps, last smoothed loss, seconds, rank and world size.
     """
     log_path = state_path.parent / "log.jsonl"
@@ -275,6 +279,8 @@ def run(
         start = int(saved["step"])
         losses = [float(v) for v in saved["losses"].tolist()]
         elapsed = float(saved["elapsed"])
+        if extra_state is not None and "extra" in saved:
+            extra_state[1](saved["extra"])
         if di.main:  # a finished run asked again checkpoints (and validates) its last step again
             trim_log(log_path, start, keep_last_validation=start < cfg.steps)
     elif di.main:
@@ -317,6 +323,7 @@ def run(
             "step": torch.tensor(step), "losses": torch.tensor(losses, dtype=torch.float64),
             "loss_smooth": torch.tensor(float("nan") if ema_loss is None else ema_loss, dtype=torch.float64),
             "run_losses": torch.tensor(run_losses, dtype=torch.float64),
+            **({"extra": extra_state[0]()} if extra_state is not None else {}),
             "elapsed": torch.tensor(secs), "model_config": json.dumps(
                 {k: v for k, v in model.config.items() if not k.startswith("_")}, default=list),  # no bookkeeping
         }, state_path)
@@ -334,6 +341,8 @@ def run(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        if after_step is not None:
+            after_step(step, g)
         lv = float(loss.detach())
         run_losses.append(lv)
         ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
