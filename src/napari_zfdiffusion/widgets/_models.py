@@ -10,7 +10,7 @@ from typing import TypeVar
 from ..core.cascade import Cascade
 from ..core.errors import UserInputError
 from ..core.registry import format_size
-from ..core.store import list_models, resolve_model
+from ..core.store import ModelEntry, list_models, resolve_model
 
 _CACHE: OrderedDict[tuple[type, str, str], object] = OrderedDict()
 _CACHE_SIZE = 2  # (model, device) pairs kept per model class: enough to switch back and forth
@@ -65,14 +65,27 @@ def get_cascade(model: str, device: str) -> Cascade:
 def model_choices(kinds: tuple[str, ...], demo: str, notes: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """(label, folder) of every model of ``kinds`` (in that order of kinds), bundled before user models,
     the ``demo`` model first of all, the registry's models not downloaded yet last: (label, name), with
-    "(download, SIZE)" in the label; choosing one says how to fetch it (resolve_model's message).
-    ``notes``: a word added to the label per kind."""
+    "(download, SIZE)" in the label; choosing one shows the dock's "Download NAME (SIZE)" button
+    (:mod:`._download`). ``notes``: a word added to the label per kind."""
     notes = notes or {}
     entries = [m for m in list_models(downloadable=True) if m.kind in kinds]
     entries.sort(key=lambda m: (m.source == "downloadable", kinds.index(m.kind), m.name != demo,
                                 m.source != "bundled"))
     return [(f"{m.name} (download, {format_size(m.size or 0)})", m.name) if m.source == "downloadable" else
             (f"{m.name} ({m.source}{notes.get(m.kind, '')})", str(m.path)) for m in entries]
+
+
+def downloadable(value: str | None) -> ModelEntry | None:
+    """The registry's model that a model box's ``value`` names while it is not downloaded yet (a
+    "NAME (download, SIZE)" choice of :func:`model_choices`), else None (a folder, a model in the cache,
+    no choice, or a registry that cannot be read: the dock says why when it reads the model)."""
+    if not value:
+        return None
+    try:
+        entries = list_models(downloadable=True)
+    except UserInputError:
+        return None
+    return next((m for m in entries if m.source == "downloadable" and m.name == str(value)), None)
 
 
 def cascade_choices() -> list[tuple[str, str]]:
@@ -93,5 +106,5 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-__all__ = ["DEMO_CASCADE", "cached_model", "cascade_choices", "checked_cascade", "clear_cache", "get_cascade",
-           "get_model", "model_choices"]
+__all__ = ["DEMO_CASCADE", "cached_model", "cascade_choices", "checked_cascade", "clear_cache", "downloadable",
+           "get_cascade", "get_model", "model_choices"]

@@ -40,6 +40,7 @@ from ..core.latent import Autoencoder, LatentModel, describe
 from ..core.provenance import stamp
 from ..core.store import model_kind, read_card, resolve_model
 from ._about import AboutPanel, layer_warnings
+from ._download import ModelDownload
 from ._jobs import JobWidget, cli_line, cli_model, error_message
 from ._layers import (
     PROVENANCE_KEY,
@@ -102,6 +103,7 @@ class GenerateEMWidget(JobWidget):
         self._model_rows(model_choices(), "the patch model (latent diffusion; some also make masks): bundled, "
                                           "your own, or downloadable (`zfdiffusion models`)",
                          "a folder made by `zfdiffusion train ldm` (or `train vae`: encode / decode only)")
+        self.download = ModelDownload(self, model_choices)  # "Download NAME (SIZE)" for a registry model
         self.info = Label(label="about", value="", tooltip="what the chosen model makes and how well its "
                                                            "autoencoder keeps held-out images")
         self.n_patches = SpinBox(label="patches", value=4, min=1, max=256,
@@ -126,7 +128,8 @@ class GenerateEMWidget(JobWidget):
                                                    "represent of your images (adds the reconstruction and the "
                                                    "difference)")
         self.info.native.setWordWrap(True)
-        self._lay_out([self.model, self.info, self.n_patches, self.threshold, self.min_size, self.keep_probability],
+        self._lay_out([self.model, self.download.button, self.info, self.n_patches, self.threshold, self.min_size,
+                       self.keep_probability],
                       [self.sampler, self.steps, seed_row, self.device, self.device_info, self.model_folder],
                       [buttons, self.layer, self.roundtrip_button])
 
@@ -150,7 +153,9 @@ class GenerateEMWidget(JobWidget):
     def _load_model_info(self, *_) -> None:
         """Read the chosen model's card (small JSON); the weights load in the worker on first use."""
         self._card = None
-        if self.model.value is None:
+        if self.download.update():  # a registry model to download: its button, no error
+            self.info.value = "not downloaded yet"
+        elif self.model.value is None:
             self.info.value = "no model: choose a folder made by `zfdiffusion train ldm`"
         else:
             try:

@@ -27,6 +27,7 @@ from napari.utils.notifications import show_error
 
 from ..core.errors import UserInputError
 from ._about import AboutPanel, layer_warnings
+from ._download import ModelDownload
 from ._jobs import CascadeJobWidget, cli_line, cli_model, row
 from ._layers import (
     PROVENANCE_KEY,
@@ -60,6 +61,7 @@ class GenerateSlicesWidget(CascadeJobWidget):
         self._model_rows(cascade_choices(), "the slice model (a depth cascade): bundled, your own, or downloadable "
                                             "(`zfdiffusion models` lists them)",
                          "a cascade model folder made by `zfdiffusion train cascade`")
+        self.download = ModelDownload(self, cascade_choices)  # "Download NAME (SIZE)" for a registry model
         self.depth = Slider(label="depth class", min=0, max=0,
                             tooltip="depth: which plane of the specimen to generate (the line below says where it is)")
         self.depth_meaning = Label(label="plane", value="", tooltip="where this depth class lies in the specimen")
@@ -94,7 +96,8 @@ class GenerateSlicesWidget(CascadeJobWidget):
                                                       "batch work over folders")
         self.upsample_cli_button.changed.connect(lambda *_: self.copy_cli_command(job="upsample"))
         self.cli_row.append(self.upsample_cli_button)
-        self._lay_out([self.model, self.depth, self.depth_meaning, self.guidance, self.resolution, self.n_samples],
+        self._lay_out([self.model, self.download.button, self.depth, self.depth_meaning, self.guidance,
+                       self.resolution, self.n_samples],
                       [self.sampler, self.steps, self.sr_steps, seed_row, self.device, self.device_info,
                        self.model_folder],
                       [buttons, up_row])
@@ -109,7 +112,7 @@ class GenerateSlicesWidget(CascadeJobWidget):
     # ------------------------------------------------------------ model
     def _load_model_info(self, *_) -> None:
         """Read the chosen model's card (small JSON) to fill depth and resolution; weights load later."""
-        cascade = self._load_cascade()
+        cascade = self.download.load_cascade()  # None, without an error, for a model to download
         self.about.show_model(self.model.value, None if cascade is None else cascade.card)
         self.check_domain()
         if cascade is None:

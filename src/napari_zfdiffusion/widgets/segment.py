@@ -53,6 +53,7 @@ from ..core.segment.finetune import FINE_TUNE_STEPS, edited_planes, fine_tune, f
 from ..core.segment.segmenter import KIND
 from ..core.store import model_kind, read_card, resolve_model
 from ._about import AboutPanel, layer_warnings
+from ._download import ModelDownload
 from ._jobs import JobWidget, cli_line, cli_model, cli_value, error_message
 from ._layers import PROVENANCE_KEY, image_layers, unique_name
 from ._models import get_model
@@ -113,6 +114,7 @@ class SegmentWidget(JobWidget):
                                       "(made grayscale); follows the layer selected in the layer list")
         self._model_rows(model_choices(), "bundled and user segmentation models (`zfdiffusion models`)",
                          "a folder made by `zfdiffusion train unet`")
+        self.download = ModelDownload(self, model_choices)  # "Download NAME (SIZE)" for a registry model
         self.info = Label(label="about", value="", tooltip="what the chosen model was trained on, how well it did "
                                                            "on held-out images, and the object size it learned")
         self.threshold = FloatSpinBox(label="threshold", value=DEFAULTS["threshold"], min=0.01, max=0.99, step=0.05,
@@ -160,8 +162,9 @@ class SegmentWidget(JobWidget):
                                          "from `zfdiffusion em generate --masks-out`) mixed into a quarter of "
                                          "every fine-tuning batch")
         self.finetune_button.changed.connect(lambda *_: self.fine_tune_corrections())
-        self._lay_out([self.layer, self.model, self.diameter, self.auto_diameter, self.stack,
-                       self.threshold, self.min_size, self.use_interior, self.add_probability, self.replace],
+        self._lay_out([self.layer, self.model, self.download.button, self.diameter, self.auto_diameter,
+                       self.stack, self.threshold, self.min_size, self.use_interior, self.add_probability,
+                       self.replace],
                       [self.tile, self.overlap, self.device, self.device_info, self.model_folder, self.ft_steps,
                        self.ft_extra],
                       [buttons, self.finetune_button])
@@ -189,7 +192,10 @@ class SegmentWidget(JobWidget):
         """Read the chosen model's card (small JSON) and take its defaults; weights load on first use."""
         self._card = None
         self._model_error = ""
-        if self.model.value is None:
+        if self.download.update():  # a registry model to download: its button, no error
+            self.info.value = "not downloaded yet"
+            self._model_error = self.download.note
+        elif self.model.value is None:
             self.info.value = (f"no model: choose a folder made by `zfdiffusion train unet` (the bundled "
                                f"'{DEMO_MODEL}' is not installed)")
         else:

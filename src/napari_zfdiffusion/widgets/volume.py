@@ -33,6 +33,7 @@ from napari.utils.notifications import show_error, show_info
 
 from ..core.errors import UserInputError
 from ._about import AboutPanel, layer_warnings
+from ._download import ModelDownload
 from ._jobs import CascadeJobWidget, ItemRelay, cli_line, cli_model
 from ._layers import (
     PROVENANCE_KEY,
@@ -87,6 +88,7 @@ class GenerateVolumeWidget(CascadeJobWidget):
         self._model_rows(cascade_choices(), "the volume model (a depth cascade trained with --continuity): "
                                             "bundled, your own, or downloadable (`zfdiffusion models`)",
                          "a cascade model folder made by `zfdiffusion train cascade`")
+        self.download = ModelDownload(self, cascade_choices)  # "Download NAME (SIZE)" for a registry model
         self.first_depth = SpinBox(label="first depth", min=0, max=0,
                                    tooltip="the depth class of the top plane of the volume")
         self.first_meaning = Label(label="", value="", tooltip="where the top plane lies in the specimen")
@@ -113,8 +115,8 @@ class GenerateVolumeWidget(CascadeJobWidget):
         self.start_layer.reset_choices()
         self.generate_button, buttons = self._run_row("Generate", self.generate,
                                                       "generate the volume plane by plane (in the background)")
-        self._lay_out([self.model, self.first_depth, self.first_meaning, self.last_depth, self.last_meaning,
-                       self.resolution, self.guidance, self.continuity, self.start_layer],
+        self._lay_out([self.model, self.download.button, self.first_depth, self.first_meaning, self.last_depth,
+                       self.last_meaning, self.resolution, self.guidance, self.continuity, self.start_layer],
                       [self.sampler, self.steps, self.sr_steps, seed_row, self.device, self.device_info,
                        self.model_folder],
                       [buttons])
@@ -129,7 +131,7 @@ class GenerateVolumeWidget(CascadeJobWidget):
     # ------------------------------------------------------------ model
     def _load_model_info(self, *_) -> None:
         """Read the chosen model's cards (small JSON): depth classes, resolutions, volume or not."""
-        cascade = self._load_cascade()
+        cascade = self.download.load_cascade()  # None, without an error, for a model to download
         self.about.show_model(self.model.value, None if cascade is None else cascade.card)
         self.check_domain()
         if cascade is None:
