@@ -112,8 +112,9 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     ld = train.add_parser("ldm", help="train a latent diffusion UNet in an autoencoder's latent space")
     add_patch_training(ld, 20000, 16)
     ld.add_argument("--vae", required=True, help="autoencoder folder made by `train vae`")
-    ld.add_argument("--size", default="small", choices=("tiny", "small", "base"),
-                    help="the latent UNet: tiny (tests), small (CPU), base (GPU)")
+    ld.add_argument("--size", default="small", choices=("tiny", "compact", "small", "base"),
+                    help="the latent UNet: tiny (tests), compact (CPU, a third of small's weights), small (CPU), "
+                         "base (GPU)")
     ld.add_argument("--loss", default="v", choices=("v", "l2"), help="v-prediction (default) or MSE on the noise")
     ld.add_argument("--bank", type=int, default=4096, help="number of encoded random crops to train on")
     ld.set_defaults(func=cmd_train_ldm)

@@ -76,6 +76,7 @@ from ..core.metrics import (
     psnr,
     edge_profile,
     radial_power_spectrum,
+    spectrum_ratio,
     ssim,
 )
 from ..core.training.patches import PatchData
@@ -238,6 +239,21 @@ def spectrum_log_ratio(p: np.ndarray, ref: np.ndarray) -> float:
     """Mean |log10(p / ref)| over the frequency bins above zero: 0 = same spectrum, 0.3 = a factor 2."""
     ok = (ref[1:] > 0) & (p[1:] > 0)
     return float(np.mean(np.abs(np.log10(p[1:][ok] / ref[1:][ok]))))
+
+
+def mask_recall(found: np.ndarray, masks: np.ndarray, cover: float = 0.5) -> dict:
+    """Of the objects in ``found`` (labels per patch, e.g. what a segmentation U-Net finds in the image),
+    the fraction whose pixels the ``masks`` (labels or foreground per patch) cover at least ``cover`` of:
+    how many of the nuclei that the image shows have a mask."""
+    hit = total = 0
+    for f, m in zip(found, masks):
+        ids, counts = np.unique(f[f > 0], return_counts=True)
+        if not len(ids):
+            continue
+        covered = np.bincount(f[(f > 0) & (m > 0)], minlength=int(f.max()) + 1)[ids]
+        hit += int((covered >= cover * counts).sum())
+        total += len(ids)
+    return {"objects": total, "covered": hit, "recall": hit / total if total else None}
 
 
 def object_stats(labels: np.ndarray, images: np.ndarray) -> dict:
@@ -409,6 +425,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="patches per sampling batch")
     p.add_argument("--threshold", type=float, default=0.5, help="mask threshold (paired models)")
     p.add_argument("--min-size", type=int, default=16, help="smallest object in pixels (paired models)")
+    p.add_argument("--unet", default="nuclei-unet-demo",
+                   help="paired models: segmentation model whose objects the masks should cover (none: skip)")
     p.add_argument("--nn-ref", type=int, default=2000, help="random training crops for the memorisation check")
     p.add_argument("--ncc-downsample", type=int, default=4,
                    help="mean pooling before the exhaustive correlation search (1: full resolution, slow)")
@@ -592,6 +610,9 @@ def main(argv=None) -> int:
                                                                      spectra["reconstructed held-out"][1]),
         },
         "edge_profile": {k: edge_profile(v) for k, v in sets.items()},
+        # the target of the autoencoder recipe (issue 15): within 2x of the real power up to 0.25 cycles/px
+        "spectrum_ratio_generated": spectrum_ratio(real_tiles, gen),
+        "spectrum_ratio_reconstructed": spectrum_ratio(real_tiles, rec_tiles),
         "spectra": {k: {"frequency": f.tolist(), "power": p.tolist()} for k, (f, p) in spectra.items()},
         "note": "real held-out: the held-out tiles; real training: 256 of the memorisation reference crops; "
                 "reconstructed: the held-out tiles through the autoencoder (what a perfect latent model would "
@@ -614,6 +635,19 @@ def main(argv=None) -> int:
                       f"min_size={a.min_size}) on the generated masks and on the real held-out (encoded) masks",
             "generated": object_stats(res.labels, gen), "real_heldout": object_stats(real_labels, real_tiles),
         }
+        if a.unet != "none":  # do the masks cover the nuclei the image shows? (a segmentation U-Net's objects)
+            from ..core.segment.segmenter import Segmenter
+
+            seg = Segmenter.load(a.unet, "cpu")
+            found_gen = seg.segment(gen, probability=False).labels
+            found_real = seg.segment(real_tiles, probability=False).labels
+            masks_info["recall_of_unet_objects"] = {
+                "unet": a.unet, "cover": 0.5,
+                "generated": mask_recall(found_gen, res.labels), "real_heldout": mask_recall(found_real, real_labels)}
+            rc = masks_info["recall_of_unet_objects"]
+            log(f"objects of {a.unet} with >= half their pixels in the mask: generated "
+                f"{rc['generated']['recall'] or 0:.3f} ({rc['generated']['objects']}), real held-out "
+                f"{rc['real_heldout']['recall'] or 0:.3f} ({rc['real_heldout']['objects']})")
         gm, rm = masks_info["generated"], masks_info["real_heldout"]
         log(f"objects per patch: generated {gm['objects_per_patch_mean']:.2f} vs real "
             f"{rm['objects_per_patch_mean']:.2f}; "

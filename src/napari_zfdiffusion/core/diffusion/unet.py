@@ -31,6 +31,9 @@ SIZES: dict[str, dict] = {
     "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, attention=(False, True)),
     "small": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16,
                   attention=(False, False, True, True)),
+    # a third of small's parameters (1.6 M for an 8-channel latent): the bundled EM latent model
+    "compact": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16,
+                    attention=(False, False, True, True)),
     "base": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32,
                  attention=(False, False, True, True)),
 }
