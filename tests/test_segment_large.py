@@ -217,11 +217,13 @@ def test_regions_taller_than_the_budget_are_cut_and_merged(use_interior):
 
 
 # ----------------------------------------------------------------------------- the Segmenter
-@pytest.mark.parametrize(("rows", "use_interior", "min_size"), [(20, True, 16), (3, True, 0), (50, False, 16)])
-def test_strip_path_equals_the_whole_plane_path(seg, strips, rows, use_interior, min_size):
+@pytest.mark.parametrize(("rows", "use_interior", "min_size", "seed_threshold"),
+                         [(20, True, 16, None), (3, True, 0, None), (50, False, 16, None), (20, True, 16, 0.3)])
+def test_strip_path_equals_the_whole_plane_path(seg, strips, rows, use_interior, min_size, seed_threshold):
     img = blob_image(300, 200, seed=1, big=(150, 100, 40))  # the big disc spans several strips
-    ref = whole(seg, img, tile=64, overlap=16, min_size=min_size, use_interior=use_interior)
-    got = strips(rows, 200).segment(img, tile=64, overlap=16, min_size=min_size, use_interior=use_interior)
+    kw = {"min_size": min_size, "use_interior": use_interior, "seed_threshold": seed_threshold}
+    ref = whole(seg, img, tile=64, overlap=16, **kw)
+    got = strips(rows, 200).segment(img, tile=64, overlap=16, **kw)
     assert seg.strip_stats["largest_band"] < 300  # it did go in strips
     assert np.array_equal(got.probability, ref.probability)  # the same tiles, sums and limits
     same_objects(got.labels, ref.labels)

@@ -52,14 +52,17 @@ def _segment(a, out) -> int:
     import numpy as np
 
     from ..core.io import TiffMemmap
+    from ..core.masks import check_seed_threshold
     from ..core.reader import open_image
     from ..core.segment import Segmenter
     from ..core.segment.segmenter import as_planes
 
+    check_seed_threshold(a.seed_threshold, "--seed-threshold")  # before the weights load
     seg = Segmenter.load(a.model, a.device)
     for key, fallback in (("tile", 256), ("overlap", 32), ("threshold", 0.5), ("min_size", 16)):
         if getattr(a, key) is None:  # as the widget does: the model's own defaults
             setattr(a, key, type(fallback)(seg.card.get(key, fallback)))
+    seeds = seg.seed_threshold_for(a.threshold, a.seed_threshold)  # None: the card's, else --threshold
     a.batch = _batch(a, seg)
     src = open_image(a.input, channel=a.channel, axes=a.axes)
     image = src.planes()  # every plane (time points x depth), lazily; the chosen channel
@@ -83,7 +86,7 @@ def _segment(a, out) -> int:
         res = seg.segment(image, tile=a.tile, overlap=a.overlap, threshold=a.threshold, min_size=a.min_size,
                           batch=a.batch, use_interior=not a.no_interior, labels_out=labels, prob_out=prob,
                           probability=False, callback=bar, source=str(a.input), name=a.input.name,
-                          diameter=diameter, stack=mode, depth=depth, stitch_iou=a.stitch_iou)
+                          diameter=diameter, stack=mode, depth=depth, stitch_iou=a.stitch_iou, seed_threshold=seeds)
         # the full provenance is known only now: rewrite the description in place (same length or shorter)
     _write_description(out, {**prov, **res.provenance, "content": "instance labels"})
     if a.prob_out:
@@ -91,8 +94,9 @@ def _segment(a, out) -> int:
                                          "labels": str(out)})
     for note in notes + res.notices:
         print(f"note: {note}")
+    seeded = f", seed threshold {seeds:g}" if "seed_threshold" in res.provenance else ""
     print(f"wrote {out} {shape} int32: {res.provenance['objects']} objects "
-          f"({res.provenance['labels_from']}, threshold {a.threshold}, min size {a.min_size})")
+          f"({res.provenance['labels_from']}, threshold {a.threshold}{seeded}, min size {a.min_size})")
     if a.prob_out:
         print(f"wrote {a.prob_out} {shape} float32 foreground probability")
     return 0
@@ -203,6 +207,10 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     sg.add_argument("--tile", type=int, default=None, help="tile side (default: the model card's, 256 for the demo)")
     sg.add_argument("--overlap", type=int, default=None, help="pixels shared by neighbouring tiles (card; 32)")
     sg.add_argument("--threshold", type=float, default=None, help="foreground probability threshold (card; 0.5)")
+    sg.add_argument("--seed-threshold", type=float, default=None,
+                    help="where the watershed's seeds begin in the centre (or interior) output, in (0, 1]: lower "
+                         "joins the pieces of large textured nuclei, higher splits touching ones (default: the "
+                         "model card's seed_threshold, tuned on its training data; else --threshold)")
     sg.add_argument("--min-size", type=int, default=None, help="smallest object in pixels (card; 16)")
     sg.add_argument("--batch", type=batch_choice, default="auto",
                     help="tiles per forward pass: a number, or auto = 4 on a CPU, on a GPU as many as fit in half "

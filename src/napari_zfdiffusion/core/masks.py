@@ -8,11 +8,15 @@
   :func:`otsu_watershed`. Every path drops small objects through one filter, :func:`drop_small`.
 * :class:`StripInstances` gives :func:`instances` of a plane too big to hold whole, fed a strip of
   rows at a time.
+* The watershed's seeds have their own threshold (``seed_threshold``, checked by
+  :func:`check_seed_threshold`); None is the foreground threshold, as before it existed.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .errors import UserInputError
 
 MASK_ENCODINGS = ("binary", "interior")
 #: what a segmentation U-Net's second output learns from label images (see :func:`targets_from_mask`)
@@ -218,23 +222,45 @@ def labels_from_mask(prob: np.ndarray, *, encoding: str = "binary", threshold: f
     return lab.astype(np.int32)
 
 
+def check_seed_threshold(value, what: str = "the seed threshold") -> float | None:
+    """``value`` as a float in (0, 1] (None stays None: the foreground threshold), or a
+    UserInputError that says what is wrong and what to give instead."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{what} must be a number in (0, 1], got {value!r}.") from None
+    if not 0.0 < v <= 1.0:  # NaN fails this too
+        raise UserInputError(f"{what} must be a number in (0, 1] (the centre or interior probability where a "
+                             f"seed of the watershed begins; lower merges pieces of one object, higher splits "
+                             f"touching ones), got {value!r}.")
+    return v
+
+
 def instances(foreground: np.ndarray, interior: np.ndarray | None = None, *, threshold: float = 0.5,
-              min_size: int = 0) -> np.ndarray:
+              min_size: int = 0, seed_threshold: float | None = None) -> np.ndarray:
     """Instance labels (int32, 1..K) of one 2D probability map.
 
-    With ``interior``: connected regions of ``interior >= threshold`` are the seeds of a watershed
-    over the foreground probability, inside ``foreground >= threshold``; foreground regions with no
-    seed become objects of their own. Without: connected components. Objects smaller than
-    ``min_size`` pixels are removed and the labels renumbered 1..K.
+    With ``interior``: connected regions of ``interior >= seed_threshold`` (None: ``threshold``) are
+    the seeds of a watershed over the foreground probability, inside ``foreground >= threshold``;
+    foreground regions with no seed become objects of their own. Without: connected components.
+    Objects smaller than ``min_size`` pixels are removed and the labels renumbered 1..K.
+
+    A lower ``seed_threshold`` grows each seed towards the object's edge, so that the several cores a
+    large textured object may get join into one (fewer split objects), and two touching objects
+    whose cores meet merge (more merged ones): :mod:`..evaluation.generalist` tunes it per model
+    (the card's ``seed_threshold``).
     """
     from skimage.measure import label
     from skimage.segmentation import watershed
 
+    st = check_seed_threshold(seed_threshold)
     mask = foreground >= threshold
     if interior is None:
         lab = label(mask, connectivity=1)
     else:
-        seeds = label((interior >= threshold) & mask, connectivity=1)
+        seeds = label((interior >= (threshold if st is None else st)) & mask, connectivity=1)
         lab = watershed(-foreground, seeds, mask=mask) if seeds.max() else np.zeros(mask.shape, np.int64)
         orphans = label(mask & (lab == 0), connectivity=1)
         if orphans.max():
@@ -301,12 +327,16 @@ class StripInstances:
     interior channel); for the watershed an approximation near such a cut only.
 
     ``interior`` False: labels are connected components (``instances`` without an interior map).
+    ``seed_threshold``: as for :func:`instances` (None: ``threshold``).
     """
 
     def __init__(self, height: int, width: int, *, interior: bool = True, threshold: float = 0.5,
-                 min_size: int = 0, max_rows: int | None = None, halo: int | None = None):
+                 min_size: int = 0, max_rows: int | None = None, halo: int | None = None,
+                 seed_threshold: float | None = None):
         self.h, self.w = int(height), int(width)
         self.interior, self.threshold, self.min_size = interior, threshold, min_size
+        st = check_seed_threshold(seed_threshold)
+        self.seed_threshold = threshold if st is None else st
         self.max_rows = max(1, int(max_rows)) if max_rows else self.h
         self.halo = max(1, int(halo)) if halo else max(1, self.max_rows // 4)
         self.row = 0  # the first row held back
@@ -353,7 +383,8 @@ class StripInstances:
         t = self.threshold
         rows_in = len(foreground)
         fg = np.concatenate([self.fg, np.asarray(foreground, np.float32)])
-        inner = np.concatenate([self.inner, np.asarray(interior) >= t]) if self.interior else None
+        inner = (np.concatenate([self.inner, np.asarray(interior) >= self.seed_threshold]) if self.interior
+                 else None)
         lab = np.concatenate([self.lab, np.zeros((rows_in, self.w), np.int32)])
         r0, n = self.row, len(fg)
         self.largest_window = max(self.largest_window, n)
@@ -456,6 +487,7 @@ class StripInstances:
         return lut.astype(np.int32)
 
 
-__all__ = ["MASK_ENCODINGS", "StripInstances", "drop_small", "encode_mask", "instances", "labels_from_mask",
+__all__ = ["MASK_ENCODINGS", "StripInstances", "check_seed_threshold", "drop_small", "encode_mask", "instances",
+           "labels_from_mask",
            "mask_encoding", "otsu_watershed", "targets_from_mask", "center_map", "INNER_TARGETS",
            "foreground_diameters"]

@@ -495,6 +495,30 @@ def generalist_card(a: argparse.Namespace) -> int:
                        f"{r['recall']:.3f} | {r['boundary_offset_px']:+.2f} |")
             quality[s] = {k: r[k] for k in ("iou", "dice", "f1", "precision", "recall", "boundary_offset_px")}
     three = [f"| {v} | {r['volume']['f1']:.3f} | {r['planes']['f1']:.3f} |" for v, r in ev.get("3d", {}).items()]
+    # the seed threshold of the card (evaluation.generalist --tune-seed-threshold), with its figures when
+    # RESULTS/seg_seed_threshold.json chose it
+    st, fg = card.get("seed_threshold"), float(card.get("threshold", 0.5))
+    seeds = ""
+    if st is not None:
+        tuned = _load(a.results / "seg_seed_threshold.json")
+        tuned = tuned if tuned.get("chosen") == st and tuned.get("model") == name else {}
+        mean, test = tuned.get("mean_f1") or {}, tuned.get("test") or {}
+        how = (f" {st:g} gave the best mean object F1 (IoU 0.5) over the training sources on their own training "
+               f"planes, of seed thresholds {min(tuned['seeds']):g}-{max(tuned['seeds']):g} "
+               f"({mean[f'{st:g}']:.3f} against {mean[f'{fg:g}']:.3f} at {fg:g}): `{tuned['command']}` "
+               "(docs/results/seg_seed_threshold.json). On the test planes, object F1 with the seeds at "
+               f"{fg:g} -> {st:g} (the bundled weights, stored in float16; the table above scored the float32 "
+               "originals): " + ", ".join(f"{s} {r['old']['f1']:.3f} -> {r['tuned']['f1']:.3f}"
+                                                  for s, r in test.items() if r.get("in_training")) + "."
+               if tuned and f"{fg:g}" in mean else "")
+        import textwrap
+
+        seeds = "\n\n" + textwrap.fill(
+                (f"**Seed threshold {st:g}.** Nuclei are seeded where the centre output is at least {st:g} "
+                 f"(`seed_threshold` in model.json; the foreground threshold stays {fg:g}); the tables above seed "
+                 f"at {fg:g}.{how} `--seed-threshold` (`zfdiffusion segment`) and \"seed threshold\" (Segment "
+                 "dock, Advanced) change it: lower joins the pieces of a large textured nucleus, higher splits "
+                 "touching ones."), 100, break_long_words=False, break_on_hyphens=False)
     card["quality"] = quality
     (a.model / "model.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     sources = [s for s in SOURCE_WORDS if s in ev.get("held_out", {})]
@@ -550,15 +574,15 @@ on a lab's new images; the baseline's smoothing and peak distance tuned on the o
 |---|---|---|
 {chr(10).join(three)}
 
-All figures: `python -m napari_zfdiffusion.evaluation.generalist --run RUN` (docs/evaluation.md).
+All figures: `python -m napari_zfdiffusion.evaluation.generalist --run RUN` (docs/evaluation.md).{seeds}
 
 ## Where it is expected to fail
 
 * Not nuclei: cytoplasm, membranes, bacteria (rods, phase contrast: see the bacteria row of
   docs/evaluation.md), EM, brightfield or histology stains.
 * Large nuclei with textured interiors, as CHO's: it splits some of them into pieces (low precision
-  on CHO above); a lower seed threshold or `--min-size` near the nuclei's area helps, and so does
-  fine-tuning on a few corrected planes.
+  on CHO above); a lower `--seed-threshold` (0.3 helped on CHO held out, not on CHO's training planes)
+  or `--min-size` near the nuclei's area may help, and so does fine-tuning on a few corrected planes.
 * Objects much smaller or larger than about 0.5-2x its training size without `--diameter`; dense
   clusters of nuclei that touch along most of their outline; very dim nuclei next to bright ones
   (percentile normalisation per plane).

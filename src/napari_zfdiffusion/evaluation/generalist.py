@@ -24,6 +24,20 @@ on predicted outline pixels within 10 px of an annotated object). 3D: the cells3
 right quarter, all 60 planes) and CHO's test time points, segmented as volumes (planes linked) and as planes, scored by
 3D object F1 at IoU 0.5 against the 3D labels. Writes ``OUT/results/seg_generalist.json`` and
 ``.md`` and ``OUT/images/seg_generalist_sources.jpg``. Needs the ``eval`` extra (matplotlib).
+
+**The seed threshold** (where the watershed's seeds begin in the centre output, separate from the
+foreground threshold)::
+
+    python -m napari_zfdiffusion.evaluation.generalist --tune-seed-threshold nuclei-unet-demo --threads 1 --out docs
+
+tunes it on the *training* planes of the model's training sources (those its card lists; ``--planes
+N``: N evenly spaced planes per source instead of all): the probabilities of each plane once, then
+object F1 at IoU 0.5 (pooled per source) for every seed threshold of 0.2, 0.25, ..., 0.6; the value
+with the best mean F1 over the sources is chosen (ties: the one nearest the foreground threshold).
+Only then are the test planes of each source (and the bacteria) scored, with the seeds at the
+foreground threshold (as before) and at the chosen value. Writes ``OUT/results/seg_seed_threshold.json``
+and ``.md``; ``--write-card`` also stores the chosen value as ``seed_threshold`` in the model's
+model.json (which :meth:`..core.segment.Segmenter.segment` then uses by default).
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ SOURCES = ("hela", "cho", "nuclei3d", "dsb")
 OTHER = ("bacteria",)
 NUCLEI3D_TEST_X = 192  # the right quarter of nuclei.tif (every plane) is cells3d's test part
 GRID = [(s, d) for s in (1.0, 2.0, 3.0) for d in (5, 9, 13)]
+SEED_GRID = tuple(round(0.2 + 0.05 * i, 2) for i in range(9))  # seed thresholds tried: 0.2, 0.25, ..., 0.6
 
 
 def read_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -148,9 +163,172 @@ class Cache:
 
 
 def model_key(folder: Path) -> str:
+    """The weights' hash, and the card's seed threshold where it has one (it changes the labels)."""
     from ..core.store import weights_sha256
 
-    return f"{folder.name}:{weights_sha256(folder / 'unet')[:12]}"
+    seeds = json.loads((folder / "model.json").read_text()).get("seed_threshold")
+    return f"{folder.name}:{weights_sha256(folder / 'unet')[:12]}" + (f" seeds {seeds:g}" if seeds is not None else "")
+
+
+# ----------------------------------------------------------------------------- the seed threshold
+def _counts_f1(c: dict) -> dict:
+    tp, fp, fn = c["tp"], c["fp"], c["fn"]
+    return {"f1": 2 * tp / max(2 * tp + fp + fn, 1), "precision": tp / max(tp + fp, 1),
+            "recall": tp / max(tp + fn, 1), "tp": tp, "fp": fp, "fn": fn}
+
+
+def seed_scores(seg, pairs, seeds, *, threshold: float, min_size: int = MIN_SIZE, tile: int = 256,
+                overlap: int = 32) -> dict:
+    """Object F1 at IoU 0.5 (pooled over ``pairs``, with precision, recall and the counts) of
+    ``seg``'s labels for each seed threshold of ``seeds``: seed threshold -> figures. Each plane's
+    probabilities are computed once (:meth:`..core.segment.Segmenter.predict`, as ``segment`` does
+    for a plane of its size) and labelled with :func:`..core.masks.instances` per seed threshold,
+    which is ``seg.segment(image, threshold=..., seed_threshold=s, min_size=...)`` without predicting
+    again. ``pairs``: (image, truth) pairs, or a callable giving them one at a time."""
+    from ..core.masks import instances
+    from ..core.metrics import match_objects
+
+    counts = {s: {"tp": 0, "fp": 0, "fn": 0} for s in seeds}
+    for img, truth in (pairs() if callable(pairs) else pairs):
+        p = seg.predict(img, tile=tile, overlap=overlap)[0]
+        for s in seeds:
+            m = match_objects(truth, instances(p[0], p[1], threshold=threshold, min_size=min_size, seed_threshold=s))
+            for k in ("tp", "fp", "fn"):
+                counts[s][k] += m[k]
+    return {s: _counts_f1(c) for s, c in counts.items()}
+
+
+def choose_seed(mean_f1: dict, threshold: float) -> float:
+    """The seed threshold of the best mean F1 (to 1e-6); ties: the one nearest ``threshold``, then the lower."""
+    return max(mean_f1, key=lambda s: (round(mean_f1[s], 6), -abs(s - threshold), -s))
+
+
+def training_planes(card: dict, seg_root: Path, per_source: int = 0) -> dict[str, list[Path]]:
+    """The training planes the card lists (``training_data.files``), by source (the file name's
+    prefix, one of SOURCES), found in the fetched ``SEG/SOURCE/train/images``; ``per_source`` > 0:
+    that many evenly spaced planes of each source instead of all."""
+    from ..core.errors import UserInputError
+
+    files = sorted(set((card.get("training_data") or {}).get("files") or []))
+    out: dict[str, list[Path]] = {}
+    for name in files:
+        src = name.split("_", 1)[0]
+        if src in SOURCES:
+            out.setdefault(src, []).append(seg_root / src / "train" / "images" / name)
+    if not out:
+        raise UserInputError(f"the model card lists no training planes of {', '.join(SOURCES)} "
+                             "(training_data.files): nothing to tune the seed threshold on.")
+    missing = [str(q) for paths in out.values() for q in paths if not q.is_file()]
+    if missing:
+        raise UserInputError(f"{len(missing)} training plane(s) of the card are not in the fetched data, e.g. "
+                             f"{missing[0]}: run `zfdiffusion fetch-data --dataset seg`.")
+    return {s: subsample(paths, per_source) if per_source > 0 else paths for s, paths in out.items()}
+
+
+def _lazy_pairs(paths):
+    import tifffile
+
+    def gen():
+        for q in paths:
+            yield tifffile.imread(q), tifffile.imread(q.parent.parent / "masks" / q.name)
+
+    return gen
+
+
+def tune_seed_threshold(a) -> int:
+    """``--tune-seed-threshold MODEL``: see the module's docstring."""
+    import time
+
+    from ..core.fetch import prepare_segmentation
+    from ..core.segment import Segmenter
+    from ._common import command, log, rounded
+
+    set_threads(a.threads)
+    _, res_dir = output_dirs(a.out)
+    seg = Segmenter.load(a.tune_seed_threshold, "cpu")
+    if not seg.has_interior:
+        from ..core.errors import UserInputError
+
+        raise UserInputError(f"'{seg.name}' has no centre or interior output: its labels have no seeds to tune.")
+    threshold = float(seg.card.get("threshold", 0.5))
+    seg_root = prepare_segmentation(quiet=True)
+    planes = training_planes(seg.card, seg_root, a.planes)
+    result: dict = {"model": seg.name, "model_key": model_key(seg.path), "commit": git_commit(),
+                    "command": command("generalist", a.argv), "threads": a.threads, "threshold": threshold,
+                    "min_size": MIN_SIZE, "iou": 0.5, "seeds": list(SEED_GRID),
+                    "card_seed_threshold_before": seg.card.get("seed_threshold"), "train": {}, "test": {}}
+    t0 = time.perf_counter()
+    for s, paths in planes.items():
+        log(f"train {s}: {len(paths)} planes")
+        scores = seed_scores(seg, _lazy_pairs(paths), SEED_GRID, threshold=threshold)
+        result["train"][s] = {"planes": [q.name for q in paths], "by_seed": {f"{k:g}": v for k, v in scores.items()}}
+        log(f"train {s}: " + " ".join(f"{k:g}:{v['f1']:.3f}" for k, v in scores.items()))
+    mean = {k: float(np.mean([result["train"][s]["by_seed"][f"{k:g}"]["f1"] for s in planes])) for k in SEED_GRID}
+    chosen = choose_seed(mean, threshold)
+    result["mean_f1"] = {f"{k:g}": v for k, v in mean.items()}
+    result["chosen"] = chosen
+    result["seconds_train"] = round(time.perf_counter() - t0, 1)
+    log(f"mean F1 over {', '.join(planes)}: " + " ".join(f"{k:g}:{v:.3f}" for k, v in mean.items())
+        + f" -> seed threshold {chosen:g}")
+    # only now the test planes: the foreground threshold's seeds (as before) against the chosen value
+    t0 = time.perf_counter()
+    for s in SOURCES + OTHER:
+        paths = sorted((seg_root / s / "test" / "images").glob("*.tif"))
+        if not paths:
+            continue
+        scores = seed_scores(seg, _lazy_pairs(paths), sorted({threshold, chosen}), threshold=threshold)
+        result["test"][s] = {"planes": len(paths), "in_training": s in planes,
+                             "old": scores[threshold], "tuned": scores[chosen]}
+        log(f"test {s}: F1 {scores[threshold]['f1']:.3f} (seeds {threshold:g}) -> {scores[chosen]['f1']:.3f} "
+            f"(seeds {chosen:g})")
+    result["seconds_test"] = round(time.perf_counter() - t0, 1)
+    out_json = res_dir / "seg_seed_threshold.json"
+    from ..core.io import atomic_write, write_json
+
+    write_json(out_json, rounded(result, 4))
+    md = out_json.with_suffix(".md")
+    text = "\n".join(seed_markdown(result)) + "\n"
+    atomic_write(md, lambda tmp: tmp.write_text(text))
+    if a.write_card:
+        card_path = seg.path / "model.json"
+        card = json.loads(card_path.read_text())
+        card = {k: v for k, v in card.items() if k != "seed_threshold"}
+        at = list(card).index("threshold") + 1 if "threshold" in card else len(card)
+        items = list(card.items())
+        write_json(card_path, dict(items[:at] + [("seed_threshold", chosen)] + items[at:]))
+        print(f"wrote seed_threshold {chosen:g} into {shown_path(card_path)}")
+    print(f"wrote {shown_path(out_json)}, {shown_path(md)}")
+    return 0
+
+
+def _planes(n: int) -> str:
+    return f"{n} plane{'' if n == 1 else 's'}"
+
+
+def seed_markdown(result: dict) -> list[str]:
+    """The tables of :func:`tune_seed_threshold`'s results, as markdown lines."""
+    seeds = list(result["mean_f1"])
+    srcs = list(result["train"])
+    lines = [f"Seed threshold tuned for `{result['model']}` on the training planes of its training sources "
+             f"(object F1 at IoU 0.5, pooled per source; foreground threshold {result['threshold']:g}, min size "
+             f"{result['min_size']}); chosen: **{result['chosen']:g}** (best mean F1).", "",
+             "| seed threshold | " + " | ".join(f"{s} ({_planes(len(result['train'][s]['planes']))})" for s in srcs)
+             + " | mean |", "|---" * (len(srcs) + 2) + "|"]
+    for k in seeds:
+        mark = " (chosen)" if float(k) == result["chosen"] else ""
+        lines.append(f"| {k}{mark} | " + " | ".join(f"{result['train'][s]['by_seed'][k]['f1']:.3f}" for s in srcs)
+                     + f" | {result['mean_f1'][k]:.3f} |")
+    old, new = f"{result['threshold']:g}", f"{result['chosen']:g}"
+    lines += ["", f"Test planes (in domain: these sources were in training, but not these planes; bacteria: "
+                  f"outside every training set), seeds at {old} (as before) and at {new}:", "",
+              f"| test planes | planes | object F1, seeds {old} | object F1, seeds {new} | precision | recall |",
+              "|---|---|---|---|---|---|"]
+    for s, r in result["test"].items():
+        o, t = r["old"], r["tuned"]
+        lines.append(f"| {s}{'' if r['in_training'] else ' (not in training)'} | {r['planes']} | {o['f1']:.3f} | "
+                     f"{t['f1']:.3f} | {o['precision']:.3f} -> {t['precision']:.3f} | "
+                     f"{o['recall']:.3f} -> {t['recall']:.3f} |")
+    return lines
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,11 +338,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--before", default="nuclei-unet-demo", help="the previous model, for comparison")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("docs"))
-    return ap.parse_args(argv)
+    ap.add_argument("--tune-seed-threshold", default=None, metavar="MODEL",
+                    help="instead: tune MODEL's seed threshold on the training planes of its training sources "
+                         "and score the test planes with it (OUT/results/seg_seed_threshold.json)")
+    ap.add_argument("--planes", type=int, default=0,
+                    help="with --tune-seed-threshold: evenly spaced training planes per source (0: all)")
+    ap.add_argument("--write-card", action="store_true",
+                    help="with --tune-seed-threshold: store the chosen value as seed_threshold in MODEL's model.json")
+    a = ap.parse_args(argv)
+    a.argv = argv
+    return a
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.tune_seed_threshold:
+        return tune_seed_threshold(a)
     plt()
     img_dir, res_dir = output_dirs(a.out)
     from ..core.fetch import data_dir, prepare_segmentation

@@ -5,10 +5,10 @@ The widget gathers parameters, starts a worker (:mod:`._jobs`) and puts results 
 computing is :meth:`Segmenter.segment` from the GUI-free core (tiled, plane by plane; 4D/5D, NaN
 and non-numeric layers are refused there with the reason).
 
-Choosing a model reads only its card (small JSON): threshold, tile, overlap and minimum object size
-take the model's defaults, and a folder of another kind is answered by a notification. The weights
-load in the worker on the first job and stay cached. "About the model" (:mod:`._about`, collapsed)
-holds the one-line 'about' summary and what the cards say; above it a warning when the chosen layer
+Choosing a model reads only its card (small JSON): threshold, seed threshold, tile, overlap and
+minimum object size take the model's defaults, and a folder of another kind is answered by a
+notification. The weights load in the worker on the first job and stay cached. "About the model"
+(:mod:`._about`, collapsed) holds the one-line 'about' summary and what the cards say; above it a warning when the chosen layer
 looks unlike the training data (pixel size, intensities, a flat image), also notified once per layer
 and model when Segment is pressed.
 
@@ -130,6 +130,11 @@ class SegmentWidget(JobWidget):
         self.use_interior = CheckBox(text="split touching objects (watershed)", value=True,
                                      tooltip="seed a watershed from the predicted object centres or interiors "
                                              "(models trained with a second output); off: connected components")
+        self.seed_threshold = FloatSpinBox(
+            label="seed threshold", value=DEFAULTS["threshold"], min=0.01, max=1.0, step=0.05,
+            tooltip="seed threshold: where the watershed starts an object in the predicted centres (0-1); lower "
+                    "joins the pieces of a large textured nucleus, higher splits touching ones. Set from the "
+                    "model's card (for a model without one: the threshold)")
         self.diameter = FloatSpinBox(label="object diameter (px)", value=0, min=0, max=100_000, step=1,
                                      tooltip="the typical diameter of the objects in this image, in pixels: the "
                                              "image is rescaled so that they have the size the model was "
@@ -165,8 +170,8 @@ class SegmentWidget(JobWidget):
         self._lay_out([self.layer, self.model, self.download.button, self.diameter, self.auto_diameter,
                        self.stack, self.threshold, self.min_size, self.use_interior, self.add_probability,
                        self.replace],
-                      [self.tile, self.overlap, self.device, self.device_info, self.model_folder, self.ft_steps,
-                       self.ft_extra],
+                      [self.tile, self.overlap, self.seed_threshold, self.device, self.device_info,
+                       self.model_folder, self.ft_steps, self.ft_extra],
                       [buttons, self.finetune_button])
         # what the model is (the 'about' line first), and a warning for a layer unlike its training data
         self.about = AboutPanel("the chosen image layer", lead=self.info)
@@ -213,6 +218,7 @@ class SegmentWidget(JobWidget):
                 self.tile.value = int(c.get("tile", DEFAULTS["tile"]))
                 self.overlap.value = int(c.get("overlap", DEFAULTS["overlap"]))
                 self.min_size.value = int(c.get("min_size", DEFAULTS["min_size"]))
+                self.seed_threshold.value = self._seed_default()
                 self.use_interior.value = self.has_interior
         self.about.show_model(self.model.value, self._card)
         self.check_domain()
@@ -270,21 +276,36 @@ class SegmentWidget(JobWidget):
         self.layer.value = layer
 
     def params(self) -> dict:
-        """The parameters as :meth:`Segmenter.segment` takes them."""
+        """The parameters as :meth:`Segmenter.segment` takes them (the seed threshold only when it is
+        not the model's default)."""
         diameter = "auto" if self.auto_diameter.value else (float(self.diameter.value) or None)
+        seeds = self._seed_value()
         return {"tile": int(self.tile.value), "overlap": int(self.overlap.value),
                 "threshold": float(self.threshold.value), "min_size": int(self.min_size.value),
                 "use_interior": bool(self.use_interior.value), "diameter": diameter,
-                "stack": self.stack_for(self.layer.value)}
+                "stack": self.stack_for(self.layer.value),
+                **({"seed_threshold": seeds} if seeds is not None else {})}
+
+    def _seed_default(self) -> float:
+        """The chosen model's seed threshold: its card's, else its threshold."""
+        c = self._card or {}
+        return float(c.get("seed_threshold", c.get("threshold", DEFAULTS["threshold"])))
+
+    def _seed_value(self) -> float | None:
+        """The seed threshold to use: None (the model's default, which follows the threshold for a card
+        without one) while the control shows the model's default."""
+        v = float(self.seed_threshold.value)
+        return None if abs(v - self._seed_default()) < 1e-6 else v
 
     # ------------------------------------------------------------ the command line
     def cli_command(self) -> str:
         """``zfdiffusion segment`` doing what Segment would do now, as one shell line: ``--in`` the chosen
         layer's file (``IMAGE.tif`` where napari knows none, with a note to save the layer first), the
         model (its name, or its folder), the device (unless auto), tile, overlap, threshold, min size,
-        ``--no-interior`` when "split touching objects" is unticked, the diameter (``auto``, or in
-        pixels; none for 0), ``--stack planes|volume`` for a stack, ``--out <name>_labels.tif`` and,
-        with "add probability map" ticked, ``--prob-out <name>_probability.tif``.
+        ``--seed-threshold`` when it differs from the model's default, ``--no-interior`` when "split
+        touching objects" is unticked, the diameter (``auto``, or in pixels; none for 0), ``--stack
+        planes|volume`` for a stack, ``--out <name>_labels.tif`` and, with "add probability map" ticked,
+        ``--prob-out <name>_probability.tif``.
 
         Left out: "replace previous result" (files are written, not layers), the layer's scale (the
         command reads the file's own pixel size), a channel napari split off a file (a note asks for
@@ -303,8 +324,9 @@ class SegmentWidget(JobWidget):
             ("--out", f"{stem}_labels.tif"),
             ("--prob-out", f"{stem}_probability.tif" if self.add_probability.value else None),
             ("--tile", int(self.tile.value)), ("--overlap", int(self.overlap.value)),
-            ("--threshold", float(self.threshold.value)), ("--min-size", int(self.min_size.value)),
-            ("--no-interior", not self.use_interior.value), ("--diameter", diameter),
+            ("--threshold", float(self.threshold.value)), ("--seed-threshold", self._seed_value()),
+            ("--min-size", int(self.min_size.value)), ("--no-interior", not self.use_interior.value),
+            ("--diameter", diameter),
             ("--stack", self.stack_for(layer) if _is_stack(layer) else None)])
 
     # ------------------------------------------------------------ jobs
@@ -312,7 +334,7 @@ class SegmentWidget(JobWidget):
         self.segment_button.enabled = not running and self._card is not None
         self.finetune_button.enabled = not running and self._card is not None
         self.cancel_button.enabled = running
-        self.use_interior.enabled = self.has_interior
+        self.use_interior.enabled = self.seed_threshold.enabled = self.has_interior
 
     def segment(self, layer: Image | None = None, **overrides) -> None:
         """Start segmenting ``layer`` (default: the chosen one); ``overrides`` replace some parameters."""

@@ -6,7 +6,9 @@
 * **Outputs**: channel 0 is the foreground probability; channel 1 (if trained) the object
   *interior* (the foreground minus the one-pixel rim where objects touch, learned from label images).
 * **Labels** (:func:`..masks.instances`): with an interior channel, connected interiors seed a watershed
-  over the foreground, so touching objects stay apart; without one, connected components.
+  over the foreground, so touching objects stay apart; without one, connected components. The seeds
+  have their own threshold: the ``seed_threshold`` argument, else the card's ``seed_threshold``
+  (tuned on the training sources, see :mod:`...evaluation.generalist`), else the foreground threshold.
 * **Inference at any size** (:class:`Segmenter`): percentile normalisation per plane, then
   :func:`..tiling.predict_tiled` tile by tile, plane by plane, into an array or a memory-mapped file.
 * **Big single planes** (more than :attr:`Segmenter.strip_threshold` pixels, e.g. 9000x9000 or
@@ -32,7 +34,7 @@ import torch
 from ..device import maybe_compile, resolve_device
 from ..errors import UserInputError
 from ..images import Normalisation, check_finite, exact_percentiles, looks_rgb, to_gray, unit_to_model
-from ..masks import StripInstances, instances
+from ..masks import StripInstances, check_seed_threshold, instances
 from ..progress import Progress, ProgressCallback, rescaled
 from ..provenance import stamp
 from ..reader import release
@@ -130,8 +132,23 @@ class Segmenter:
 
     @property
     def has_interior(self) -> bool:
-        """The second output seeds the watershed: object interiors, or centres (both: >= threshold)."""
+        """The second output seeds the watershed: object interiors, or centres (both: >= the seed threshold)."""
         return len(self.outputs) > 1 and self.outputs[1] in ("interior", "center")
+
+    @property
+    def seed_threshold(self) -> float | None:
+        """The seed threshold the card gives (``seed_threshold``; None: none, the foreground threshold
+        is used). A card value outside (0, 1] is refused with the model's name."""
+        where = f"the seed_threshold in the model card of '{self.name}' ({self.path / 'model.json'})"
+        return check_seed_threshold(self.card.get("seed_threshold"), where)
+
+    def seed_threshold_for(self, threshold: float, seed_threshold: float | None = None) -> float:
+        """The seed threshold :meth:`segment` uses: ``seed_threshold`` if given (checked), else the
+        card's, else ``threshold``."""
+        st = check_seed_threshold(seed_threshold)
+        if st is None:
+            st = self.seed_threshold
+        return float(threshold) if st is None else st
 
     @property
     def diameter(self) -> float | None:
@@ -276,7 +293,7 @@ class Segmenter:
     def _segment_strips(self, plane, labels: np.ndarray, prob: np.ndarray | None, *, tile: int, overlap: int,
                         threshold: float, min_size: int, batch: int, interior: bool, offset: int,
                         callback: ProgressCallback | None, notices: list[str], name: str,
-                        constant_note: str) -> int:
+                        constant_note: str, seed_threshold: float | None = None) -> int:
         """One big plane in strips into ``labels`` (and ``prob``), labels numbered from ``offset`` + 1;
         returns the number of objects. See :meth:`segment`. Leaves what the strips held in
         ``self.strip_stats`` (rows per strip, the most rows predicted and labelled at once, forced
@@ -298,7 +315,7 @@ class Segmenter:
             return 0
         c = self.net.config.out_channels
         strips = StripInstances(h, w, interior=interior, threshold=threshold, min_size=min_size,
-                                max_rows=4 * rows + tile, halo=rows)
+                                max_rows=4 * rows + tile, halo=rows, seed_threshold=seed_threshold)
         largest = 0
         for r0, r1, block in predict_tiled_rows(
                 self._fn, lambda a, b: unit_to_model(self.norm.scale(plane[a:b], lo, hi)), (h, w), tile=tile,
@@ -333,8 +350,13 @@ class Segmenter:
                 prob_out: np.ndarray | None = None, labels_out: np.ndarray | None = None,
                 callback: ProgressCallback | None = None, source: str = "", name: str = "the image",
                 diameter: float | str | None = None, stack: str = "planes", depth: int | None = None,
-                stitch_iou: float = 0.25) -> SegResult:
+                stitch_iou: float = 0.25, seed_threshold: float | None = None) -> SegResult:
         """Segment a 2D image or a (N, Y, X) stack/time series: labels per plane, numbered across the stack.
+
+        ``seed_threshold``: where the watershed's seeds begin in the centre (or interior) output, in
+        (0, 1]; None: the card's ``seed_threshold`` if it has one, else ``threshold`` (as before the
+        two were separate). Lower joins the pieces of a large textured object, higher splits touching
+        objects. Used with the interior/centre output only.
 
         ``prob_out`` / ``labels_out``: arrays of the input's shape (e.g. memory maps) to write into.
         ``probability`` False (and no ``prob_out``): the probability map is not kept (memory: one
@@ -378,6 +400,7 @@ class Segmenter:
             raise UserInputError(f"the threshold must be between 0 and 1, got {threshold}.")
         if min_size < 0:
             raise UserInputError(f"the minimum object size must be 0 or more, got {min_size}.")
+        seed_threshold = self.seed_threshold_for(threshold, seed_threshold)
         self.check_tiling(tile, overlap)
         planes, two_d, notices = as_planes(image, name)
         n, h, w = planes.shape
@@ -409,7 +432,7 @@ class Segmenter:
                     planes[g], labels[g], prob[g] if keep else None, tile=tile, overlap=overlap, threshold=threshold,
                     min_size=min_size, batch=batch, interior=interior, offset=next_id, callback=cb, notices=notices,
                     name=f"{name}, plane {g}" if n > 1 else name, constant_note=f"plane {g} is constant: no objects"
-                    if n > 1 else f"{name} is constant: no objects")
+                    if n > 1 else f"{name} is constant: no objects", seed_threshold=seed_threshold)
                 continue
             if scale != 1.0:
                 p = self._predict_rescaled(planes, ks, scale, tile=tile, overlap=overlap, batch=batch,
@@ -420,13 +443,15 @@ class Segmenter:
             for j, k in enumerate(ks):
                 if keep:
                     prob[k] = p[j, 0]
-                lab = instances(p[j, 0], p[j, 1] if interior else None, threshold=threshold, min_size=min_size)
+                lab = instances(p[j, 0], p[j, 1] if interior else None, threshold=threshold, min_size=min_size,
+                                seed_threshold=seed_threshold)
                 labels[k] = np.where(lab > 0, lab + next_id, 0) if next_id else lab
                 next_id += int(lab.max())
         if stack == "volume":
             next_id = self._link_planes(labels, depth, stitch_iou)
         prov = stamp("zfdiffusion-segmentation", model=self, device=self.device, tile=tile, overlap=overlap,
-                     threshold=threshold, min_size=min_size, stack=stack,
+                     threshold=threshold, **({"seed_threshold": seed_threshold} if interior else {}),
+                     min_size=min_size, stack=stack,
                      **({"volume_depth": depth, "stitch_iou": stitch_iou} if stack == "volume" else {}),
                      **({"diameter_px": used_diameter, "model_diameter_px": self.diameter, "rescaled_by": scale}
                         if diameter is not None else {}),
