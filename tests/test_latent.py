@@ -222,3 +222,14 @@ def test_conv_padding_is_saved_and_loaded(tmp_path):
     assert torch.equal(vae(x, sample_posterior=False)[0], back(x, sample_posterior=False)[0])
     with pytest.raises(UserInputError, match="padding"):
         build_autoencoder(1, "tiny", conv_padding="circular")
+
+
+def test_decode_margin_keeps_the_shape_and_zero_changes_nothing(tiny_latent):
+    model = LatentModel.load(tiny_latent, "cpu")
+    z = torch.randn(2, *model.card["latent_shape"], generator=torch.Generator().manual_seed(0))
+    plain = model.decode(z)
+    assert torch.equal(model.decode(z, margin=0), plain)
+    padded = model.decode(z, margin=2)
+    assert padded.shape == plain.shape and not torch.equal(padded, plain)
+    model.card["decode_margin"] = 2  # the card's value is the default
+    assert torch.equal(model.decode(z), padded)

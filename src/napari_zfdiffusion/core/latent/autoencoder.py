@@ -142,15 +142,34 @@ class Autoencoder:
         z = post.sample(gen) if sample else post.mode()
         return z * self.scaling_factor
 
+    @property
+    def decode_margin(self) -> int:
+        """Latent pixels of context added around a latent before decoding (the card's ``decode_margin``;
+        0 for older models): see :meth:`decode`."""
+        return int(self.card.get("decode_margin", 0))
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor, batch: int = 8, callback: ProgressCallback | None = None,
-               stage_index: int = 0, n_stages: int = 1) -> torch.Tensor:
-        """Scaled latents -> (B, C, H, W) in [-1, 1], ``batch`` at a time, float32 on the CPU."""
+               stage_index: int = 0, n_stages: int = 1, margin: int | None = None) -> torch.Tensor:
+        """Scaled latents -> (B, C, H, W) in [-1, 1], ``batch`` at a time, float32 on the CPU.
+
+        ``margin`` (default: :attr:`decode_margin`): the latent is first extended by that many latent
+        pixels on every side (edge values repeated), and the decoded margin cut off again. A decoder
+        that shades a frame along the edges of what it decodes (one trained on crops smaller than the
+        patches) then shades the part that is cut off."""
+        m = self.decode_margin if margin is None else int(margin)
+        f = self.factor
         out = []
         amp = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
         for i in range(0, len(z), batch):
+            zb = z[i:i + batch].to(self.device) / self.scaling_factor
+            if m > 0:
+                zb = F.pad(zb, (m, m, m, m), mode="replicate")
             with amp:
-                out.append(self.vae.decode(z[i:i + batch].to(self.device) / self.scaling_factor).sample.float().cpu())
+                x = self.vae.decode(zb).sample.float().cpu()
+            if m > 0:
+                x = x[..., m * f:x.shape[-2] - m * f, m * f:x.shape[-1] - m * f]
+            out.append(x)
             if callback is not None:
                 callback(Progress("decode", min(i + batch, len(z)), len(z), stage_index, n_stages))
         return torch.cat(out).clamp(-1, 1)
