@@ -217,7 +217,8 @@ def match_parent(cfg: UnetConfig) -> dict | None:
     cfg.interior = len(outputs) > 1
     if cfg.interior:
         cfg.inner = outputs[1] if outputs[1] in INNER_TARGETS else "interior"
-    return {"name": card.get("name", path.name), "path": str(path), "outputs": outputs, "steps": card.get("steps")}
+    return {"name": card.get("name", path.name), "path": str(path), "outputs": outputs, "steps": card.get("steps"),
+            "seed_threshold": card.get("seed_threshold")}
 
 
 def init_segmenter(parent: dict) -> ResUNet:
@@ -346,7 +347,9 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
             "intensity": "each plane percentile-normalised to [0, 1], then (x - 0.5) / 0.5",
             "tile": cfg.tile, "overlap": cfg.overlap, "threshold": 0.5, "min_size": 16, "crop": cfg.crop,
             "object_diameter_px": diameter,
-            **({"fine_tuned_from": parent} if parent else {}),
+            **({"fine_tuned_from": {k: v for k, v in parent.items() if k != "seed_threshold"}} if parent else {}),
+            # a fine-tuned model keeps the seed threshold its parent was tuned to (the outputs mean the same)
+            **({"seed_threshold": parent["seed_threshold"]} if parent and parent.get("seed_threshold") else {}),
             "steps": step, "validation": dict(last_val) or None,
             "training_data": td,
             "extra_training_data": ({**extra.describe(), "fraction_of_batch": n_extra / cfg.batch_size}
