@@ -195,6 +195,9 @@ class DepthNet(nn.Module):
         return self.head(self.features(x))
 
 
+CLASSIFIER_ARCHITECTURE = "4 x (conv3x3-BN-ReLU-maxpool) widths 8,16,32,64, global average pool, linear"
+
+
 @torch.no_grad()
 def predict(net: DepthNet, x: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Predicted classes and L2-normalised features of (N, 64, 64) images."""
@@ -207,14 +210,14 @@ def predict(net: DepthNet, x: torch.Tensor, batch: int = 256) -> tuple[np.ndarra
     return torch.cat(preds).numpy(), torch.cat(feats).numpy()
 
 
-def train_classifier(real: RealData, *, iters: int, seed: int, batch: int = 64) -> tuple[DepthNet, dict]:
+def fit_depth_classifier(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor,
+                         n_classes: int, *, iters: int, seed: int, batch: int = 64) -> tuple[DepthNet, dict]:
+    """Train a :class:`DepthNet` on (N, 64, 64) views ``xtr`` with depth classes ``ytr`` (a random flip /
+    rot90 of each view per batch), checking it on ``xva`` / ``yva`` every 50 iterations and at the end;
+    returns the net at its best check (validation accuracy, then loss) and what happened."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    # Random square offsets are drawn from a dense grid (precomputed); flips/rotations on the fly.
-    xtr, ytr, _ = real.planes(CLF_TRAIN_TPS, np.linspace(0, 1, 17))
-    xva, yva, _ = real.planes(CLF_VAL_TPS, (0.0, 0.5, 1.0))
-    xva, yva = all_dihedral(xva), yva.repeat(8)
-    net = DepthNet(real.n_depths)
+    net = DepthNet(n_classes)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
     best = (-1.0, 0.0, None, 0)  # val acc, -val loss, state, iteration
@@ -242,13 +245,23 @@ def train_classifier(real: RealData, *, iters: int, seed: int, batch: int = 64) 
                 best = (vacc, -vloss, {k_: v.clone() for k_, v in net.state_dict().items()}, it)
     net.load_state_dict(best[2])
     net.eval()
+    info = {"iterations": iters, "batch": batch, "selected_iteration": best[3], "val_acc": best[0],
+            "val_loss": -best[1], "seconds": round(time.perf_counter() - t0, 1), "history": history}
+    return net, info
+
+
+def train_classifier(real: RealData, *, iters: int, seed: int, batch: int = 64) -> tuple[DepthNet, dict]:
+    # Random square offsets are drawn from a dense grid (precomputed); flips/rotations on the fly.
+    xtr, ytr, _ = real.planes(CLF_TRAIN_TPS, np.linspace(0, 1, 17))
+    xva, yva, _ = real.planes(CLF_VAL_TPS, (0.0, 0.5, 1.0))
+    xva, yva = all_dihedral(xva), yva.repeat(8)
+    net, fit = fit_depth_classifier(xtr, ytr, xva, yva, real.n_depths, iters=iters, seed=seed, batch=batch)
     info = {
-        "architecture": "4 x (conv3x3-BN-ReLU-maxpool) widths 8,16,32,64, global average pool, linear",
+        "architecture": CLASSIFIER_ARCHITECTURE,
         "train_time_points": list(CLF_TRAIN_TPS), "val_time_points": list(CLF_VAL_TPS),
         "test_time_points": list(TEST_TPS),
         "train_views": f"{len(xtr)} (17 square offsets per plane) x random flip/rot90 per batch",
-        "iterations": iters, "batch": batch, "selected_iteration": best[3], "val_acc": best[0],
-        "val_loss": -best[1], "seconds": round(time.perf_counter() - t0, 1), "history": history,
+        **fit,
     }
     return net, info
 
