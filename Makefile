@@ -29,7 +29,7 @@ test: $(STAMP)
 	bash scripts/setup_system.sh
 	# the architecture: layers, independent model families, no import circles (pyproject.toml)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
 
 weights: $(STAMP)
 	scripts/train_demo_cascade.sh runs/zf-cascade-demo && scripts/export_demo.sh runs/zf-cascade-demo

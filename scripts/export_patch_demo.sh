@@ -22,14 +22,10 @@ if [ "$KIND" = "segmentation" ]; then  # float16 too (batch-norm statistics stay
   ${PY:-.venv/bin/python} -m napari_zfdiffusion.evaluation.cards "${CARD:-seg}" "$DEST.tmp" --name "$NAME" ${RUN_NAME:+--run-name "$RUN_NAME"}
   rm -rf "$DEST"; mv "$DEST.tmp" "$DEST"; du -sh "$DEST"; exit 0
 fi
-if [ -f "$DEST.tmp/unet/diffusion_pytorch_model.safetensors" ]; then
-  ${PY:-.venv/bin/python} - "$DEST.tmp/unet/diffusion_pytorch_model.safetensors" <<'PY'
-import sys
-from safetensors.torch import load_file, save_file
-p = sys.argv[1]
-save_file({k: (v.half() if v.is_floating_point() else v) for k, v in load_file(p).items()}, p, metadata={"format": "pt"})
-PY
-fi
+# both networks are stored in float16 (half the size; they load as float32; slim_weights.py keeps in float32 any
+# tensor that float16 would change, and updates the card's vae_sha256); evaluate the exported folder, then
+# write the card again: `python -m napari_zfdiffusion.evaluation.em --model NAME --out docs`
+${PY:-.venv/bin/python} scripts/slim_weights.py "$DEST.tmp"
 # a latent model's autoencoder log lives with the autoencoder it was trained from
 VAE_RUN=$(dirname "$SRC")/$(basename "$SRC" | sed 's/-ldm-/-vae-/')
 if [ -f "$VAE_RUN/training/vae/log.jsonl" ] && [ ! -f "$DEST.tmp/vae/train_log.jsonl" ]; then
