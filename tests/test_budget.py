@@ -43,14 +43,9 @@ def _largest(files, k: int = 8) -> str:
     return ", ".join(f"{p.relative_to(ROOT)} {p.stat().st_size / 1e6:.1f} MB" for p in big)
 
 
-# The tracked files weigh 63.0 MiB (66.1 MB) after the demo weights went to float16, the docs PNGs
-# were losslessly optimised (issue 17 part 1) and the nine figures of samples that JPEG (quality 90)
-# shrinks became JPEG (-1.6 MB): 3.2 MB over. JPEG does no better on the rest (noisy microscopy at
-# native resolution; the other figures of samples grow as JPEG), so what closes the gap is a decision
-# the issue has to take (see its report); until then this fails as expected, and `strict` makes it
-# fail the run as soon as the budget is met, so that this marker goes.
-@pytest.mark.xfail(strict=True, reason="issue 17: tracked files 63.0 MiB after fp16 weights, lossless PNGs and "
-                                       "JPEG figures of samples; the last 3.2 MB need a decision")
+# The tracked files weighed 63.0 MiB after the demo weights went to float16, the docs PNGs were
+# losslessly optimised and the figures of samples became JPEG; the patch demos' latent UNets, retrained
+# at the `compact` size (issue 15), brought them under the budget.
 def test_tracked_files_fit_the_budget():
     files = _git_files()
     if files is None:

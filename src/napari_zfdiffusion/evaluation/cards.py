@@ -278,9 +278,8 @@ def patch_card(a: argparse.Namespace) -> int:
         + (f" (mask encoding: {card.get('mask_encoding')})" if paired else "") + " |",
         f"| autoencoder | diffusers AutoencoderKL, size `{vt.get('size')}`, downsampling {card.get('downsampling')}, "
         f"latent {card.get('latent_shape')} ({compression:g}x fewer numbers than the patch), "
-        f"{card.get('loss') or 'MSE + beta * KL'} with beta {card.get('beta')}"
-        + (f", loss weights {card['loss_weights']}" if card.get("loss_weights") else "")
-        + f", {card.get('conv_padding', 'zeros')} padding, "
+        f"{card.get('loss') or 'MSE + beta * KL'} with beta {card.get('beta')}, "
+        f"{card.get('conv_padding', 'zeros')} padding, "
         f"{vt.get('steps_done')} steps of batch {vt.get('batch_size')} on {vt.get('crop') or card['patch_size']}px crops; "
         "weights stored in float16, loaded as float32 |",
         f"| latent scale factor | {_f(card.get('scaling_factor'), '.4f')} (1 / std of the training latents, measured) |",
@@ -342,8 +341,8 @@ def patch_card(a: argparse.Namespace) -> int:
             rc = masks.get("recall_of_unet_objects") or {}
             if rc:
                 lines.append(f"* Nuclei with a mask: of the objects that `{rc.get('unet')}` finds in the images, "
-                             f"{_f((rc.get('generated') or {}).get('recall'), '.2f')} have at least half their pixels "
-                             f"in the generated mask ({_f((rc.get('real_heldout') or {}).get('recall'), '.2f')} for "
+                             f"{_f((rc.get('generated') or {}).get('recall'), '.3f')} have at least half their pixels "
+                             f"in the generated mask ({_f((rc.get('real_heldout') or {}).get('recall'), '.3f')} for "
                              "the real held-out crops and their training masks).")
             g, r = masks.get("generated", {}), masks.get("real_heldout", {})
             lines.append(f"* Objects per patch: generated {_f(g.get('objects_per_patch_mean'), '.1f')}, real held-out "
@@ -358,11 +357,24 @@ def patch_card(a: argparse.Namespace) -> int:
         "",
         "## Limits",
         "",
-        f"* A demo trained on a CPU on {data.get('images')} image(s): the samples cover only what those images show, "
+        f"* A demo trained on a CPU on {data.get('images')} image(s) ({data.get('validation')}): the samples cover only "
+        "what those images show, "
         f"and the autoencoder ({compression:g}x compression) keeps what its held-out figures above say, not more.",
         "* Not for biological conclusions. Train on your own data with `zfdiffusion train vae` and "
         "`zfdiffusion train ldm` (docs/training.md); on a GPU use `--size base` and 10x the steps.",
     ]
+    # what the measurements above say the samples are not (thresholds: a spectrum within 2x, as for the
+    # autoencoder; generated patches no farther from the training crops than held-out real ones, +10 %)
+    g_nn, r_nn = (mem.get("generated") or {}).get("median"), (mem.get("real_heldout") or {}).get("median")
+    if ev and g_nn is not None and r_nn and g_nn > 1.1 * r_nn:
+        lines.append(f"* The generated patches are farther from every training crop than held-out real crops are "
+                     f"(median {g_nn:.3f} against {r_nn:.3f}): they are less like the training images than new real "
+                     "images would be. Look at the samples in docs/evaluation.md before training on them.")
+    spec = (stats.get("spectrum_ratio_generated") or {}) if ev else {}
+    lo, hi = spec.get("spectrum_ratio_min"), spec.get("spectrum_ratio_max")
+    if lo is not None and hi is not None and (lo < 0.5 or hi > 2):
+        lines.append(f"* Their power spectrum is {lo:.2f}-{hi:.2f}x the real crops' up to 0.25 cycles/px (outside "
+                     "0.5-2x): their texture and contrast differ from the real images at some scales.")
     if paired:
         lines.append("* The nuclei masks it learned from are the Cell Tracking Challenge's automatic segmentation "
                      "(ERR_SEG), not manual annotation: they miss some nuclei, and so will the generated masks.")
