@@ -261,8 +261,11 @@ def _documentation(path: Path, card: dict, outputs: list[str], step: int, min_si
             text += f"\n## Training data\n\n{data.get('images', '?')} image(s). {data.get('credit', '')}{licence}\n"
     norm = Normalisation.from_dict(card.get("normalisation"))
     inner = outputs[1] if len(outputs) > 1 else None
-    labels = (f"objects by a watershed of the foreground seeded by the connected {inner}s (second output >= the "
-              "threshold; touching objects stay apart)" if inner else "objects as its connected components")
+    seed = card.get("seed_threshold")
+    seed_text = (f"second output >= {seed:g}, the card's seed threshold" if seed is not None
+                 else "second output >= the threshold")
+    labels = (f"objects by a watershed of the foreground seeded by the connected {inner}s ({seed_text}; touching "
+              "objects stay apart)" if inner else "objects as its connected components")
     v = card.get("validation") or {}
     split = (card.get("training_data") or {}).get("validation") or "held out"
     figs = "The card records no validation figures."
@@ -490,6 +493,7 @@ def export_bioimageio(model: str | Path, out: str | Path, *, test_image: str | P
                     ),
                     zfdiffusion={"card": card.get("name", path.name), "plugin_version": PLUGIN_VERSION,
                                  "threshold": card.get("threshold", 0.5), "min_size": card.get("min_size", 16),
+                                 "seed_threshold": card.get("seed_threshold", card.get("threshold", 0.5)),
                                  "tile": tile, "overlap": overlap, "outputs": outputs,
                                  "labels_from": f"watershed from {outputs[1]}s" if len(outputs) > 1
                                  else "connected components",
