@@ -8,8 +8,8 @@
 #   env: KS="1 2 4" SEEDS="0 1 2" AE_STEPS=1200 LDM_STEPS=4000 UNET_STEPS=2000 N_GEN=256 DEVICE=auto
 #        JOBS=2 (U-Nets trained at once, one thread each on a CPU) PY=.venv/bin/python OUT=docs
 # The defaults are the recipe of the bundled nuclei generator (scripts/train_demo_em.sh) and U-Net sizes
-# of the demo: on a 2-core CPU about 1.5 h per generator and 40 min per U-Net (about 14 h in all);
-# on a GPU (DEVICE=cuda) well under an hour. Every step resumes: run the same command again after a kill.
+# of the demo: on one CPU core about 1 h per generator and 50 min per U-Net, so about 10 h on a 2-core
+# CPU (JOBS=2); on a GPU (DEVICE=cuda) well under an hour. Every step resumes: run the same command again after a kill.
 set -euo pipefail
 RUN=${1:-runs/scarce}
 PY=${PY:-.venv/bin/python}
@@ -56,9 +56,13 @@ unet() {  # K ARM SEED
 }
 
 status=0
-for k in $KS; do
-  generator "$k" > "$RUN/k$k.generator.log" 2>&1 || { echo "generator K=$k failed: see $RUN/k$k.generator.log" >&2; status=1; }
+pids=()
+for k in $KS; do  # JOBS generators at once
+  ( generator "$k" > "$RUN/k$k.generator.log" 2>&1 || { echo "generator K=$k failed: see $RUN/k$k.generator.log" >&2; exit 1; } ) &
+  pids+=($!)
+  if [ "${#pids[@]}" -ge "$JOBS" ]; then wait "${pids[0]}" || status=1; pids=("${pids[@]:1}"); fi
 done
+for p in "${pids[@]}"; do wait "$p" || status=1; done
 [ "$status" = 0 ] || exit 1
 pids=()
 for k in $KS; do for seed in $SEEDS; do for arm in real mixed; do
