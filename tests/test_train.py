@@ -221,11 +221,71 @@ def test_depth_classes_out_of_range(tmp_path, k):
 @pytest.mark.parametrize("field, value, match", [
     ("stage", "sr1024", "unknown stage"), ("loss", "huber", "unknown loss"), ("size", "huge", "model size"),
     ("steps", 0, "--steps"), ("batch_size", 0, "--batch-size"), ("p_uncond", 1.0, "--p-uncond"),
+    ("max_minutes", 0, "--max-minutes"), ("max_minutes", -5, "--max-minutes"),
 ])
 def test_bad_training_options(stacks, tmp_path, field, value, match):
     with pytest.raises(UserInputError, match=match):
         train(stacks, tmp_path / "m", **{field: value})
     assert not (tmp_path / "m").exists()
+
+
+# ----------------------------------------------------------------------------- time limit, presets
+def test_max_minutes_stops_with_a_checkpoint_and_resume_needs_more(stacks, tmp_path):
+    out = tmp_path / "m"
+    s = train(stacks, out, steps=50, max_minutes=1e-9)  # out of time after the first step
+    assert s["steps"] == 1
+    info = json.loads((out / "base" / "stage.json").read_text())["training"]
+    assert info["steps_done"] == 1 and info["max_minutes"] == 1e-9  # the model is exported at the stop
+    assert Cascade.load(out, "cpu").generate(0, resolution=64, steps=1).images.shape == (1, 64, 64)
+    before = weights(out / "base")
+    with pytest.raises(UserInputError, match="raise --max-minutes"):
+        train(stacks, out, steps=50, max_minutes=1e-9, resume=True)
+    after = weights(out / "base")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # a larger limit (or none) goes on from the step where it stopped
+    assert train(stacks, out, steps=3, resume=True)["steps"] == 3
+    assert [r["step"] for r in read_log(out / "training" / "base" / "log.jsonl")] == [1, 2, 3]
+
+
+def test_a_time_limit_gives_the_progress_its_expected_last_step():
+    from napari_zfdiffusion.core.training.loop import LoopConfig, _expected_last_step
+
+    lc = LoopConfig(steps=5000, lr=1e-3, warmup=1, ema_decay=0.9, checkpoint_every=100, log_every=10, seed=0,
+                    max_seconds=100.0)
+    assert _expected_last_step(10, 0, 10.0, 0.0, lc) == 100  # 1 s a step, 90 s left
+    assert _expected_last_step(30, 20, 10.0, 50.0, lc) == 70  # resumed after 50 s: 40 s left at 1 s a step
+    assert _expected_last_step(10, 0, 1.0, 0.0, lc) == 1000  # 0.1 s a step
+    assert _expected_last_step(10, 0, 0.1, 0.0, lc) == 5000  # fast: the steps end it first
+    assert _expected_last_step(10, 0, 200.0, 0.0, lc) == 11  # out of time: the next step is the last
+
+
+def test_presets_fill_what_the_command_line_leaves_out():
+    from napari_zfdiffusion.core.choices import CASCADE_DEFAULTS, cascade_training_options
+
+    assert cascade_training_options(None, "base", {}) == CASCADE_DEFAULTS
+    quick = cascade_training_options("quick", "base", {"lr": 5e-4, "size": None})
+    assert quick["lr"] == 5e-4 and quick["size"] == "small" and quick["max_minutes"] == 60  # given wins
+    assert cascade_training_options("quick", "sr256", {})["max_minutes"] == 20
+    full = cascade_training_options("full", "base", {})
+    assert full["size"] == "base" and full["max_minutes"] is None
+    with pytest.raises(ValueError, match="unknown preset"):
+        cascade_training_options("fast", "base", {})
+
+
+def test_train_cascade_preset_on_the_command_line(stacks, tmp_path):
+    from napari_zfdiffusion import cli
+
+    out = tmp_path / "q"
+    assert cli.main(["-q", "train", "cascade", "--data", str(stacks), "--out", str(out), "--preset", "quick",
+                     "--size", "tiny", "--steps", "2", "--batch-size", "2", "--device", "cpu"]) == 0
+    t = json.loads((out / "base" / "stage.json").read_text())["training"]
+    assert (t["preset"], t["size"], t["lr"], t["max_minutes"], t["warmup"], t["steps_done"]) == (
+        "quick", "tiny", 1e-3, 60, 200, 2)
+    plain = tmp_path / "p"
+    assert cli.main(["-q", "train", "cascade", "--data", str(stacks), "--out", str(plain), "--size", "tiny",
+                     "--steps", "1", "--batch-size", "2", "--device", "cpu"]) == 0
+    t = json.loads((plain / "base" / "stage.json").read_text())["training"]
+    assert (t["preset"], t["size"], t["lr"], t["max_minutes"], t["batch_size"]) == (None, "tiny", 2e-4, None, 2)
 
 
 # ----------------------------------------------------------------------------- torchrun

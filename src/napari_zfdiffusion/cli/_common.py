@@ -98,6 +98,9 @@ def add_training(p: argparse.ArgumentParser, *, steps: int, batch: int, out_help
     p.add_argument("--ema-decay", type=float, default=ema_decay,
                    help="moving average of the weights that is exported (0: off)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this many minutes of training (with a checkpoint and the model exported; "
+                        "a resumed run counts its earlier minutes)")
     p.add_argument("--credit", default="", help="data credit for the model card")
     p.add_argument("--licence", default="", help="data licence for the model card")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (crops, noise)")
@@ -118,7 +121,8 @@ def add_patch_training(q: argparse.ArgumentParser, steps: int, batch: int, **kw)
 def training_options(a: argparse.Namespace) -> dict:
     """The shared training options as keyword arguments of a training config."""
     return {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
-            "checkpoint_every": a.checkpoint_every, "seed": a.seed, "data_credit": a.credit,
+            "checkpoint_every": a.checkpoint_every, "max_minutes": a.max_minutes, "seed": a.seed,
+            "data_credit": a.credit,
             "data_licence": a.licence, "channel": a.channel, "axes": a.axes}
 
 

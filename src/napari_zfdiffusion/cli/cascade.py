@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..core.choices import CASCADE_DEFAULTS, CASCADE_PRESETS, cascade_training_options
 from ._common import (
     CPU_TIME_HINT,
     TqdmProgress,
@@ -123,11 +124,14 @@ def cmd_train_cascade(a) -> int:
 
     stages = list(STAGES) if a.stage == "all" else [a.stage]
     for st in stages:
-        cfg = TrainConfig(stage=st, size=a.size, loss=a.loss, p_uncond=a.p_uncond, crop=a.crop,
+        opts = training_options(a)
+        given = {"size": a.size, "warmup": a.warmup,
+                 **{k: opts[k] for k in ("lr", "batch_size", "steps", "max_minutes")}}
+        opts.update(cascade_training_options(a.preset, st, given))
+        cfg = TrainConfig(stage=st, loss=a.loss, p_uncond=a.p_uncond, crop=a.crop,
                           depth_classes=a.depth_classes, z_step_um=a.z_step_um, depth_bin_um=a.depth_bin_um,
-                          continuity=a.continuity,
-                          p_noprev=a.p_noprev, init_from=a.init_from, retarget=a.retarget, warmup=a.warmup,
-                          **training_options(a))
+                          continuity=a.continuity, p_noprev=a.p_noprev, init_from=a.init_from, retarget=a.retarget,
+                          preset=a.preset, **opts)
         summary = train_stage(a.data, a.out, cfg, device=a.device, resume=a.resume, show_progress=not a.quiet)
         if summary["rank"] == 0:
             print(f"trained {st}: {summary['steps']} steps, loss {summary['loss']:.4f}, {summary['seconds']} s "
@@ -193,10 +197,15 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     c = train.add_parser("cascade", help="train the depth cascade on (Z, Y, X) TIFF stacks")
     c.add_argument("--data", nargs="+", required=True, help="folder(s) or TIFF files, one stack per specimen")
     add_training(c, steps=20000, batch=16, out_help="model folder to create or extend")
+    c.add_argument("--preset", default=None, choices=tuple(CASCADE_PRESETS),
+                   help="quick: the best model a CPU makes in about an hour (small network, lr 1e-3, the base "
+                        "stage stops after 60 minutes of training, each super-resolution stage after 20); "
+                        "full: for a GPU (base network, batch 64, 40000 steps). Options given on the command "
+                        "line win over the preset's")
     c.add_argument("--stage", default="base", choices=("base", "sr128", "sr256", "sr512", "all"),
                    help="the stage to train (all: the four in a row)")
-    c.add_argument("--size", default="small", choices=("tiny", "small", "base"),
-                   help="network size: tiny (tests), small (CPU), base (GPU)")
+    c.add_argument("--size", default=None, choices=("tiny", "small", "base"),
+                   help="network size: tiny (tests), small (CPU), base (GPU) (default: small, or the preset's)")
     c.add_argument("--loss", default="v", choices=("l1", "l2", "v"),
                    help="v: v-prediction (default; stable with the cosine schedule); l1 on the noise as in the "
                         "original work; l2. With --init-from it must train what the parent stage predicts (v for "
@@ -210,7 +219,8 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
                    help="start from this cascade's stage (model name or folder) instead of random weights")
     c.add_argument("--retarget", action="store_true",
                    help="with --init-from: allow a different prediction target than the parent's (e.g. epsilon -> v)")
-    c.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
+    c.add_argument("--warmup", type=int, default=None, help="learning-rate warm-up steps (default: 200, or the "
+                                                           "preset's)")
     c.add_argument("--crop", type=int, default=None, help="crop side for super-resolution stages")
     c.add_argument("--depth-classes", type=int, default=None, help="K depth bins (default: one per plane)")
     c.add_argument("--z-step-um", type=float, default=None,
@@ -218,4 +228,10 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
     c.add_argument("--depth-bin-um", type=float, default=None,
                    help="depth classes as bins of this many micrometres from the top plane: stacks with other "
                         "numbers of planes or z-steps train together")
-    c.set_defaults(func=cmd_train_cascade)
+    # the options a preset sets: None unless given, resolved per stage by cascade_training_options
+    c.set_defaults(func=cmd_train_cascade, steps=None, batch_size=None, lr=None)
+    for action in c._actions:
+        if action.dest in ("steps", "batch_size", "lr"):
+            action.help += f" (default: {CASCADE_DEFAULTS[action.dest]:g}, or the preset's)"
+        elif action.dest == "max_minutes":
+            action.help += " (default: none, or the preset's)"

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from ..core.cascade.data import DepthDataset, read_stacks
+from ..core.choices import CASCADE_PRESETS
 from ..core.errors import UserInputError
 from ..core.images import Normalisation, square
 from ..core.io import atomic_write, list_images
@@ -303,10 +304,12 @@ def train_command(a, steps: int) -> list[str]:
     cmd = [sys.executable, "-m", "napari_zfdiffusion.cli", "-q", "train", "cascade", "--stage", "base",
            "--data", str(a.out / "train_data"), "--out", str(a.out / "run"), "--steps", str(steps), "--resume",
            "--device", a.device]
-    for opt in ("size", "lr", "batch_size", "depth_classes", "depth_bin_um", "warmup", "ema_decay"):
-        v = getattr(a, opt)
+    for opt in ("preset", "size", "lr", "batch_size", "depth_classes", "depth_bin_um", "warmup", "ema_decay"):
+        v = getattr(a, opt, None)
         if v is not None:
             cmd += [f"--{opt.replace('_', '-')}", str(v)]
+    if getattr(a, "preset", None) is not None:  # the steps end each increment, not the preset's time limit
+        cmd += ["--max-minutes", "1e9"]
     return cmd + shlex.split(a.train_args)
 
 
@@ -458,6 +461,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--z-step-um", type=float, default=None, help="z-step for files that carry none")
     # the settings measured (left out: train cascade's own defaults, as a new user gets them)
     t = p.add_argument_group("training settings (default: those of `zfdiffusion train cascade`)")
+    t.add_argument("--preset", default=None, choices=tuple(CASCADE_PRESETS),
+                   help="train cascade's preset (its time limit aside: this tool sets the length of training)")
     t.add_argument("--size", default=None, choices=("tiny", "small", "base"))
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--batch-size", type=int, default=None)

@@ -90,7 +90,10 @@ PRESET_SETTINGS: dict[str, dict[str, Preset]] = {
             "test": Preset("tiny", 20, 10, 4, "--patch-size 32")},
     "ldm": {"quick": Preset("small", 4000, 250), "full": Preset("base", 20000, 1000),
             "test": Preset("tiny", 20, 10, 4, "--bank 64")},
-    "cascade": {"quick": Preset("small", 2500, 250), "full": Preset("base", 20000, 1000),
+    # the command's own presets (core.choices.CASCADE_PRESETS): quick stops each stage after its minutes
+    # (the progress bar and time left follow the time limit), full is the GPU's long run
+    "cascade": {"quick": Preset("small", 20000, 250, 0, "--preset quick"),
+                "full": Preset("base", 40000, 1000, 0, "--preset full"),
                 "test": Preset("tiny", 20, 10, 2)},
 }
 _TQDM = re.compile(r"train[^:|]*:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)(?:\s*\[[^<\]]*<([^,\]]+))?")

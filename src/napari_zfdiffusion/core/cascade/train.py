@@ -55,6 +55,7 @@ class TrainConfig(loop.TrainOptions):
     prev_noise_max: float = 0.1
     init_from: str | None = None
     retarget: bool = False
+    preset: str | None = None  # `train cascade --preset` (core.choices.CASCADE_PRESETS), for the card
 
     def validate(self) -> None:
         if self.stage not in STAGES:

@@ -111,6 +111,9 @@ class TrainOptions:
     checkpoint_every: int = 500
     log_every: int = 50
     seed: int = 0
+    # stop (with a checkpoint and the exported model) once training has run this long in all, counting
+    # earlier runs of a resumed one; None: run to ``steps``
+    max_minutes: float | None = None
     data_credit: str = ""
     data_licence: str = ""
     channel: int | None = None  # the channel of multichannel training images (see core.reader)
@@ -119,11 +122,13 @@ class TrainOptions:
     def loop_config(self, desc: str) -> LoopConfig:
         return LoopConfig(steps=self.steps, lr=self.lr, warmup=self.warmup, ema_decay=self.ema_decay,
                           checkpoint_every=self.checkpoint_every, log_every=self.log_every, seed=self.seed,
-                          desc=desc)
+                          desc=desc, max_seconds=None if self.max_minutes is None else 60.0 * self.max_minutes)
 
     def check_common(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise UserInputError("--steps and --batch-size must be at least 1.")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise UserInputError(f"--max-minutes must be above 0, got {self.max_minutes:g}.")
 
 
 def training_info(cfg, step: int, losses: list[float], seconds: float, world: int, **extra) -> dict:
@@ -144,6 +149,7 @@ class LoopConfig:
     log_every: int
     seed: int
     desc: str = "train"
+    max_seconds: float | None = None  # training time (all runs of a resumed one) after which to stop
 
 
 _HELD_LOCKS: list = []  # the output folders this process trains into (released by launch())
@@ -183,6 +189,25 @@ def load_state(state_path: Path, resume: bool, di: DistInfo) -> dict | None:
 
 def model_config(saved: dict) -> dict:
     return json.loads(saved["model_config"])
+
+
+def _expected_last_step(step: int, start: int, run_seconds: float, elapsed: float, cfg: LoopConfig) -> int:
+    """The step at which a run with a time limit will stop, at this run's pace so far (at most ``cfg.steps``)."""
+    rate = run_seconds / (step - start)
+    left = max(cfg.max_seconds - elapsed - run_seconds, 0.0)
+    return int(min(cfg.steps, step + max(1, round(left / rate))))
+
+
+def _out_of_time(seconds: float, limit: float, step: int, every: int, di: DistInfo) -> bool:
+    """Whether training has used its time. Under torchrun every process must stop at the same step: they
+    decide together (on rank 0's clock) every ``every`` steps; alone, at every step."""
+    if di.world == 1:
+        return seconds >= limit
+    if step % every:
+        return False
+    flag = torch.tensor([float(seconds >= limit)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 @torch.no_grad()
@@ -328,7 +353,11 @@ def run(
                 {k: v for k, v in model.config.items() if not k.startswith("_")}, default=list),  # no bookkeeping
         }, state_path)
 
+    if cfg.max_seconds is not None and start < cfg.steps and elapsed >= cfg.max_seconds:
+        raise UserInputError(f"this run has trained {elapsed / 60:.1f} minutes already (step {start}), as long as "
+                             f"--max-minutes {cfg.max_seconds / 60:g} allows: raise --max-minutes to go on.")
     step = start
+    total = cfg.steps  # the step it will end at: with a time limit, re-estimated as it goes (progress, time left)
     for step in range(start + 1, cfg.steps + 1):
         g = step_generator(cfg.seed, di.rank, step)
         loss = loss_fn(net, step, g)
@@ -353,13 +382,24 @@ def run(
                        "lr": opt.param_groups[0]["lr"], "seconds": round(elapsed + time.perf_counter() - t0, 2)}
                 append_log(log_path, rec)
             run_losses = []
+        if cfg.max_seconds is not None and step - start >= 5:
+            total = _expected_last_step(step, start, time.perf_counter() - t0, elapsed, cfg)
         if bar is not None:
+            if bar.total != total:
+                bar.total = total
             bar.update(1)
             bar.set_postfix(loss=f"{ema_loss:.4f}")
         if callback is not None:
-            callback(Progress(cfg.desc, step, cfg.steps))
+            callback(Progress(cfg.desc, step, total))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint(step)
+        elif cfg.max_seconds is not None and _out_of_time(elapsed + time.perf_counter() - t0, cfg.max_seconds,
+                                                          step, cfg.log_every, di):
+            checkpoint(step)  # the time is up: this step is the run's last
+            if di.main:
+                print(f"{cfg.desc}: stopped at step {step} of {cfg.steps}, after --max-minutes "
+                      f"{cfg.max_seconds / 60:g} of training (continue with --resume and a larger --max-minutes)")
+            break
     if start >= cfg.steps and di.main:
         checkpoint(start)
     if bar is not None:
