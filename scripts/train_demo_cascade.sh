@@ -24,9 +24,9 @@ rm -rf "$RUN/training/base" "$RUN/base"
       --batch-size 8 --lr 3e-4 > "$RUN/base.log" 2>&1 &&
   $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage base --steps "${BASE_STEPS:-5000}" --loss v \
       --batch-size 8 --lr 3e-4 >> "$RUN/base.log" 2>&1 ) &
-( $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr128 --loss l1 --steps "${SR128_STEPS:-1000}" --batch-size 8 &&
-  $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr256 --loss l1 --steps "${SR256_STEPS:-600}" --batch-size 6 &&
-  $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr512 --loss l1 --steps "${SR512_STEPS:-450}" --batch-size 4 \
+( $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr128 --loss l1 --steps "${SR128_STEPS:-1000}" --batch-size 8 --lr 2e-4 &&
+  $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr256 --loss l1 --steps "${SR256_STEPS:-600}" --batch-size 6 --lr 2e-4 &&
+  $PY -m napari_zfdiffusion.cli train cascade "${common[@]}" --stage sr512 --loss l1 --steps "${SR512_STEPS:-450}" --batch-size 4 --lr 2e-4 \
   ) > "$RUN/sr.log" 2>&1 &
 wait
 echo "trained into $RUN; copy the inference files with scripts/export_demo.sh $RUN"

@@ -285,7 +285,7 @@ def test_train_cascade_preset_on_the_command_line(stacks, tmp_path):
     assert cli.main(["-q", "train", "cascade", "--data", str(stacks), "--out", str(plain), "--size", "tiny",
                      "--steps", "1", "--batch-size", "2", "--device", "cpu"]) == 0
     t = json.loads((plain / "base" / "stage.json").read_text())["training"]
-    assert (t["preset"], t["size"], t["lr"], t["max_minutes"], t["batch_size"]) == (None, "tiny", 2e-4, None, 2)
+    assert (t["preset"], t["size"], t["lr"], t["max_minutes"], t["batch_size"]) == (None, "tiny", 1e-3, None, 2)
 
 
 # ----------------------------------------------------------------------------- torchrun
