@@ -261,6 +261,11 @@ def test_the_generate_docks_warn_about_the_layer_they_take(make_napari_viewer, n
     empty = viewer.add_image(np.zeros((64, 64), np.uint8), name="empty")
     viewer.layers.selection.active = empty  # the layer to encode / decode follows the selection
     assert em.layer.value is empty and em.about.warnings[0].startswith("empty image: every pixel is 0")
+    # the EM demo learned an 8-bit SEM image (its 1st-99.8th percentiles 102-231): 16-bit fluorescence is
+    # another domain, an 8-bit image of that range is not
     viewer.layers.selection.active = right
+    assert em.about.warnings[0].startswith("intensities unlike the training data")
+    sem = np.clip(np.random.default_rng(0).normal(165, 30, (64, 64)), 0, 255).astype(np.uint8)
+    viewer.layers.selection.active = viewer.add_image(sem, name="sem field")
     assert em.about.warnings == [] and em.about.warning.native.isHidden()
     assert [m for s, m in notes if s == "error"] == []
