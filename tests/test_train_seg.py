@@ -276,15 +276,16 @@ def test_fine_tuning_starts_from_the_model_and_keeps_its_outputs(tiny_segmenter,
     assert s["steps"] == 3
 
 
-def test_a_fine_tuned_model_keeps_its_parents_seed_threshold(tiny_segmenter, tmp_path):
+def test_a_fine_tuned_model_keeps_its_parents_seed_and_join_thresholds(tiny_segmenter, tmp_path):
     parent = tmp_path / "parent"
     shutil.copytree(tiny_segmenter, parent)
     card = json.loads((parent / "model.json").read_text())
-    (parent / "model.json").write_text(json.dumps({**card, "seed_threshold": 0.4}))
+    (parent / "model.json").write_text(json.dumps({**card, "seed_threshold": 0.4, "join_threshold": 0.25}))
     imgs, masks = make_blobs(tmp_path / "d", n=2, seed=7)
     tunet(imgs, masks, tmp_path / "ft", steps=1, init_from=str(parent))
     ft = json.loads((tmp_path / "ft" / "model.json").read_text())
     assert ft["seed_threshold"] == 0.4 and "seed_threshold" not in ft["fine_tuned_from"]
+    assert ft["join_threshold"] == 0.25 and "join_threshold" not in ft["fine_tuned_from"]
 
 
 def test_fine_tuning_from_a_model_that_is_not_a_segmenter(tiny_latent, tmp_path, capsys, blobs):

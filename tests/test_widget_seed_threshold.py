@@ -79,3 +79,38 @@ def test_segment_uses_the_control(make_napari_viewer, tiny_segmenter, tmp_path, 
     assert w.wait(120)
     assert viewer.layers["cells labels"].metadata["zfdiffusion"]["seed_threshold"] == 0.7
     assert errors(notes) == []
+
+
+def test_the_join_control_follows_the_card_and_reaches_segment_and_the_cli(make_napari_viewer, tiny_segmenter,
+                                                                          tmp_path, notes):
+    """"join cores above": under Advanced beside the seed threshold, the card's join_threshold (for a
+    card without one: the seed threshold, which joins nothing); passed on only when changed, and held
+    at the seed threshold."""
+    from test_widget_cli_command import copied, press
+    from test_widget_layout import _names
+
+    viewer = make_napari_viewer()
+    path = tmp_path / "cells.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8) + np.eye(64, dtype=np.uint8) * 200)
+    viewer.open(str(path))
+    joined = with_seeds(tiny_segmenter, tmp_path / "joined", 0.5)
+    card = json.loads((joined / "model.json").read_text())
+    (joined / "model.json").write_text(json.dumps({**card, "join_threshold": 0.3}))
+    w = _dock(viewer, joined)
+    assert "join_threshold" in _names(w, w.sections.advanced) and w.join_threshold.enabled
+    assert w.join_threshold.value == 0.3 and "join_threshold" not in w.params()
+    assert "--join-threshold" not in press(w.cli_button)
+    w.join_threshold.value = 0.2
+    assert w.params()["join_threshold"] == 0.2 and copied(w, notes).join_threshold == 0.2
+    w.join_threshold.value = 0.8  # above the seed threshold: no joining
+    assert w.params()["join_threshold"] == 0.5
+    w.segment_button.clicked.emit()
+    assert w.wait(120)
+    assert "join_threshold" not in viewer.layers["cells labels"].metadata["zfdiffusion"]
+    w.join_threshold.value = 0.3  # the card's again
+    w.segment_button.clicked.emit()
+    assert w.wait(120)
+    assert viewer.layers["cells labels"].metadata["zfdiffusion"].get("join_threshold", 0.3) == 0.3
+    w.model_folder.value = tiny_segmenter  # no join_threshold in the card: the seed threshold, no joining
+    assert w.join_threshold.value == 0.5 and "join_threshold" not in w.params()
+    assert errors(notes) == []

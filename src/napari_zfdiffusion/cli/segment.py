@@ -52,17 +52,20 @@ def _segment(a, out) -> int:
     import numpy as np
 
     from ..core.io import TiffMemmap
-    from ..core.masks import check_seed_threshold
+    from ..core.masks import check_join_threshold, check_seed_threshold
     from ..core.reader import open_image
     from ..core.segment import Segmenter
     from ..core.segment.segmenter import as_planes
 
     check_seed_threshold(a.seed_threshold, "--seed-threshold")  # before the weights load
+    check_join_threshold(a.join_threshold, a.seed_threshold or 1.0, "--join-threshold")
     seg = Segmenter.load(a.model, a.device)
     for key, fallback in (("tile", 256), ("overlap", 32), ("threshold", 0.5), ("min_size", 16)):
         if getattr(a, key) is None:  # as the widget does: the model's own defaults
             setattr(a, key, type(fallback)(seg.card.get(key, fallback)))
     seeds = seg.seed_threshold_for(a.threshold, a.seed_threshold)  # None: the card's, else --threshold
+    joins = seg.join_threshold_for(seeds, check_join_threshold(
+        a.join_threshold, seeds, f"--join-threshold (at most the seed threshold, {seeds:g})"))
     a.batch = _batch(a, seg)
     src = open_image(a.input, channel=a.channel, axes=a.axes)
     image = src.planes()  # every plane (time points x depth), lazily; the chosen channel
@@ -86,7 +89,8 @@ def _segment(a, out) -> int:
         res = seg.segment(image, tile=a.tile, overlap=a.overlap, threshold=a.threshold, min_size=a.min_size,
                           batch=a.batch, use_interior=not a.no_interior, labels_out=labels, prob_out=prob,
                           probability=False, callback=bar, source=str(a.input), name=a.input.name,
-                          diameter=diameter, stack=mode, depth=depth, stitch_iou=a.stitch_iou, seed_threshold=seeds)
+                          diameter=diameter, stack=mode, depth=depth, stitch_iou=a.stitch_iou, seed_threshold=seeds,
+                          join_threshold=seeds if joins is None else joins)  # the seed threshold: off
         # the full provenance is known only now: rewrite the description in place (same length or shorter)
     _write_description(out, {**prov, **res.provenance, "content": "instance labels"})
     if a.prob_out:
@@ -95,6 +99,7 @@ def _segment(a, out) -> int:
     for note in notes + res.notices:
         print(f"note: {note}")
     seeded = f", seed threshold {seeds:g}" if "seed_threshold" in res.provenance else ""
+    seeded += f", cores joined above {joins:g}" if "join_threshold" in res.provenance else ""
     print(f"wrote {out} {shape} int32: {res.provenance['objects']} objects "
           f"({res.provenance['labels_from']}, threshold {a.threshold}{seeded}, min size {a.min_size})")
     if a.prob_out:
@@ -211,6 +216,11 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
                     help="where the watershed's seeds begin in the centre (or interior) output, in (0, 1]: lower "
                          "joins the pieces of large textured nuclei, higher splits touching ones (default: the "
                          "model card's seed_threshold, tuned on its training data; else --threshold)")
+    sg.add_argument("--join-threshold", type=float, default=None,
+                    help="cores of the centre output linked at or above this value become one seed, so a large "
+                         "textured nucleus is not cut into pieces while touching nuclei stay apart; in (0, seed "
+                         "threshold], the seed threshold itself turns joining off (default: the model card's "
+                         "join_threshold, tuned with the seed threshold; else off)")
     sg.add_argument("--min-size", type=int, default=None, help="smallest object in pixels (card; 16)")
     sg.add_argument("--batch", type=batch_choice, default="auto",
                     help="tiles per forward pass: a number, or auto = 4 on a CPU, on a GPU as many as fit in half "

@@ -10,6 +10,9 @@
   rows at a time.
 * The watershed's seeds have their own threshold (``seed_threshold``, checked by
   :func:`check_seed_threshold`); None is the foreground threshold, as before it existed.
+* Cores that meet above a lower ``join_threshold`` are one seed (hysteresis, as in Canny's edge
+  linking): a large textured nucleus whose centre output has several peaks stays one object, while
+  touching nuclei, whose centre output falls towards 0 where they meet, stay apart. None: no joining.
 """
 
 from __future__ import annotations
@@ -238,8 +241,50 @@ def check_seed_threshold(value, what: str = "the seed threshold") -> float | Non
     return v
 
 
+def check_join_threshold(value, seed_threshold: float, what: str = "the join threshold") -> float | None:
+    """``value`` as a float in (0, ``seed_threshold``] (None stays None: cores are not joined), or a
+    UserInputError that says what is wrong and what to give instead."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{what} must be a number in (0, {seed_threshold:g}], got {value!r}.") from None
+    if not 0.0 < v <= seed_threshold:  # NaN fails this too
+        raise UserInputError(f"{what} must be a number in (0, {seed_threshold:g}] (the seed threshold): cores of "
+                             f"the centre output that connect at or above it become one seed, so lower joins "
+                             f"more pieces of one object; got {value!r}.")
+    return v
+
+
+def seed_levels(interior: np.ndarray, seed_threshold: float, join_threshold: float | None = None) -> np.ndarray:
+    """uint8 map of the centre (or interior) output: 2 where a seed begins (``>= seed_threshold``),
+    1 where only a join reaches (``>= join_threshold``), 0 elsewhere."""
+    level = (interior >= seed_threshold).astype(np.uint8) * 2
+    if join_threshold is not None and join_threshold < seed_threshold:
+        level[(interior >= join_threshold) & (level == 0)] = 1
+    return level
+
+
+def seed_labels(level: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The watershed's seeds (int32, 1..S in raster order of their first pixel): connected regions
+    of ``level > 0`` inside ``mask`` that hold at least one pixel of level 2 (:func:`seed_levels`)."""
+    from skimage.measure import label
+
+    lab = label((level > 0) & mask, connectivity=1).astype(np.int32)
+    n = int(lab.max())
+    if not n or not (level == 1).any():
+        return lab
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(lab[(level == 2) & mask])] = True
+    keep[0] = False
+    new = np.cumsum(keep).astype(np.int32) * keep  # label's raster order, without the regions dropped
+    return new[lab]
+
+
 def instances(foreground: np.ndarray, interior: np.ndarray | None = None, *, threshold: float = 0.5,
-              min_size: int = 0, seed_threshold: float | None = None) -> np.ndarray:
+              min_size: int = 0, seed_threshold: float | None = None,
+              join_threshold: float | None = None) -> np.ndarray:
     """Instance labels (int32, 1..K) of one 2D probability map.
 
     With ``interior``: connected regions of ``interior >= seed_threshold`` (None: ``threshold``) are
@@ -251,16 +296,24 @@ def instances(foreground: np.ndarray, interior: np.ndarray | None = None, *, thr
     large textured object may get join into one (fewer split objects), and two touching objects
     whose cores meet merge (more merged ones): :mod:`..evaluation.generalist` tunes it per model
     (the card's ``seed_threshold``).
+
+    ``join_threshold`` (<= the seed threshold; None: off): seeds are the connected regions of
+    ``interior >= join_threshold`` that reach the seed threshold somewhere, so cores linked above the
+    join threshold are one seed, while a region that never reaches the seed threshold seeds nothing
+    (the watershed floods it from its neighbours). It merges the pieces of large textured nuclei
+    without the false objects a low seed threshold adds (the card's ``join_threshold``).
     """
     from skimage.measure import label
     from skimage.segmentation import watershed
 
     st = check_seed_threshold(seed_threshold)
+    st = threshold if st is None else st
+    jt = check_join_threshold(join_threshold, st)
     mask = foreground >= threshold
     if interior is None:
         lab = label(mask, connectivity=1)
     else:
-        seeds = label((interior >= (threshold if st is None else st)) & mask, connectivity=1)
+        seeds = seed_labels(seed_levels(interior, st, jt), mask)
         lab = watershed(-foreground, seeds, mask=mask) if seeds.max() else np.zeros(mask.shape, np.int64)
         orphans = label(mask & (lab == 0), connectivity=1)
         if orphans.max():
@@ -327,21 +380,22 @@ class StripInstances:
     interior channel); for the watershed an approximation near such a cut only.
 
     ``interior`` False: labels are connected components (``instances`` without an interior map).
-    ``seed_threshold``: as for :func:`instances` (None: ``threshold``).
+    ``seed_threshold``, ``join_threshold``: as for :func:`instances` (None: ``threshold``; no joining).
     """
 
     def __init__(self, height: int, width: int, *, interior: bool = True, threshold: float = 0.5,
                  min_size: int = 0, max_rows: int | None = None, halo: int | None = None,
-                 seed_threshold: float | None = None):
+                 seed_threshold: float | None = None, join_threshold: float | None = None):
         self.h, self.w = int(height), int(width)
         self.interior, self.threshold, self.min_size = interior, threshold, min_size
         st = check_seed_threshold(seed_threshold)
         self.seed_threshold = threshold if st is None else st
+        self.join_threshold = check_join_threshold(join_threshold, self.seed_threshold)
         self.max_rows = max(1, int(max_rows)) if max_rows else self.h
         self.halo = max(1, int(halo)) if halo else max(1, self.max_rows // 4)
         self.row = 0  # the first row held back
         self.fg = np.zeros((0, self.w), np.float32)
-        self.inner = np.zeros((0, self.w), bool)
+        self.inner = np.zeros((0, self.w), np.uint8)  # seed_levels of the held rows
         self.lab = np.zeros((0, self.w), np.int32)  # held rows: labels of the objects already settled
         self.count = 0  # provisional ids given
         self._size: list[np.ndarray] = []
@@ -363,7 +417,7 @@ class StripInstances:
             lab = label(mask, connectivity=1).astype(np.int32)
             m = int(lab.max())
             return lab, 0, _first_pixels(lab, m)
-        seeds = label(inner & mask, connectivity=1).astype(np.int32)
+        seeds = seed_labels(inner, mask)
         ns = int(seeds.max())
         lab = watershed(-fg, seeds, mask=mask) if ns else np.zeros(mask.shape, np.int32)
         orphans = label(mask & (lab == 0), connectivity=1).astype(np.int32)
@@ -383,8 +437,8 @@ class StripInstances:
         t = self.threshold
         rows_in = len(foreground)
         fg = np.concatenate([self.fg, np.asarray(foreground, np.float32)])
-        inner = (np.concatenate([self.inner, np.asarray(interior) >= self.seed_threshold]) if self.interior
-                 else None)
+        inner = (np.concatenate([self.inner, seed_levels(np.asarray(interior), self.seed_threshold,
+                                                         self.join_threshold)]) if self.interior else None)
         lab = np.concatenate([self.lab, np.zeros((rows_in, self.w), np.int32)])
         r0, n = self.row, len(fg)
         self.largest_window = max(self.largest_window, n)
@@ -441,7 +495,7 @@ class StripInstances:
         a, b = above[both], below[both]
         join = orphan[a] | orphan[b]
         if inner_above is not None:
-            join |= inner_above[both] & inner_below[both]
+            join |= (inner_above[both] > 0) & (inner_below[both] > 0)
         if join.any():
             self._pairs.append(np.unique(np.stack([a[join], b[join]], 1), axis=0))
 
@@ -487,7 +541,7 @@ class StripInstances:
         return lut.astype(np.int32)
 
 
-__all__ = ["MASK_ENCODINGS", "StripInstances", "check_seed_threshold", "drop_small", "encode_mask", "instances",
+__all__ = ["MASK_ENCODINGS", "StripInstances", "check_join_threshold", "check_seed_threshold", "drop_small", "encode_mask", "instances",
            "labels_from_mask",
            "mask_encoding", "otsu_watershed", "targets_from_mask", "center_map", "INNER_TARGETS",
            "foreground_diameters"]

@@ -167,7 +167,7 @@ CARD_FIELDS = {
     "latent": {"channels": "list[str]", "scaling_factor": "num", "patch_size": "int", "latent_shape": "list[int]",
                "mask_encoding": "str?", "vae_sha256": "str?", **_NORM},
     "segmentation": {"outputs": "list[str]?", "tile": "int?", "overlap": "int?", "threshold": "num?",
-                     "seed_threshold": "num?", "min_size": "int?", "name": "str?", "object_diameter_px": "num?", **_NORM},
+                     "seed_threshold": "num?", "join_threshold": "num?", "min_size": "int?", "name": "str?", "object_diameter_px": "num?", **_NORM},
 }
 _NORM_FIELDS = {"low": "num?", "high": "num?", "per": "str?"}
 

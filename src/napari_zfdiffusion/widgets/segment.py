@@ -135,6 +135,11 @@ class SegmentWidget(JobWidget):
             tooltip="seed threshold: where the watershed starts an object in the predicted centres (0-1); lower "
                     "joins the pieces of a large textured nucleus, higher splits touching ones. Set from the "
                     "model's card (for a model without one: the threshold)")
+        self.join_threshold = FloatSpinBox(
+            label="join cores above", value=DEFAULTS["threshold"], min=0.01, max=1.0, step=0.05,
+            tooltip="cores of the predicted centres linked at or above this value become one object, so a large "
+                    "textured nucleus is not cut into pieces while touching nuclei stay apart. The seed threshold "
+                    "or more: no joining. Set from the model's card (tuned with the seed threshold)")
         self.diameter = FloatSpinBox(label="object diameter (px)", value=0, min=0, max=100_000, step=1,
                                      tooltip="the typical diameter of the objects in this image, in pixels: the "
                                              "image is rescaled so that they have the size the model was "
@@ -170,7 +175,7 @@ class SegmentWidget(JobWidget):
         self._lay_out([self.layer, self.model, self.download.button, self.diameter, self.auto_diameter,
                        self.stack, self.threshold, self.min_size, self.use_interior, self.add_probability,
                        self.replace],
-                      [self.tile, self.overlap, self.seed_threshold, self.device, self.device_info,
+                      [self.tile, self.overlap, self.seed_threshold, self.join_threshold, self.device, self.device_info,
                        self.model_folder, self.ft_steps, self.ft_extra],
                       [buttons, self.finetune_button])
         # what the model is (the 'about' line first), and a warning for a layer unlike its training data
@@ -219,6 +224,7 @@ class SegmentWidget(JobWidget):
                 self.overlap.value = int(c.get("overlap", DEFAULTS["overlap"]))
                 self.min_size.value = int(c.get("min_size", DEFAULTS["min_size"]))
                 self.seed_threshold.value = self._seed_default()
+                self.join_threshold.value = self._join_default()
                 self.use_interior.value = self.has_interior
         self.about.show_model(self.model.value, self._card)
         self.check_domain()
@@ -280,16 +286,31 @@ class SegmentWidget(JobWidget):
         not the model's default)."""
         diameter = "auto" if self.auto_diameter.value else (float(self.diameter.value) or None)
         seeds = self._seed_value()
+        joins = self._join_value()
         return {"tile": int(self.tile.value), "overlap": int(self.overlap.value),
                 "threshold": float(self.threshold.value), "min_size": int(self.min_size.value),
                 "use_interior": bool(self.use_interior.value), "diameter": diameter,
                 "stack": self.stack_for(self.layer.value),
-                **({"seed_threshold": seeds} if seeds is not None else {})}
+                **({"seed_threshold": seeds} if seeds is not None else {}),
+                **({"join_threshold": joins} if joins is not None else {})}
 
     def _seed_default(self) -> float:
         """The chosen model's seed threshold: its card's, else its threshold."""
         c = self._card or {}
         return float(c.get("seed_threshold", c.get("threshold", DEFAULTS["threshold"])))
+
+    def _join_default(self) -> float:
+        """The chosen model's join threshold: its card's, else its seed threshold (no joining)."""
+        c = self._card or {}
+        return float(c.get("join_threshold", self._seed_default()))
+
+    def _join_value(self) -> float | None:
+        """The join threshold to use: None (the model's default) while the control shows it; else the
+        control's value, held at the seed threshold (at or above it: no joining)."""
+        v = float(self.join_threshold.value)
+        if abs(v - self._join_default()) < 1e-6:
+            return None
+        return min(v, float(self.seed_threshold.value))
 
     def _seed_value(self) -> float | None:
         """The seed threshold to use: None (the model's default, which follows the threshold for a card
@@ -302,7 +323,7 @@ class SegmentWidget(JobWidget):
         """``zfdiffusion segment`` doing what Segment would do now, as one shell line: ``--in`` the chosen
         layer's file (``IMAGE.tif`` where napari knows none, with a note to save the layer first), the
         model (its name, or its folder), the device (unless auto), tile, overlap, threshold, min size,
-        ``--seed-threshold`` when it differs from the model's default, ``--no-interior`` when "split
+        ``--seed-threshold`` and ``--join-threshold`` when they differ from the model's defaults, ``--no-interior`` when "split
         touching objects" is unticked, the diameter (``auto``, or in pixels; none for 0), ``--stack
         planes|volume`` for a stack, ``--out <name>_labels.tif`` and, with "add probability map" ticked,
         ``--prob-out <name>_probability.tif``.
@@ -325,6 +346,7 @@ class SegmentWidget(JobWidget):
             ("--prob-out", f"{stem}_probability.tif" if self.add_probability.value else None),
             ("--tile", int(self.tile.value)), ("--overlap", int(self.overlap.value)),
             ("--threshold", float(self.threshold.value)), ("--seed-threshold", self._seed_value()),
+            ("--join-threshold", self._join_value()),
             ("--min-size", int(self.min_size.value)), ("--no-interior", not self.use_interior.value),
             ("--diameter", diameter),
             ("--stack", self.stack_for(layer) if _is_stack(layer) else None)])
@@ -334,7 +356,7 @@ class SegmentWidget(JobWidget):
         self.segment_button.enabled = not running and self._card is not None
         self.finetune_button.enabled = not running and self._card is not None
         self.cancel_button.enabled = running
-        self.use_interior.enabled = self.seed_threshold.enabled = self.has_interior
+        self.use_interior.enabled = self.seed_threshold.enabled = self.join_threshold.enabled = self.has_interior
 
     def segment(self, layer: Image | None = None, **overrides) -> None:
         """Start segmenting ``layer`` (default: the chosen one); ``overrides`` replace some parameters."""

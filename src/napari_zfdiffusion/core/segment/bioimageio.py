@@ -264,6 +264,10 @@ def _documentation(path: Path, card: dict, outputs: list[str], step: int, min_si
     seed = card.get("seed_threshold")
     seed_text = (f"second output >= {seed:g}, the card's seed threshold" if seed is not None
                  else "second output >= the threshold")
+    join = card.get("join_threshold")
+    if join is not None and inner:
+        seed_text += (f"; seeds are the connected regions of second output >= {join:g} (the card's join threshold) "
+                      "that reach the seed threshold, so the cores of one large nucleus are one seed")
     labels = (f"objects by a watershed of the foreground seeded by the connected {inner}s ({seed_text}; touching "
               "objects stay apart)" if inner else "objects as its connected components")
     v = card.get("validation") or {}
@@ -494,6 +498,7 @@ def export_bioimageio(model: str | Path, out: str | Path, *, test_image: str | P
                     zfdiffusion={"card": card.get("name", path.name), "plugin_version": PLUGIN_VERSION,
                                  "threshold": card.get("threshold", 0.5), "min_size": card.get("min_size", 16),
                                  "seed_threshold": card.get("seed_threshold", card.get("threshold", 0.5)),
+                                 "join_threshold": card.get("join_threshold"),
                                  "tile": tile, "overlap": overlap, "outputs": outputs,
                                  "labels_from": f"watershed from {outputs[1]}s" if len(outputs) > 1
                                  else "connected components",

@@ -8,7 +8,8 @@
 * **Labels** (:func:`..masks.instances`): with an interior channel, connected interiors seed a watershed
   over the foreground, so touching objects stay apart; without one, connected components. The seeds
   have their own threshold: the ``seed_threshold`` argument, else the card's ``seed_threshold``
-  (tuned on the training sources, see :mod:`...evaluation.generalist`), else the foreground threshold.
+  (tuned on the training sources, see :mod:`...evaluation.generalist`), else the foreground threshold;
+  cores linked above the ``join_threshold`` (argument, else the card's; None: off) are one seed.
 * **Inference at any size** (:class:`Segmenter`): percentile normalisation per plane, then
   :func:`..tiling.predict_tiled` tile by tile, plane by plane, into an array or a memory-mapped file.
 * **Big single planes** (more than :attr:`Segmenter.strip_threshold` pixels, e.g. 9000x9000 or
@@ -34,7 +35,7 @@ import torch
 from ..device import maybe_compile, resolve_device
 from ..errors import UserInputError
 from ..images import Normalisation, check_finite, exact_percentiles, looks_rgb, to_gray, unit_to_model
-from ..masks import StripInstances, check_seed_threshold, instances
+from ..masks import StripInstances, check_join_threshold, check_seed_threshold, instances
 from ..progress import Progress, ProgressCallback, rescaled
 from ..provenance import stamp
 from ..reader import release
@@ -149,6 +150,22 @@ class Segmenter:
         if st is None:
             st = self.seed_threshold
         return float(threshold) if st is None else st
+
+    @property
+    def join_threshold(self) -> float | None:
+        """The join threshold the card gives (``join_threshold``; None: cores are not joined). A card
+        value outside (0, 1] is refused with the model's name."""
+        where = f"the join_threshold in the model card of '{self.name}' ({self.path / 'model.json'})"
+        return check_join_threshold(self.card.get("join_threshold"), 1.0, where)
+
+    def join_threshold_for(self, seed_threshold: float, join_threshold: float | None = None) -> float | None:
+        """The join threshold :meth:`segment` uses: ``join_threshold`` if given (checked: in (0, seed
+        threshold]; the seed threshold itself turns joining off), else the card's, held at the seed
+        threshold where a lower seed threshold was asked for; None: no joining."""
+        jt = check_join_threshold(join_threshold, seed_threshold)
+        if jt is None and self.join_threshold is not None:
+            jt = min(self.join_threshold, seed_threshold)
+        return None if jt is None or jt >= seed_threshold else jt
 
     @property
     def diameter(self) -> float | None:
@@ -293,7 +310,8 @@ class Segmenter:
     def _segment_strips(self, plane, labels: np.ndarray, prob: np.ndarray | None, *, tile: int, overlap: int,
                         threshold: float, min_size: int, batch: int, interior: bool, offset: int,
                         callback: ProgressCallback | None, notices: list[str], name: str,
-                        constant_note: str, seed_threshold: float | None = None) -> int:
+                        constant_note: str, seed_threshold: float | None = None,
+                        join_threshold: float | None = None) -> int:
         """One big plane in strips into ``labels`` (and ``prob``), labels numbered from ``offset`` + 1;
         returns the number of objects. See :meth:`segment`. Leaves what the strips held in
         ``self.strip_stats`` (rows per strip, the most rows predicted and labelled at once, forced
@@ -315,7 +333,8 @@ class Segmenter:
             return 0
         c = self.net.config.out_channels
         strips = StripInstances(h, w, interior=interior, threshold=threshold, min_size=min_size,
-                                max_rows=4 * rows + tile, halo=rows, seed_threshold=seed_threshold)
+                                max_rows=4 * rows + tile, halo=rows, seed_threshold=seed_threshold,
+                                join_threshold=join_threshold)
         largest = 0
         for r0, r1, block in predict_tiled_rows(
                 self._fn, lambda a, b: unit_to_model(self.norm.scale(plane[a:b], lo, hi)), (h, w), tile=tile,
@@ -350,13 +369,19 @@ class Segmenter:
                 prob_out: np.ndarray | None = None, labels_out: np.ndarray | None = None,
                 callback: ProgressCallback | None = None, source: str = "", name: str = "the image",
                 diameter: float | str | None = None, stack: str = "planes", depth: int | None = None,
-                stitch_iou: float = 0.25, seed_threshold: float | None = None) -> SegResult:
+                stitch_iou: float = 0.25, seed_threshold: float | None = None,
+                join_threshold: float | None = None) -> SegResult:
         """Segment a 2D image or a (N, Y, X) stack/time series: labels per plane, numbered across the stack.
 
         ``seed_threshold``: where the watershed's seeds begin in the centre (or interior) output, in
         (0, 1]; None: the card's ``seed_threshold`` if it has one, else ``threshold`` (as before the
         two were separate). Lower joins the pieces of a large textured object, higher splits touching
         objects. Used with the interior/centre output only.
+
+        ``join_threshold``: cores of the centre output that connect at or above it are one seed
+        (in (0, seed threshold]; the seed threshold itself: no joining). None: the card's
+        ``join_threshold`` (held at the seed threshold), else no joining. It keeps a large textured
+        nucleus whole where touching nuclei, whose centre output falls towards 0 between them, stay apart.
 
         ``prob_out`` / ``labels_out``: arrays of the input's shape (e.g. memory maps) to write into.
         ``probability`` False (and no ``prob_out``): the probability map is not kept (memory: one
@@ -401,6 +426,7 @@ class Segmenter:
         if min_size < 0:
             raise UserInputError(f"the minimum object size must be 0 or more, got {min_size}.")
         seed_threshold = self.seed_threshold_for(threshold, seed_threshold)
+        join_threshold = self.join_threshold_for(seed_threshold, join_threshold)
         self.check_tiling(tile, overlap)
         planes, two_d, notices = as_planes(image, name)
         n, h, w = planes.shape
@@ -432,7 +458,8 @@ class Segmenter:
                     planes[g], labels[g], prob[g] if keep else None, tile=tile, overlap=overlap, threshold=threshold,
                     min_size=min_size, batch=batch, interior=interior, offset=next_id, callback=cb, notices=notices,
                     name=f"{name}, plane {g}" if n > 1 else name, constant_note=f"plane {g} is constant: no objects"
-                    if n > 1 else f"{name} is constant: no objects", seed_threshold=seed_threshold)
+                    if n > 1 else f"{name} is constant: no objects", seed_threshold=seed_threshold,
+                    join_threshold=join_threshold)
                 continue
             if scale != 1.0:
                 p = self._predict_rescaled(planes, ks, scale, tile=tile, overlap=overlap, batch=batch,
@@ -444,13 +471,14 @@ class Segmenter:
                 if keep:
                     prob[k] = p[j, 0]
                 lab = instances(p[j, 0], p[j, 1] if interior else None, threshold=threshold, min_size=min_size,
-                                seed_threshold=seed_threshold)
+                                seed_threshold=seed_threshold, join_threshold=join_threshold)
                 labels[k] = np.where(lab > 0, lab + next_id, 0) if next_id else lab
                 next_id += int(lab.max())
         if stack == "volume":
             next_id = self._link_planes(labels, depth, stitch_iou)
         prov = stamp("zfdiffusion-segmentation", model=self, device=self.device, tile=tile, overlap=overlap,
                      threshold=threshold, **({"seed_threshold": seed_threshold} if interior else {}),
+                     **({"join_threshold": join_threshold} if interior and join_threshold is not None else {}),
                      min_size=min_size, stack=stack,
                      **({"volume_depth": depth, "stitch_iou": stitch_iou} if stack == "volume" else {}),
                      **({"diameter_px": used_diameter, "model_diameter_px": self.diameter, "rescaled_by": scale}

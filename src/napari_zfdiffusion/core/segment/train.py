@@ -218,7 +218,7 @@ def match_parent(cfg: UnetConfig) -> dict | None:
     if cfg.interior:
         cfg.inner = outputs[1] if outputs[1] in INNER_TARGETS else "interior"
     return {"name": card.get("name", path.name), "path": str(path), "outputs": outputs, "steps": card.get("steps"),
-            "seed_threshold": card.get("seed_threshold")}
+            "seed_threshold": card.get("seed_threshold"), "join_threshold": card.get("join_threshold")}
 
 
 def init_segmenter(parent: dict) -> ResUNet:
@@ -347,9 +347,10 @@ def _train_unet(dev, di, images, masks, out: Path, cfg: UnetConfig, extra_images
             "intensity": "each plane percentile-normalised to [0, 1], then (x - 0.5) / 0.5",
             "tile": cfg.tile, "overlap": cfg.overlap, "threshold": 0.5, "min_size": 16, "crop": cfg.crop,
             "object_diameter_px": diameter,
-            **({"fine_tuned_from": {k: v for k, v in parent.items() if k != "seed_threshold"}} if parent else {}),
-            # a fine-tuned model keeps the seed threshold its parent was tuned to (the outputs mean the same)
-            **({"seed_threshold": parent["seed_threshold"]} if parent and parent.get("seed_threshold") else {}),
+            **({"fine_tuned_from": {k: v for k, v in parent.items() if k not in ("seed_threshold", "join_threshold")}}
+               if parent else {}),
+            # a fine-tuned model keeps the seed and join thresholds its parent was tuned to (the outputs mean the same)
+            **({k: parent[k] for k in ("seed_threshold", "join_threshold") if parent and parent.get(k)}),
             "steps": step, "validation": dict(last_val) or None,
             "training_data": td,
             "extra_training_data": ({**extra.describe(), "fraction_of_batch": n_extra / cfg.batch_size}
