@@ -95,7 +95,8 @@ def test_package_holds_weights_tensors_cover_card_and_the_normalisation(package)
     assert cover.size == (512, 256)  # 2:1, input | probability
     assert readme.startswith("# nuclei-unet-demo") and "## Validation" in readme
     assert "Not in the package: instance labels" in readme and "watershed" in readme
-    assert "(second output >= 0.45, the card's seed threshold" in readme  # as the plugin seeds
+    assert "(second output >= 0.55, the card's seed threshold" in readme  # as the plugin seeds
+    assert "second output >= 0.45 (the card's join threshold) that reach the seed threshold" in readme
 
     d = load_description(package, format_version="discover")
     assert d.validation_summary.status == "valid-format", d.validation_summary.format()
@@ -120,7 +121,7 @@ def test_package_holds_weights_tensors_cover_card_and_the_normalisation(package)
     assert (inp.preprocessing[2].kwargs.min, inp.preprocessing[2].kwargs.max) == (0.0, 1.0)
     assert (inp.preprocessing[3].kwargs.gain, inp.preprocessing[3].kwargs.offset) == (2.0, -1.0)
     plugin = d.config.model_dump()["zfdiffusion"]
-    assert (plugin["threshold"], plugin["seed_threshold"]) == (0.5, 0.45)
+    assert (plugin["threshold"], plugin["seed_threshold"], plugin["join_threshold"]) == (0.5, 0.55, 0.45)
 
 
 def test_torchscript_and_state_dict_give_the_plugins_probabilities(package, tmp_path):

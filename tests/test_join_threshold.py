@@ -187,3 +187,36 @@ def test_cli_refuses_a_bad_join_threshold_and_writes_nothing(model, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--join-threshold" in err[0] and "(0, 0.5]" in err[0]
     assert not out.exists() and not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".*.part"))
+
+
+# ----------------------------------------------------------------------------- the tuning
+def test_the_tuning_grid_and_its_choice():
+    from napari_zfdiffusion.evaluation.generalist import COMBOS, JOIN_GRID, SEED_GRID, choose_combo, combo_name
+
+    assert all((st, None) in COMBOS for st in SEED_GRID)
+    assert all(jt < st for st, jt in COMBOS if jt is not None) and (0.45, 0.3) in COMBOS and (0.2, 0.2) not in COMBOS
+    assert len(COMBOS) == len(SEED_GRID) + sum(jt < st for st in SEED_GRID for jt in JOIN_GRID)
+    assert combo_name((0.45, None)) == "0.45" and combo_name((0.45, 0.3)) == "0.45 j0.3"
+    assert choose_combo({(0.5, None): 0.6, (0.45, 0.3): 0.7, (0.45, None): 0.65}, 0.5) == (0.45, 0.3)
+    assert choose_combo({(0.5, None): 0.7, (0.5, 0.3): 0.7}, 0.5) == (0.5, None)  # a tie: no joining
+    assert choose_combo({(0.5, 0.2): 0.7, (0.5, 0.3): 0.7, (0.4, 0.3): 0.7}, 0.5) == (0.5, 0.3)  # the least joining
+
+
+def test_seed_scores_with_joining_are_the_segmenters_figures(model):
+    from conftest import make_blobs
+
+    from napari_zfdiffusion.evaluation.generalist import seed_scores
+
+    seg = Segmenter.load(model, "cpu")
+    imgs, masks = make_blobs(model.parent / "blobs-jscore", n=2, shape=(96, 128))
+    pairs = [(tifffile.imread(p), tifffile.imread(masks / p.name)) for p in sorted(imgs.glob("*.tif"))]
+    combos = ((0.5, None), (0.6, 0.2))
+    got = seed_scores(seg, pairs, combos, threshold=0.5, tile=64, overlap=16)
+    for st, jt in combos:
+        tp = fp = fn = 0
+        for img, truth in pairs:
+            lab = seg.segment(img, tile=64, overlap=16, min_size=16, seed_threshold=st,
+                              join_threshold=st if jt is None else jt).labels
+            m = match_objects(truth, lab)
+            tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+        assert (got[st, jt]["tp"], got[st, jt]["fp"], got[st, jt]["fn"]) == (tp, fp, fn) and tp > 0

@@ -311,25 +311,28 @@ def test_training_planes_come_from_the_card_by_source(tmp_path):
         training_planes(card, tmp_path)
 
 
-def test_the_generalist_card_says_the_seed_threshold(model, tmp_path):
-    """evaluation.cards seg-generalist: a paragraph on the card's seed threshold, with the tuning's
-    figures when RESULTS/seg_seed_threshold.json chose it; none without a seed threshold."""
+def test_the_generalist_card_says_the_seed_and_join_thresholds(model, tmp_path):
+    """evaluation.cards seg-generalist: a paragraph on the card's seed (and join) threshold, with the
+    tuning's figures when RESULTS/seg_seed_threshold.json chose them; none without a seed threshold."""
     from napari_zfdiffusion.evaluation import cards
 
-    folder = with_card(model, tmp_path / "gen", seed_threshold=0.45, name="gen")
+    folder = with_card(model, tmp_path / "gen", seed_threshold=0.5, join_threshold=0.4, name="gen")
     results = tmp_path / "results"
     results.mkdir()
-    tuned = {"model": "gen", "chosen": 0.45, "seeds": [0.2, 0.45, 0.5, 0.6], "command": "python -m TUNE",
-             "mean_f1": {"0.2": 0.6, "0.45": 0.704, "0.5": 0.701, "0.6": 0.6},
-             "test": {"cho": {"in_training": True, "old": {"f1": 0.374}, "tuned": {"f1": 0.405}},
+    tuned = {"model": "gen", "chosen": [0.5, 0.4], "chosen_name": "0.5 j0.4", "seeds": [0.2, 0.45, 0.5, 0.6],
+             "joins": [0.15, 0.4, 0.5], "command": "python -m TUNE",
+             "mean_f1": {"0.2": 0.6, "0.45": 0.704, "0.5": 0.701, "0.6": 0.6, "0.5 j0.4": 0.763},
+             "test": {"cho": {"in_training": True, "old": {"f1": 0.374}, "tuned": {"f1": 0.663}},
                       "bacteria": {"in_training": False, "old": {"f1": 0.0}, "tuned": {"f1": 0.0}}}}
     (results / "seg_seed_threshold.json").write_text(json.dumps(tuned))
     assert cards.main(["seg-generalist", str(folder), "--results", str(results)]) == 0
     text = " ".join((folder / "MODEL_CARD.md").read_text().split())
-    assert "**Seed threshold 0.45.** Nuclei are seeded where the centre output is at least 0.45" in text
-    assert "(0.704 against 0.701 at 0.5): `python -m TUNE`" in text and "cho 0.374 -> 0.405." in text
-    assert "bacteria 0.000" not in text and "--seed-threshold" in text
-    assert json.loads((folder / "model.json").read_text())["seed_threshold"] == 0.45  # kept
+    assert "**Seed threshold 0.5, join threshold 0.4.** Nuclei are seeded where the centre output is at least 0.5" in text
+    assert "linked above 0.4 are one seed" in text
+    assert "(0.763 against 0.701 with the seeds at 0.5 and no joining): `python -m TUNE`" in text
+    assert "cho 0.374 -> 0.663." in text and "bacteria 0.000" not in text and "--join-threshold" in text
+    card = json.loads((folder / "model.json").read_text())
+    assert (card["seed_threshold"], card["join_threshold"]) == (0.5, 0.4)  # kept
 
     plain = with_card(model, tmp_path / "plain", seed_threshold=None, name="plain")
     assert cards.main(["seg-generalist", str(plain), "--results", str(results)]) == 0

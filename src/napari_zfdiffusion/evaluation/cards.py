@@ -491,11 +491,18 @@ def generalist_card(a: argparse.Namespace) -> int:
             "|---|---|---|---|---|"]
     wins = []
     for s, row in ev.get("held_out", {}).items():
-        b, u = row.get("baseline"), row.get("U-Net without it")
+        # the held-out model as a lab gets it: its seed and join thresholds tuned on its own training planes
+        tuned = next((k for k in row if k.startswith("U-Net without it") and "tuned on its training" in k), None)
+        b, u = row.get("baseline"), row.get(tuned or "U-Net without it")
         if not b or not u:
             continue
+        how = ""
+        if tuned:
+            jt = u.get("join_threshold")
+            how = f" (seeds {u['seed_threshold']:g}" + (f", joined above {jt:g}" if jt is not None else "") + \
+                  ", tuned on its training planes)"
         held.append(fmt.format(s, "Otsu + watershed", b["iou"], b["f1"], b["boundary_offset_px"]))
-        held.append(fmt.format(s, f"U-Net trained without {s}", u["iou"], u["f1"], u["boundary_offset_px"]))
+        held.append(fmt.format(s, f"U-Net trained without {s}{how}", u["iou"], u["f1"], u["boundary_offset_px"]))
         wins.append((s, u["f1"] - b["f1"], u["iou"] - b["iou"]))
     own = ["| test planes | foreground IoU | Dice | object F1 (IoU 0.5) | precision | recall | boundary offset (px) |",
            "|---|---|---|---|---|---|---|"]
@@ -509,28 +516,33 @@ def generalist_card(a: argparse.Namespace) -> int:
     three = [f"| {v} | {r['volume']['f1']:.3f} | {r['planes']['f1']:.3f} |" for v, r in ev.get("3d", {}).items()]
     # the seed threshold of the card (evaluation.generalist --tune-seed-threshold), with its figures when
     # RESULTS/seg_seed_threshold.json chose it
-    st, fg = card.get("seed_threshold"), float(card.get("threshold", 0.5))
+    st, fg, jt = card.get("seed_threshold"), float(card.get("threshold", 0.5)), card.get("join_threshold")
     seeds = ""
     if st is not None:
         tuned = _load(a.results / "seg_seed_threshold.json")
-        tuned = tuned if tuned.get("chosen") == st and tuned.get("model") == name else {}
+        tuned = tuned if tuned.get("chosen") == [st, jt] and tuned.get("model") == name else {}
         mean, test = tuned.get("mean_f1") or {}, tuned.get("test") or {}
-        how = (f" {st:g} gave the best mean object F1 (IoU 0.5) over the training sources on their own training "
-               f"planes, of seed thresholds {min(tuned['seeds']):g}-{max(tuned['seeds']):g} "
-               f"({mean[f'{st:g}']:.3f} against {mean[f'{fg:g}']:.3f} at {fg:g}): `{tuned['command']}` "
-               "(docs/results/seg_seed_threshold.json). On the test planes, object F1 with the seeds at "
-               f"{fg:g} -> {st:g} (the bundled weights, stored in float16; the table above scored the float32 "
-               "originals): " + ", ".join(f"{s} {r['old']['f1']:.3f} -> {r['tuned']['f1']:.3f}"
-                                                  for s, r in test.items() if r.get("in_training")) + "."
-               if tuned and f"{fg:g}" in mean else "")
+        chosen = tuned.get("chosen_name", "")
+        how = (f" This pair gave the best mean object F1 (IoU 0.5) over the training sources on their own "
+               f"training planes, of seed thresholds {min(tuned['seeds']):g}-{max(tuned['seeds']):g} alone and "
+               f"with join thresholds {min(tuned['joins']):g}-{max(tuned['joins']):g} ({mean[chosen]:.3f} against "
+               f"{mean[f'{fg:g}']:.3f} with the seeds at {fg:g} and no joining): `{tuned['command']}` "
+               "(docs/results/seg_seed_threshold.json). On the test planes, object F1 before -> with them (the "
+               "bundled weights, stored in float16): " + ", ".join(
+                   f"{s} {r['old']['f1']:.3f} -> {r['tuned']['f1']:.3f}" for s, r in test.items()
+                   if r.get("in_training")) + "."
+               if tuned and f"{fg:g}" in mean and chosen in mean else "")
         import textwrap
 
+        joined = (f"; cores of the centre output linked above {jt:g} are one seed (`join_threshold`), so a large "
+                  f"textured nucleus stays whole while touching nuclei, whose centre output falls towards 0 "
+                  f"between them, stay apart") if jt is not None else ""
         seeds = "\n\n" + textwrap.fill(
-                (f"**Seed threshold {st:g}.** Nuclei are seeded where the centre output is at least {st:g} "
-                 f"(`seed_threshold` in model.json; the foreground threshold stays {fg:g}); the tables above seed "
-                 f"at {fg:g}.{how} `--seed-threshold` (`zfdiffusion segment`) and \"seed threshold\" (Segment "
-                 "dock, Advanced) change it: lower joins the pieces of a large textured nucleus, higher splits "
-                 "touching ones."), 100, break_long_words=False, break_on_hyphens=False)
+                (f"**Seed threshold {st:g}{f', join threshold {jt:g}' if jt is not None else ''}.** Nuclei are "
+                 f"seeded where the centre output is at least {st:g} (`seed_threshold` in model.json; the "
+                 f"foreground threshold stays {fg:g}){joined}.{how} `--seed-threshold` and `--join-threshold` "
+                 "(`zfdiffusion segment`), \"seed threshold\" and \"join cores above\" (Segment dock, Advanced) "
+                 "change them."), 100, break_long_words=False, break_on_hyphens=False)
     card["quality"] = quality
     (a.model / "model.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     sources = [s for s in SOURCE_WORDS if s in ev.get("held_out", {})]

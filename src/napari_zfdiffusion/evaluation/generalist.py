@@ -12,8 +12,9 @@ For each source NAME, on its test planes:
 
 * **held out**: ``without_NAME`` (never saw the source) against Otsu + distance watershed tuned
   (smoothing, peak distance) for object F1 on the *other* sources' training planes: the baseline a
-  user would tune on what they have;
-* **in domain**: ``all`` and the previous bundled model (``--before``, trained on HeLa only), with
+  user would tune on what they have; and ``without_NAME`` with its seed and join thresholds tuned as
+  ``--tune-seed-threshold`` tunes them, on its *own* training planes (``--tune-planes`` per source);
+* **in domain**: ``all`` and, with ``--before MODEL``, a previous model, with
   the image as it is and with ``diameter="auto"``;
 * and the bacteria (phase contrast, another shape class: not in any training set) as a check of
   what the model is not for.
@@ -25,19 +26,21 @@ right quarter, all 60 planes) and CHO's test time points, segmented as volumes (
 3D object F1 at IoU 0.5 against the 3D labels. Writes ``OUT/results/seg_generalist.json`` and
 ``.md`` and ``OUT/images/seg_generalist_sources.jpg``. Needs the ``eval`` extra (matplotlib).
 
-**The seed threshold** (where the watershed's seeds begin in the centre output, separate from the
-foreground threshold)::
+**The seed and join thresholds** (where the watershed's seeds begin in the centre output, separate
+from the foreground threshold; and above which the cores of one object join into one seed)::
 
     python -m napari_zfdiffusion.evaluation.generalist --tune-seed-threshold nuclei-unet-demo --threads 1 --out docs
 
-tunes it on the *training* planes of the model's training sources (those its card lists; ``--planes
+tunes them on the *training* planes of the model's training sources (those its card lists; ``--planes
 N``: N evenly spaced planes per source instead of all): the probabilities of each plane once, then
-object F1 at IoU 0.5 (pooled per source) for every seed threshold of 0.2, 0.25, ..., 0.6; the value
-with the best mean F1 over the sources is chosen (ties: the one nearest the foreground threshold).
-Only then are the test planes of each source (and the bacteria) scored, with the seeds at the
-foreground threshold (as before) and at the chosen value. Writes ``OUT/results/seg_seed_threshold.json``
-and ``.md``; ``--write-card`` also stores the chosen value as ``seed_threshold`` in the model's
-model.json (which :meth:`..core.segment.Segmenter.segment` then uses by default).
+object F1 at IoU 0.5 (pooled per source) for every seed threshold of 0.2, 0.25, ..., 0.6, alone and
+with each join threshold of 0.15, ..., 0.5 below it (:data:`COMBOS`); the pair with the best mean F1
+over the sources is chosen (ties: no joining, then the seed threshold nearest the foreground
+threshold). Only then are the test planes of each source (and the bacteria) scored: seeds at the
+foreground threshold (as before), the best seed threshold alone, and the chosen pair. Writes
+``OUT/results/seg_seed_threshold.json`` and ``.md``; ``--write-card`` also stores the chosen values as
+``seed_threshold`` and ``join_threshold`` in the model's model.json (which
+:meth:`..core.segment.Segmenter.segment` then uses by default).
 """
 
 from __future__ import annotations
@@ -56,6 +59,20 @@ OTHER = ("bacteria",)
 NUCLEI3D_TEST_X = 192  # the right quarter of nuclei.tif (every plane) is cells3d's test part
 GRID = [(s, d) for s in (1.0, 2.0, 3.0) for d in (5, 9, 13)]
 SEED_GRID = tuple(round(0.2 + 0.05 * i, 2) for i in range(9))  # seed thresholds tried: 0.2, 0.25, ..., 0.6
+JOIN_GRID = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)  # join thresholds tried below each seed threshold
+#: (seed threshold, join threshold or None) pairs the tuning tries
+COMBOS = tuple([(st, None) for st in SEED_GRID] + [(st, jt) for st in SEED_GRID for jt in JOIN_GRID if jt < st])
+
+
+def combo_name(combo) -> str:
+    """``0.45`` (seeds only) or ``0.45 j0.3`` (cores joined above 0.3): the key of a tuning result."""
+    st, jt = combo if isinstance(combo, tuple) else (combo, None)
+    return f"{st:g}" if jt is None else f"{st:g} j{jt:g}"
+
+
+def combo_text(combo) -> str:
+    st, jt = combo if isinstance(combo, tuple) else (combo, None)
+    return f"seeds {st:g}" + ("" if jt is None else f", joined above {jt:g}")
 
 
 def read_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -166,8 +183,10 @@ def model_key(folder: Path) -> str:
     """The weights' hash, and the card's seed threshold where it has one (it changes the labels)."""
     from ..core.store import weights_sha256
 
-    seeds = json.loads((folder / "model.json").read_text()).get("seed_threshold")
-    return f"{folder.name}:{weights_sha256(folder / 'unet')[:12]}" + (f" seeds {seeds:g}" if seeds is not None else "")
+    card = json.loads((folder / "model.json").read_text())
+    seeds, joins = card.get("seed_threshold"), card.get("join_threshold")
+    return (f"{folder.name}:{weights_sha256(folder / 'unet')[:12]}" + (f" seeds {seeds:g}" if seeds is not None else "")
+            + (f" joins {joins:g}" if joins is not None else ""))
 
 
 # ----------------------------------------------------------------------------- the seed threshold
@@ -184,7 +203,8 @@ def seed_scores(seg, pairs, seeds, *, threshold: float, min_size: int = MIN_SIZE
     probabilities are computed once (:meth:`..core.segment.Segmenter.predict`, as ``segment`` does
     for a plane of its size) and labelled with :func:`..core.masks.instances` per seed threshold,
     which is ``seg.segment(image, threshold=..., seed_threshold=s, min_size=...)`` without predicting
-    again. ``pairs``: (image, truth) pairs, or a callable giving them one at a time."""
+    again. ``pairs``: (image, truth) pairs, or a callable giving them one at a time. An item of
+    ``seeds`` may be a (seed threshold, join threshold or None) pair (:data:`COMBOS`)."""
     from ..core.masks import instances
     from ..core.metrics import match_objects
 
@@ -192,7 +212,9 @@ def seed_scores(seg, pairs, seeds, *, threshold: float, min_size: int = MIN_SIZE
     for img, truth in (pairs() if callable(pairs) else pairs):
         p = seg.predict(img, tile=tile, overlap=overlap)[0]
         for s in seeds:
-            m = match_objects(truth, instances(p[0], p[1], threshold=threshold, min_size=min_size, seed_threshold=s))
+            st, jt = s if isinstance(s, tuple) else (s, None)
+            m = match_objects(truth, instances(p[0], p[1], threshold=threshold, min_size=min_size, seed_threshold=st,
+                                               join_threshold=jt))
             for k in ("tp", "fp", "fn"):
                 counts[s][k] += m[k]
     return {s: _counts_f1(c) for s, c in counts.items()}
@@ -201,6 +223,33 @@ def seed_scores(seg, pairs, seeds, *, threshold: float, min_size: int = MIN_SIZE
 def choose_seed(mean_f1: dict, threshold: float) -> float:
     """The seed threshold of the best mean F1 (to 1e-6); ties: the one nearest ``threshold``, then the lower."""
     return max(mean_f1, key=lambda s: (round(mean_f1[s], 6), -abs(s - threshold), -s))
+
+
+def choose_combo(mean_f1: dict, threshold: float) -> tuple[float, float | None]:
+    """The (seed, join) pair of the best mean F1 (to 1e-6); ties: no joining, then the seed threshold
+    nearest ``threshold`` (then the lower), then the higher join threshold (the least joining)."""
+    return max(mean_f1, key=lambda c: (round(mean_f1[c], 6), c[1] is None, -abs(c[0] - threshold), -c[0],
+                                       c[1] or 0.0))
+
+
+def tune_on_training_planes(seg, seg_root: Path, per_source: int = 0, log=print) -> dict:
+    """Tune ``seg``'s (seed, join) thresholds on the training planes its card lists (:data:`COMBOS`,
+    object F1 pooled per source, the best mean over the sources): ``{"chosen": (st, jt), "best_seeds_only":
+    st, "train": {source: {"planes": [...], "by_combo": {name: figures}}}, "mean_f1": {name: f1}}``."""
+    threshold = float(seg.card.get("threshold", 0.5))
+    planes = training_planes(seg.card, seg_root, per_source)
+    train = {}
+    for s, paths in planes.items():
+        log(f"train {s}: {len(paths)} planes")
+        scores = seed_scores(seg, _lazy_pairs(paths), COMBOS, threshold=threshold)
+        train[s] = {"planes": [q.name for q in paths], "by_combo": {combo_name(c): v for c, v in scores.items()}}
+    mean = {c: float(np.mean([train[s]["by_combo"][combo_name(c)]["f1"] for s in planes])) for c in COMBOS}
+    chosen = choose_combo(mean, threshold)
+    plain = choose_seed({c[0]: f for c, f in mean.items() if c[1] is None}, threshold)
+    log(f"{seg.name}: best on its training planes {combo_text(chosen)} (mean F1 {mean[chosen]:.3f}); seeds only: "
+        f"{plain:g} ({mean[(plain, None)]:.3f})")
+    return {"chosen": chosen, "best_seeds_only": plain, "train": train,
+            "mean_f1": {combo_name(c): v for c, v in mean.items()}}
 
 
 def training_planes(card: dict, seg_root: Path, per_source: int = 0) -> dict[str, list[Path]]:
@@ -252,35 +301,29 @@ def tune_seed_threshold(a) -> int:
         raise UserInputError(f"'{seg.name}' has no centre or interior output: its labels have no seeds to tune.")
     threshold = float(seg.card.get("threshold", 0.5))
     seg_root = prepare_segmentation(quiet=True)
-    planes = training_planes(seg.card, seg_root, a.planes)
     result: dict = {"model": seg.name, "model_key": model_key(seg.path), "commit": git_commit(),
                     "command": command("generalist", a.argv), "threads": a.threads, "threshold": threshold,
-                    "min_size": MIN_SIZE, "iou": 0.5, "seeds": list(SEED_GRID),
-                    "card_seed_threshold_before": seg.card.get("seed_threshold"), "train": {}, "test": {}}
+                    "min_size": MIN_SIZE, "iou": 0.5, "seeds": list(SEED_GRID), "joins": list(JOIN_GRID),
+                    "card_seed_threshold_before": seg.card.get("seed_threshold"),
+                    "card_join_threshold_before": seg.card.get("join_threshold"), "test": {}}
     t0 = time.perf_counter()
-    for s, paths in planes.items():
-        log(f"train {s}: {len(paths)} planes")
-        scores = seed_scores(seg, _lazy_pairs(paths), SEED_GRID, threshold=threshold)
-        result["train"][s] = {"planes": [q.name for q in paths], "by_seed": {f"{k:g}": v for k, v in scores.items()}}
-        log(f"train {s}: " + " ".join(f"{k:g}:{v['f1']:.3f}" for k, v in scores.items()))
-    mean = {k: float(np.mean([result["train"][s]["by_seed"][f"{k:g}"]["f1"] for s in planes])) for k in SEED_GRID}
-    chosen = choose_seed(mean, threshold)
-    result["mean_f1"] = {f"{k:g}": v for k, v in mean.items()}
-    result["chosen"] = chosen
-    result["seconds_train"] = round(time.perf_counter() - t0, 1)
-    log(f"mean F1 over {', '.join(planes)}: " + " ".join(f"{k:g}:{v:.3f}" for k, v in mean.items())
-        + f" -> seed threshold {chosen:g}")
-    # only now the test planes: the foreground threshold's seeds (as before) against the chosen value
+    tuned = tune_on_training_planes(seg, seg_root, a.planes, log=log)
+    chosen, plain = tuned["chosen"], tuned["best_seeds_only"]
+    result.update(train=tuned["train"], mean_f1=tuned["mean_f1"], chosen=list(chosen), chosen_name=combo_name(chosen),
+                  best_seeds_only=plain, seconds_train=round(time.perf_counter() - t0, 1))
+    # only now the test planes: the foreground threshold's seeds (as before), the best seeds alone, the choice
     t0 = time.perf_counter()
+    compared = {"old": (threshold, None), "seeds_only": (plain, None), "tuned": chosen}
     for s in SOURCES + OTHER:
         paths = sorted((seg_root / s / "test" / "images").glob("*.tif"))
         if not paths:
             continue
-        scores = seed_scores(seg, _lazy_pairs(paths), sorted({threshold, chosen}), threshold=threshold)
-        result["test"][s] = {"planes": len(paths), "in_training": s in planes,
-                             "old": scores[threshold], "tuned": scores[chosen]}
-        log(f"test {s}: F1 {scores[threshold]['f1']:.3f} (seeds {threshold:g}) -> {scores[chosen]['f1']:.3f} "
-            f"(seeds {chosen:g})")
+        scores = seed_scores(seg, _lazy_pairs(paths), sorted(set(compared.values()), key=combo_name),
+                             threshold=threshold)
+        result["test"][s] = {"planes": len(paths), "in_training": s in tuned["train"],
+                             **{k: scores[c] for k, c in compared.items()}}
+        log(f"test {s}: F1 {scores[compared['old']]['f1']:.3f} (seeds {threshold:g}) -> "
+            f"{scores[plain, None]['f1']:.3f} (seeds {plain:g}) -> {scores[chosen]['f1']:.3f} ({combo_text(chosen)})")
     result["seconds_test"] = round(time.perf_counter() - t0, 1)
     out_json = res_dir / "seg_seed_threshold.json"
     from ..core.io import atomic_write, write_json
@@ -292,11 +335,12 @@ def tune_seed_threshold(a) -> int:
     if a.write_card:
         card_path = seg.path / "model.json"
         card = json.loads(card_path.read_text())
-        card = {k: v for k, v in card.items() if k != "seed_threshold"}
+        card = {k: v for k, v in card.items() if k not in ("seed_threshold", "join_threshold")}
         at = list(card).index("threshold") + 1 if "threshold" in card else len(card)
         items = list(card.items())
-        write_json(card_path, dict(items[:at] + [("seed_threshold", chosen)] + items[at:]))
-        print(f"wrote seed_threshold {chosen:g} into {shown_path(card_path)}")
+        new = [("seed_threshold", chosen[0])] + ([("join_threshold", chosen[1])] if chosen[1] is not None else [])
+        write_json(card_path, dict(items[:at] + new + items[at:]))
+        print(f"wrote {combo_text(chosen)} (seed_threshold, join_threshold) into {shown_path(card_path)}")
     print(f"wrote {shown_path(out_json)}, {shown_path(md)}")
     return 0
 
@@ -307,26 +351,35 @@ def _planes(n: int) -> str:
 
 def seed_markdown(result: dict) -> list[str]:
     """The tables of :func:`tune_seed_threshold`'s results, as markdown lines."""
-    seeds = list(result["mean_f1"])
     srcs = list(result["train"])
-    lines = [f"Seed threshold tuned for `{result['model']}` on the training planes of its training sources "
-             f"(object F1 at IoU 0.5, pooled per source; foreground threshold {result['threshold']:g}, min size "
-             f"{result['min_size']}); chosen: **{result['chosen']:g}** (best mean F1).", "",
-             "| seed threshold | " + " | ".join(f"{s} ({_planes(len(result['train'][s]['planes']))})" for s in srcs)
-             + " | mean |", "|---" * (len(srcs) + 2) + "|"]
-    for k in seeds:
-        mark = " (chosen)" if float(k) == result["chosen"] else ""
-        lines.append(f"| {k}{mark} | " + " | ".join(f"{result['train'][s]['by_seed'][k]['f1']:.3f}" for s in srcs)
-                     + f" | {result['mean_f1'][k]:.3f} |")
-    old, new = f"{result['threshold']:g}", f"{result['chosen']:g}"
-    lines += ["", f"Test planes (in domain: these sources were in training, but not these planes; bacteria: "
-                  f"outside every training set), seeds at {old} (as before) and at {new}:", "",
-              f"| test planes | planes | object F1, seeds {old} | object F1, seeds {new} | precision | recall |",
-              "|---|---|---|---|---|---|"]
+    chosen = result["chosen_name"]
+    lines = [f"Seed and join thresholds tuned for `{result['model']}` on the training planes of its training "
+             f"sources: mean over the sources of object F1 at IoU 0.5, pooled per source (foreground threshold "
+             f"{result['threshold']:g}, min size {result['min_size']}; "
+             + ", ".join(f"{s} {_planes(len(result['train'][s]['planes']))}" for s in srcs)
+             + f"). Chosen: **{combo_text(tuple(result['chosen']))}**.", "",
+             "| seed threshold | no joining | " + " | ".join(f"join {j:g}" for j in result["joins"]) + " |",
+             "|---" * (len(result["joins"]) + 2) + "|"]
+    for st in result["seeds"]:
+        cells = []
+        for jt in [None, *result["joins"]]:
+            name = combo_name((st, jt))
+            f = result["mean_f1"].get(name)
+            cells.append("" if f is None else (f"**{f:.3f}**" if name == chosen else f"{f:.3f}"))
+        lines.append(f"| {st:g} | " + " | ".join(cells) + " |")
+    old, plain = f"{result['threshold']:g}", f"{result['best_seeds_only']:g}"
+    lines += ["", "Per source on those training planes (object F1): " + "; ".join(
+        f"{s} {result['train'][s]['by_combo'][old]['f1']:.3f} (seeds {old}) -> "
+        f"{result['train'][s]['by_combo'][chosen]['f1']:.3f}" for s in srcs) + ".",
+        "", f"Test planes (in domain: these sources were in training, but not these planes; bacteria: outside "
+            f"every training set): seeds at {old} (as before the seed threshold), the best seed threshold alone "
+            f"({plain}), and the choice ({combo_text(tuple(result['chosen']))}):", "",
+        f"| test planes | planes | F1, seeds {old} | F1, seeds {plain} | F1, chosen | precision | recall |",
+        "|---|---|---|---|---|---|---|"]
     for s, r in result["test"].items():
-        o, t = r["old"], r["tuned"]
+        o, p, t = r["old"], r["seeds_only"], r["tuned"]
         lines.append(f"| {s}{'' if r['in_training'] else ' (not in training)'} | {r['planes']} | {o['f1']:.3f} | "
-                     f"{t['f1']:.3f} | {o['precision']:.3f} -> {t['precision']:.3f} | "
+                     f"{p['f1']:.3f} | {t['f1']:.3f} | {o['precision']:.3f} -> {t['precision']:.3f} | "
                      f"{o['recall']:.3f} -> {t['recall']:.3f} |")
     return lines
 
@@ -335,16 +388,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG + "generalist", description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("runs") / "seggen",
                     help="folder of all/ and without_NAME/ (scripts/train_seg_generalist.sh)")
-    ap.add_argument("--before", default="nuclei-unet-demo", help="the previous model, for comparison")
+    ap.add_argument("--before", default="none", help="the previous model, for comparison (none: no such row)")
+    ap.add_argument("--tune-planes", type=int, default=12,
+                    help="evenly spaced training planes per source on which each held-out model's seed and join "
+                         "thresholds are tuned (0: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("docs"))
     ap.add_argument("--tune-seed-threshold", default=None, metavar="MODEL",
-                    help="instead: tune MODEL's seed threshold on the training planes of its training sources "
-                         "and score the test planes with it (OUT/results/seg_seed_threshold.json)")
+                    help="instead: tune MODEL's seed and join thresholds on the training planes of its training "
+                         "sources and score the test planes with them (OUT/results/seg_seed_threshold.json)")
     ap.add_argument("--planes", type=int, default=0,
                     help="with --tune-seed-threshold: evenly spaced training planes per source (0: all)")
     ap.add_argument("--write-card", action="store_true",
-                    help="with --tune-seed-threshold: store the chosen value as seed_threshold in MODEL's model.json")
+                    help="with --tune-seed-threshold: store the chosen values as seed_threshold and join_threshold "
+                         "in MODEL's model.json")
     a = ap.parse_args(argv)
     a.argv = argv
     return a
@@ -374,8 +431,9 @@ def main(argv=None) -> int:
         if (a.run / name / "model.json").is_file():
             models[name] = Segmenter.load(a.run / name, "cpu")
             keys[name] = model_key(a.run / name)
-    before = Segmenter.load(a.before, "cpu")
-    keys["before"] = model_key(before.path)
+    before = None if a.before == "none" else Segmenter.load(a.before, "cpu")
+    if before is not None:
+        keys["before"] = model_key(before.path)
     cache = Cache(a.run / "eval_cache.json")
 
     def unet(seg, **kw):
@@ -393,6 +451,13 @@ def main(argv=None) -> int:
             row["U-Net without it"] = cache.get(f"{keys[m]}|{s}", lambda: score(test[s], unet(models[m])))
             row["U-Net without it, diameter auto"] = cache.get(
                 f"{keys[m]} auto|{s}", lambda: score(test[s], unet(models[m], diameter="auto")))
+            # the seed and join thresholds tuned on the model's own training planes (never on the held-out source)
+            tuned = cache.get(f"{keys[m]} tuned seeds {a.tune_planes}", lambda: _tuned(models[m], seg_root, a.tune_planes))
+            st, jt = tuned["chosen"]
+            row[f"U-Net without it, {combo_text((st, jt))} (tuned on its training planes)"] = {
+                "seed_threshold": st, "join_threshold": jt, **cache.get(
+                    f"{keys[m]} {combo_name((st, jt))}|{s}", lambda: score(test[s], unet(
+                        models[m], seed_threshold=st, join_threshold=st if jt is None else jt)))}
         result["held_out"][s] = row
         print(f"held out {s}: " + "; ".join(f"{k} F1 {v['f1']:.3f} IoU {v['iou']:.3f} off {v['boundary_offset_px']:+.2f}"
                                              for k, v in row.items()))
@@ -402,8 +467,9 @@ def main(argv=None) -> int:
     result["baseline_all"] = {"sigma": sigma, "min_distance": md, "train_f1": f1}
     for s in SOURCES + OTHER:
         row = {"baseline": cache.get(f"otsu {sigma} {md}|{s}", lambda: score(
-                   test[s], lambda im: otsu_watershed(im, sigma=sigma, min_distance=md, min_size=MIN_SIZE))),
-               f"before ({a.before})": cache.get(f"{keys['before']}|{s}", lambda: score(test[s], unet(before)))}
+                   test[s], lambda im: otsu_watershed(im, sigma=sigma, min_distance=md, min_size=MIN_SIZE)))}
+        if before is not None:
+            row[f"before ({a.before})"] = cache.get(f"{keys['before']}|{s}", lambda: score(test[s], unet(before)))
         if "all" in models:
             row["generalist"] = cache.get(f"{keys['all']}|{s}", lambda: score(test[s], unet(models["all"])))
             row["generalist, diameter auto"] = cache.get(
@@ -417,9 +483,10 @@ def main(argv=None) -> int:
         if not wins:
             continue
         row = {"baseline": cache.get(f"otsu {sigma} {md} background|{s}", lambda: background_objects(
-                   wins, lambda im: otsu_watershed(im, sigma=sigma, min_distance=md, min_size=MIN_SIZE))),
-               f"before ({a.before})": cache.get(f"{keys['before']} background|{s}",
-                                                 lambda: background_objects(wins, unet(before)))}
+                   wins, lambda im: otsu_watershed(im, sigma=sigma, min_distance=md, min_size=MIN_SIZE)))}
+        if before is not None:
+            row[f"before ({a.before})"] = cache.get(f"{keys['before']} background|{s}",
+                                                    lambda: background_objects(wins, unet(before)))
         if "all" in models:
             row["generalist"] = cache.get(f"{keys['all']} background|{s}",
                                           lambda: background_objects(wins, unet(models["all"])))
@@ -451,6 +518,15 @@ def main(argv=None) -> int:
         figure(test, models, sigma, md, img_dir)
     print(f"wrote {shown_path(out_json)}, {shown_path(out_json.with_suffix('.md'))}")
     return 0
+
+
+def _tuned(seg, seg_root: Path, per_source: int) -> dict:
+    """:func:`tune_on_training_planes`, kept to what the cache stores (JSON)."""
+    from ._common import log
+
+    t = tune_on_training_planes(seg, seg_root, per_source, log=log)
+    return {"chosen": list(t["chosen"]), "best_seeds_only": t["best_seeds_only"], "mean_f1": t["mean_f1"],
+            "planes": {s: len(v["planes"]) for s, v in t["train"].items()}}
 
 
 def _row(name, r) -> str:
