@@ -604,9 +604,19 @@ All figures: `python -m napari_zfdiffusion.evaluation.generalist --run RUN` (doc
 
 * Not nuclei: cytoplasm, membranes, bacteria (rods, phase contrast: see the bacteria row of
   docs/evaluation.md), EM, brightfield or histology stains.
-* Large nuclei with textured interiors, as CHO's: it splits some of them into pieces (low precision
-  on CHO above); a lower `--seed-threshold` (0.3 helped on CHO held out, not on CHO's training planes)
-  or `--min-size` near the nuclei's area may help, and so does fine-tuning on a few corrected planes.
+* Large nuclei with textured interiors, as CHO's (about 68 px across, 2.4x its training size): the
+  join threshold keeps most of them whole, but some still come out in pieces, and the faint nuclei
+  that CHO's automatic masks leave out count as false objects (precision on CHO above). A diameter
+  near the real one helped in a spot check (`--diameter 68` on CHO held out: object F1 0.59 against
+  0.47 without), but the outlines then sat about 2 px outside; fine-tuning on a few corrected planes
+  is the other route (docs/evaluation.md).
+* Small, crowded nuclei (DSB's, about 23 px): joining merges some touching pairs there; `--diameter
+  auto` (held out: 0.918 with seeds at 0.5) or a join threshold at the seed threshold (no joining)
+  do better.
+* Outlines: with the cores joined, the mean boundary offset is +1.1-1.2 px on cells3d and held-out
+  CHO (the split lines inside nuclei, which pulled the average in, are gone). A foreground
+  `--threshold` of 0.7 drew them in on cells3d's test planes (+1.20 -> +0.94 px, object F1 0.728 ->
+  0.758), but it was not tuned on training planes, so 0.5 stays the default.
 * Objects much smaller or larger than about 0.5-2x its training size without `--diameter`; dense
   clusters of nuclei that touch along most of their outline; very dim nuclei next to bright ones
   (percentile normalisation per plane).

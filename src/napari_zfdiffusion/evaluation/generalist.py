@@ -515,7 +515,10 @@ def main(argv=None) -> int:
     out_json.write_text(json.dumps(result, indent=2, default=float) + "\n")
     write_markdown(result, out_json.with_suffix(".md"))
     if "all" in models:
-        figure(test, models, sigma, md, img_dir)
+        tuned_seeds = {s: tuple(v["seed_threshold"] if k == 0 else v["join_threshold"] for k in (0, 1))
+                       for s, row in result["held_out"].items() for name, v in row.items()
+                       if "tuned on its training" in name}
+        figure(test, models, sigma, md, img_dir, tuned_seeds)
     print(f"wrote {shown_path(out_json)}, {shown_path(out_json.with_suffix('.md'))}")
     return 0
 
@@ -569,7 +572,10 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def figure(test, models, sigma, md, img_dir: Path) -> None:
+def figure(test, models, sigma, md, img_dir: Path, seeds: dict | None = None) -> None:
+    """Per source, its test plane with the most objects: the annotation, Otsu + watershed and the
+    U-Net that never saw the source (``seeds``: source -> (seed, join) thresholds tuned for that
+    model on its training planes; the generalist for a source every model saw)."""
     pyplot = plt()
     from ..core.images import Normalisation
     from ..core.masks import otsu_watershed
@@ -584,11 +590,13 @@ def figure(test, models, sigma, md, img_dir: Path) -> None:
         crop = crop_window(img.shape, max(0, cy - 128), max(0, cx - 128), 256)
         view = norm.apply(img)[crop]
         held = models.get(f"without_{s}", models["all"])
+        st, jt = (seeds or {}).get(s, (None, None))
+        kw = {} if st is None else {"seed_threshold": st, "join_threshold": st if jt is None else jt}
         for ax, (title, lab) in zip(axes[i], (
                 ("annotation", truth),
                 ("Otsu + watershed", otsu_watershed(img, sigma=sigma, min_distance=md, min_size=MIN_SIZE)),
                 ("U-Net without this source" if f"without_{s}" in models else "generalist U-Net",
-                 held.segment(img, min_size=MIN_SIZE).labels))):
+                 held.segment(img, min_size=MIN_SIZE, **kw).labels))):
             ax.imshow(view, cmap="gray")
             outlines(ax, lab[crop], (1, 1, 0, 1) if title == "annotation" else (0, 1, 1, 1))
             ax.set_title(f"{s}: {title}", fontsize=9)
