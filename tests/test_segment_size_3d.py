@@ -33,6 +33,20 @@ def test_object_diameters_are_those_of_discs():
     assert median_diameter([np.zeros((8, 8), int)]) is None
 
 
+def test_the_typical_diameter_is_that_of_the_objects_that_cover_the_foreground():
+    """'auto' sizes: a crowd of small specks (faint out-of-focus nuclei, debris) does not pull the
+    estimate below the nuclei that make up most of the foreground, as the plain median would."""
+    from napari_zfdiffusion.core.masks import foreground_diameters, typical_diameter
+
+    big = discs((300, 300), [(60, 60), (60, 200), (200, 120)], 30)
+    specks = discs((300, 300), [(y, x) for y in range(140, 300, 22) for x in range(220, 300, 22)][:12], 4)
+    d = foreground_diameters((big > 0) | (specks > 0), min_size=16)
+    assert len(d) == 15 and np.median(d) < 10  # the specks outnumber the nuclei
+    assert typical_diameter(d) == pytest.approx(60, abs=1.5)
+    assert typical_diameter([20.0]) == 20.0 and typical_diameter([]) is None
+    assert typical_diameter([10.0] * 5 + [20.0] * 5) == 20.0  # area-weighted: four times the pixels
+
+
 def test_stitching_links_overlapping_objects_and_only_them():
     z = 6
     stack = np.zeros((z, 64, 64), np.int32)

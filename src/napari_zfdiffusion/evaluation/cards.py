@@ -492,7 +492,7 @@ def generalist_card(a: argparse.Namespace) -> int:
     wins = []
     for s, row in ev.get("held_out", {}).items():
         # the held-out model as a lab gets it: its seed and join thresholds tuned on its own training planes
-        tuned = next((k for k in row if k.startswith("U-Net without it") and "tuned on its training" in k), None)
+        tuned = next((k for k in row if k.startswith("U-Net without it, seeds") and "tuned on its training" in k), None)
         b, u = row.get("baseline"), row.get(tuned or "U-Net without it")
         if not b or not u:
             continue
@@ -607,11 +607,11 @@ All figures: `python -m napari_zfdiffusion.evaluation.generalist --run RUN` (doc
 * Large nuclei with textured interiors, as CHO's (about 68 px across, 2.4x its training size): the
   join threshold keeps most of them whole, but some still come out in pieces, and the faint nuclei
   that CHO's automatic masks leave out count as false objects (precision on CHO above). A diameter
-  near the real one helped in a spot check (`--diameter 68` on CHO held out: object F1 0.59 against
-  0.47 without), but the outlines then sat about 2 px outside; fine-tuning on a few corrected planes
-  is the other route (docs/evaluation.md).
+  near the real one helps (held out: `--diameter 68` 0.59 in a spot check, `auto` 0.58 with the
+  tuned seeds, against 0.47 without), but the outlines then sit 1.7-2.2 px outside; fine-tuning on a
+  few corrected planes is the other route (docs/evaluation.md).
 * Small, crowded nuclei (DSB's, about 23 px): joining merges some touching pairs there; `--diameter
-  auto` (held out: 0.918 with seeds at 0.5) or a join threshold at the seed threshold (no joining)
+  auto` (held out: 0.903 with seeds at 0.5) or a join threshold at the seed threshold (no joining)
   do better.
 * Outlines: with the cores joined, the mean boundary offset is +1.1-1.2 px on cells3d and held-out
   CHO (the split lines inside nuclei, which pulled the average in, are gone). A foreground

@@ -458,6 +458,10 @@ def main(argv=None) -> int:
                 "seed_threshold": st, "join_threshold": jt, **cache.get(
                     f"{keys[m]} {combo_name((st, jt))}|{s}", lambda: score(test[s], unet(
                         models[m], seed_threshold=st, join_threshold=st if jt is None else jt)))}
+            row[f"U-Net without it, diameter auto, {combo_text((st, jt))} (tuned on its training planes)"] = {
+                "seed_threshold": st, "join_threshold": jt, **cache.get(
+                    f"{keys[m]} auto {combo_name((st, jt))}|{s}", lambda: score(test[s], unet(
+                        models[m], diameter="auto", seed_threshold=st, join_threshold=st if jt is None else jt)))}
         result["held_out"][s] = row
         print(f"held out {s}: " + "; ".join(f"{k} F1 {v['f1']:.3f} IoU {v['iou']:.3f} off {v['boundary_offset_px']:+.2f}"
                                              for k, v in row.items()))

@@ -177,8 +177,9 @@ class Segmenter:
                   min_size: int, batch: int, notices: list[str]) -> tuple[float, float | None]:
         """The factor to rescale planes by so that objects of ``diameter`` pixels appear at the size the
         model was trained on, and the diameter used (measured for "auto"). None: no rescaling.
-        "auto": a first pass at the image's own scale on up to 3 planes; the median diameter of the
-        objects found is taken for the diameter (cellpose's idea, without a separate size model)."""
+        "auto": a first pass at the image's own scale on up to 3 planes; the area-weighted median
+        diameter of the objects found (:func:`..masks.typical_diameter`) is taken for the diameter
+        (cellpose's idea, without a separate size model)."""
         if diameter is None:
             return 1.0, None
         n, h, w = planes.shape
@@ -191,7 +192,7 @@ class Segmenter:
             except ValueError:
                 raise UserInputError(f"the diameter must be a number of pixels or 'auto', got '{diameter}'.") from None
         if diameter == "auto":
-            from ..masks import foreground_diameters
+            from ..masks import foreground_diameters, typical_diameter
 
             # from the foreground alone: at a scale the model was not trained on, objects may come out
             # split or merged, but the foreground they cover is the most reliable output
@@ -201,7 +202,7 @@ class Segmenter:
             if d.size == 0:
                 notices.append("diameter 'auto': no objects found at the image's own scale; not rescaled")
                 return 1.0, None
-            est = float(np.median(d))
+            est = typical_diameter(d)  # area-weighted: specks and fragments do not pull it down
             f = float(np.clip(self.diameter / est, 0.25, 4.0))
             notices.append(f"diameter 'auto': objects of about {est:.0f} px found; the model was trained on "
                            f"{self.diameter:.0f} px objects, so the image is rescaled by {f:.2f}")
