@@ -10,7 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-from test_seed_threshold import by_strips, graded_maps, old_instances, two_core_nucleus, with_card
+from test_seed_threshold import (  # noqa: F401 - model and scripted are fixtures, shared
+    by_strips,
+    graded_maps,
+    model,
+    old_instances,
+    scripted,
+    two_core_nucleus,
+    with_card,
+)
 
 from napari_zfdiffusion.core.errors import UserInputError
 from napari_zfdiffusion.core.masks import StripInstances, check_join_threshold, instances
@@ -98,21 +106,8 @@ def test_bad_join_thresholds_are_refused_with_the_range(bad):
 
 
 # ----------------------------------------------------------------------------- the Segmenter and the CLI
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from conftest import make_tiny_segmenter
-
-    return make_tiny_segmenter(tmp_path_factory.mktemp("m") / "unet")
-
-
-@pytest.fixture
-def scripted(model, monkeypatch):
-    seg = Segmenter.load(model, "cpu")
-    fg, ctr = two_core_nucleus()
-    monkeypatch.setattr(seg, "predict", lambda planes, **kw: np.stack([fg, ctr])[None].repeat(len(planes), 0))
-    return seg
-
-
+# (fixtures from test_seed_threshold: ``model``, the tiny U-Net; ``scripted``, a Segmenter whose
+# probabilities are two_core_nucleus's whatever the image)
 def test_the_card_value_is_the_default_and_the_argument_overrides_it(scripted):
     img = np.zeros((100, 100), np.uint8)
     scripted.card.pop("join_threshold", None)

@@ -237,36 +237,33 @@ def labels_from_mask(prob: np.ndarray, *, encoding: str = "binary", threshold: f
     return lab.astype(np.int32)
 
 
-def check_seed_threshold(value, what: str = "the seed threshold") -> float | None:
-    """``value`` as a float in (0, 1] (None stays None: the foreground threshold), or a
-    UserInputError that says what is wrong and what to give instead."""
+def _threshold_in(value, high: float, what: str, why: str) -> float | None:
+    """``value`` as a float in (0, ``high``] (None stays None), or a UserInputError that names ``what``,
+    the range and ``why`` (what the threshold does)."""
     if value is None:
         return None
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise UserInputError(f"{what} must be a number in (0, 1], got {value!r}.") from None
-    if not 0.0 < v <= 1.0:  # NaN fails this too
-        raise UserInputError(f"{what} must be a number in (0, 1] (the centre or interior probability where a "
-                             f"seed of the watershed begins; lower merges pieces of one object, higher splits "
-                             f"touching ones), got {value!r}.")
+        raise UserInputError(f"{what} must be a number in (0, {high:g}], got {value!r}.") from None
+    if not 0.0 < v <= high:  # NaN fails this too
+        raise UserInputError(f"{what} must be a number in (0, {high:g}] ({why}), got {value!r}.")
     return v
+
+
+def check_seed_threshold(value, what: str = "the seed threshold") -> float | None:
+    """``value`` as a float in (0, 1] (None stays None: the foreground threshold), or a
+    UserInputError that says what is wrong and what to give instead."""
+    return _threshold_in(value, 1.0, what, "the centre or interior probability where a seed of the watershed "
+                                           "begins; lower merges pieces of one object, higher splits touching ones")
 
 
 def check_join_threshold(value, seed_threshold: float, what: str = "the join threshold") -> float | None:
     """``value`` as a float in (0, ``seed_threshold``] (None stays None: cores are not joined), or a
     UserInputError that says what is wrong and what to give instead."""
-    if value is None:
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UserInputError(f"{what} must be a number in (0, {seed_threshold:g}], got {value!r}.") from None
-    if not 0.0 < v <= seed_threshold:  # NaN fails this too
-        raise UserInputError(f"{what} must be a number in (0, {seed_threshold:g}] (the seed threshold): cores of "
-                             f"the centre output that connect at or above it become one seed, so lower joins "
-                             f"more pieces of one object; got {value!r}.")
-    return v
+    return _threshold_in(value, seed_threshold, what, "the seed threshold: cores of the centre output that connect "
+                                                      "at or above it become one seed, so lower joins more pieces of "
+                                                      "one object")
 
 
 def seed_levels(interior: np.ndarray, seed_threshold: float, join_threshold: float | None = None) -> np.ndarray:

@@ -519,9 +519,9 @@ def main(argv=None) -> int:
     out_json.write_text(json.dumps(result, indent=2, default=float) + "\n")
     write_markdown(result, out_json.with_suffix(".md"))
     if "all" in models:
-        tuned_seeds = {s: tuple(v["seed_threshold"] if k == 0 else v["join_threshold"] for k in (0, 1))
+        tuned_seeds = {s: (v["seed_threshold"], v["join_threshold"])
                        for s, row in result["held_out"].items() for name, v in row.items()
-                       if "tuned on its training" in name}
+                       if name.startswith("U-Net without it, seeds")}
         figure(test, models, sigma, md, img_dir, tuned_seeds)
     print(f"wrote {shown_path(out_json)}, {shown_path(out_json.with_suffix('.md'))}")
     return 0
