@@ -311,6 +311,31 @@ def test_training_planes_come_from_the_card_by_source(tmp_path):
         training_planes(card, tmp_path)
 
 
+def test_held_out_planes_are_whole_planes_of_both_parts(tmp_path):
+    """The leave-one-source-out rows score a held-out source on its training and test parts together:
+    a column split is joined back into the plane it was cut from, a time split gives both parts' planes."""
+    from napari_zfdiffusion.evaluation.generalist import whole_planes
+
+    rng = np.random.default_rng(0)
+    plane = rng.integers(0, 255, (8, 12), dtype=np.uint8)
+    labels = np.zeros((8, 12), np.uint16)
+    labels[2:6, 6:10] = 7  # one object across the cut at column 8
+
+    def put(src, part, name, im, lab):
+        for sub, a in (("images", im), ("masks", lab)):
+            (tmp_path / src / part / sub).mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(tmp_path / src / part / sub / name, a)
+
+    put("dsb", "train", "dsb_left.tif", plane[:, :8], labels[:, :8])
+    put("dsb", "test", "dsb_right.tif", plane[:, 8:], labels[:, 8:])
+    (im, lab), = whole_planes(tmp_path, "dsb")
+    assert np.array_equal(im, plane) and np.array_equal(lab, labels)  # one object again, not two halves
+    put("hela", "train", "hela_t00.tif", plane, labels)
+    put("hela", "test", "hela_t01.tif", plane // 2, labels)
+    got = whole_planes(tmp_path, "hela")
+    assert len(got) == 2 and np.array_equal(got[0][0], plane) and np.array_equal(got[1][0], plane // 2)
+
+
 def test_the_generalist_card_says_the_seed_and_join_thresholds(model, tmp_path):
     """evaluation.cards seg-generalist: a paragraph on the card's seed (and join) threshold, with the
     tuning's figures when RESULTS/seg_seed_threshold.json chose them; none without a seed threshold."""

@@ -501,8 +501,14 @@ def generalist_card(a: argparse.Namespace) -> int:
             jt = u.get("join_threshold")
             how = f" (seeds {u['seed_threshold']:g}" + (f", joined above {jt:g}" if jt is not None else "") + \
                   ", tuned on its training planes)"
-        held.append(fmt.format(s, "Otsu + watershed", b["iou"], b["f1"], b["boundary_offset_px"]))
-        held.append(fmt.format(s, f"U-Net trained without {s}{how}", u["iou"], u["f1"], u["boundary_offset_px"]))
+        d = ev.get("data", {}).get(s, {})
+        if "held_out_planes" in d:  # scored on whole planes of both parts (evaluation.generalist --held-out-planes)
+            n = d["held_out_planes"]
+            s_shown = f"{s} ({n} plane{'' if n == 1 else 's'}, {d['held_out_objects']} objects)"
+        else:
+            s_shown = f"{s} (test planes)"
+        held.append(fmt.format(s_shown, "Otsu + watershed", b["iou"], b["f1"], b["boundary_offset_px"]))
+        held.append(fmt.format(s_shown, f"U-Net trained without {s}{how}", u["iou"], u["f1"], u["boundary_offset_px"]))
         wins.append((s, u["f1"] - b["f1"], u["iou"] - b["iou"]))
     own = ["| test planes | foreground IoU | Dice | object F1 (IoU 0.5) | precision | recall | boundary offset (px) |",
            "|---|---|---|---|---|---|---|"]
@@ -586,7 +592,8 @@ On the test planes of its training sources (never trained on), and on bacteria (
 {chr(10).join(own)}
 
 **Leave one source out** (a model trained without the source, scored on it, as this model would do
-on a lab's new images; the baseline's smoothing and peak distance tuned on the other sources):
+on a lab's new images; the baseline's smoothing and peak distance tuned on the other sources; the
+held-out source's training and test parts together, whole planes, as neither was seen):
 
 {chr(10).join(held)}
 
