@@ -5,8 +5,8 @@
 # SEEDS seeds each; then score them on HeLa frames 16-19 (held out) and the DSB image (an unseen source):
 #   python -m napari_zfdiffusion.evaluation.scarce --run RUN --out docs
 # Usage: scripts/scarce_data.sh [RUN_DIR]
-#   env: KS="1 2 4" SEEDS="0 1 2" AE_STEPS=1200 LDM_STEPS=4000 UNET_STEPS=2000 N_GEN=256 DEVICE=auto
-#        JOBS=2 (U-Nets trained at once, one thread each on a CPU) PY=.venv/bin/python OUT=docs
+#   env: KS="1 2 4" SEEDS="0 1 2" AE_STEPS=1200 LDM_STEPS=4000 UNET_STEPS=2000 UNET_SIZE=small N_GEN=256 DEVICE=auto
+#        JOBS=2 (jobs at once, one thread each on a CPU) PY=.venv/bin/python OUT=docs
 # The defaults are the recipe of the bundled nuclei generator (scripts/train_demo_em.sh) and U-Net sizes
 # of the demo: on one CPU core about 1 h per generator and 50 min per U-Net, so about 10 h on a 2-core
 # CPU (JOBS=2); on a GPU (DEVICE=cuda) well under an hour. Every step resumes: run the same command again after a kill.
@@ -18,6 +18,7 @@ SEEDS=${SEEDS:-0 1 2}
 AE_STEPS=${AE_STEPS:-1200}
 LDM_STEPS=${LDM_STEPS:-4000}
 UNET_STEPS=${UNET_STEPS:-2000}
+UNET_SIZE=${UNET_SIZE:-small}
 N_GEN=${N_GEN:-256}
 DEVICE=${DEVICE:-auto}
 JOBS=${JOBS:-2}
@@ -49,27 +50,33 @@ unet() {  # K ARM SEED
   local extra=()
   [ "$arm" = mixed ] && extra=(--extra-images "$d/gen/images.tif" --extra-masks "$d/gen/labels.tif" --extra-fraction 0.5)
   "${CLI[@]}" train unet --images "$d/real/images" --masks "$d/real/masks" --val-fraction 0 "${extra[@]}" \
-      --out "$d/${arm}_s$seed" --size small --crop 128 --batch-size 8 --steps "$UNET_STEPS" --seed "$seed" \
+      --out "$d/${arm}_s$seed" --size "$UNET_SIZE" --crop 128 --batch-size 8 --steps "$UNET_STEPS" --seed "$seed" \
       --checkpoint-every 500 --device "$DEVICE" --resume --credit "$CREDIT" --licence "BSD-3-Clause" \
       > "$d/${arm}_s$seed.log" 2>&1 || { echo "U-Net K=$k $arm seed $seed failed: see $d/${arm}_s$seed.log" >&2; return 1; }
   echo "K=$k $arm seed $seed: $(tail -n 1 "$d/${arm}_s$seed.log")"
 }
 
-status=0
-pids=()
-for k in $KS; do  # JOBS generators at once
-  ( generator "$k" > "$RUN/k$k.generator.log" 2>&1 || { echo "generator K=$k failed: see $RUN/k$k.generator.log" >&2; exit 1; } ) &
-  pids+=($!)
-  if [ "${#pids[@]}" -ge "$JOBS" ]; then wait "${pids[0]}" || status=1; pids=("${pids[@]:1}"); fi
-done
-for p in "${pids[@]}"; do wait "$p" || status=1; done
-[ "$status" = 0 ] || exit 1
-pids=()
-for k in $KS; do for seed in $SEEDS; do for arm in real mixed; do
-  unet "$k" "$arm" "$seed" &
-  pids+=($!)
-  if [ "${#pids[@]}" -ge "$JOBS" ]; then wait "${pids[0]}" || status=1; pids=("${pids[@]:1}"); fi
-done; done; done
-for p in "${pids[@]}"; do wait "$p" || status=1; done
-[ "$status" = 0 ] || { echo "some U-Nets failed (above); the others are in $RUN" >&2; exit 1; }
+task() {  # one job of the queue: "gen K" or "unet K ARM SEED"; a mixed U-Net waits for its K's pairs
+  case $1 in
+    gen) if generator "$2" > "$RUN/k$2.generator.log" 2>&1; then touch "$RUN/k$2/gen.ok"
+         else touch "$RUN/k$2/gen.failed"; echo "generator K=$2 failed: see $RUN/k$2.generator.log" >&2; return 1; fi ;;
+    unet) if [ "$3" = mixed ]; then
+            while [ ! -f "$RUN/k$2/gen.ok" ]; do
+              [ -f "$RUN/k$2/gen.failed" ] && { echo "U-Net K=$2 mixed seed $4 skipped: no generated pairs" >&2; return 1; }
+              sleep 10
+            done
+          fi
+          unet "$2" "$3" "$4" ;;
+  esac
+}
+export -f task generator unet
+export RUN PY AE_STEPS LDM_STEPS UNET_STEPS UNET_SIZE N_GEN DEVICE CREDIT
+# One queue, JOBS at a time, in this order: the generators first, then the real-only U-Nets (which need
+# no generator, so they fill the cores while the generators train), then the mixed ones.
+for k in $KS; do rm -f "$RUN/k$k/gen.ok" "$RUN/k$k/gen.failed"; done
+{
+  for k in $KS; do echo "gen $k"; done
+  for arm in real mixed; do for k in $KS; do for seed in $SEEDS; do echo "unet $k $arm $seed"; done; done; done
+} | xargs -P "$JOBS" -L 1 bash -c 'CLI=($PY -m napari_zfdiffusion.cli); task "$@"' task \
+  || { echo "some jobs failed (above); the others are in $RUN: run the same command again to resume" >&2; exit 1; }
 $PY -m napari_zfdiffusion.evaluation.scarce --run "$RUN" --out "$OUT"

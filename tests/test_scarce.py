@@ -75,6 +75,13 @@ def test_scoring_reports_arms_paired_differences_and_the_generated_pairs(data, t
     tifffile.imwrite(run / "k1" / "gen" / "images.tif", np.stack([tifffile.imread(p) for p in sorted(gen_imgs.glob("*.tif"))]))
     tifffile.imwrite(run / "k1" / "gen" / "labels.tif",
                      np.stack([tifffile.imread(gen_masks / p.name) for p in sorted(gen_imgs.glob("*.tif"))]))
+    # the generator's cards, as train vae and train ldm write them
+    (run / "k1" / "vae").mkdir()
+    (run / "k1" / "vae" / "model.json").write_text(json.dumps(
+        {"steps": 7, "validation": {"psnr": 21.5, "ssim": 0.5, "mask_dice": 0.9, "edge_minus_centre_shift": -0.01}}))
+    (run / "k1" / "ldm" / "unet").mkdir(parents=True)
+    (run / "k1" / "ldm" / "unet" / "stage.json").write_text(json.dumps(
+        {"training": {"steps_done": 9, "size": "compact", "train_seconds": 3.0}}))
     out = tmp_path / "out"
     assert scarce.main(["--run", str(run), "--out", str(out), "--judge", str(tiny_segmenter), "--data", str(data)]) == 0
 
@@ -90,7 +97,12 @@ def test_scoring_reports_arms_paired_differences_and_the_generated_pairs(data, t
     assert k1["otsu"]["sigma"] in (1.0, 2.0, 3.0) and "f1" in k1["otsu"]["dsb_unseen"]
     g = k1["generated"]
     assert g["pairs"] == 3 and 0 <= g["judge_recall_by_mask"] <= 1 and g["nearest_real_rms_median"] > 0
+    assert k1["generator"] == {"vae_steps": 7, "vae_psnr": 21.5, "vae_ssim": 0.5, "vae_mask_dice": 0.9,
+                               "vae_edge_minus_centre": -0.01, "ldm_steps": 9, "ldm_size": "compact",
+                               "ldm_seconds": 3.0, "pairs": 3}
+    assert k2["generator"]["vae_steps"] is None  # no generator trained for K=2: nothing made up
     md = (out / "results" / "scarce_data.md").read_text()
+    assert "| 1 | [0] | 7 | 21.500 / 0.500 / 0.900 | 9 (compact) | 3 |" in md and "| 2 | [0, 8] |" not in md
     assert "| 1 | real | 2 |" in md and "| 1 | mixed - real (paired by seed) | 2 |" in md and "## The generated pairs" in md
     assert (out / "images" / "scarce_data.png").stat().st_size > 10_000
 

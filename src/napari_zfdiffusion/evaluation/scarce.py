@@ -222,7 +222,8 @@ def evaluate(a) -> dict:
         info = json.loads((kdir / "frames.json").read_text()) if (kdir / "frames.json").is_file() else {"k": k}
         real_pairs = [(tifffile.imread(p), tifffile.imread(kdir / "real" / "masks" / p.name))
                       for p in sorted((kdir / "real" / "images").glob("*.tif"))]
-        kr: dict = {"frames": info.get("frames"), "objects": info.get("objects"), "arms": {}, "models": {}}
+        kr: dict = {"frames": info.get("frames"), "objects": info.get("objects"), "arms": {}, "models": {},
+                    "generator": generator_recipe(kdir)}
         sigma, md = tune_otsu(real_pairs)
         kr["otsu"] = {"sigma": sigma, "min_distance": md,
                       **{t: score(p, lambda im: otsu_watershed(im, sigma=sigma, min_distance=md, min_size=MIN_SIZE))
@@ -257,6 +258,31 @@ def evaluate(a) -> dict:
                 f"{g['nearest_real_rms_median']:.3f}")
         result["k"][str(k)] = kr
     return result
+
+
+def generator_recipe(kdir: Path) -> dict:
+    """What the K frames' generator was trained with (from its cards): steps and held-out figures of the
+    autoencoder, steps and size of the latent UNet, and the number of pairs generated."""
+    import tifffile
+
+    def card(sub):
+        f = kdir / sub / "model.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    vae, ldm = card("vae"), card("ldm")
+    v = vae.get("validation") or {}
+    out = {"vae_steps": vae.get("steps"), "vae_psnr": v.get("psnr"), "vae_ssim": v.get("ssim"),
+           "vae_mask_dice": v.get("mask_dice"), "vae_edge_minus_centre": v.get("edge_minus_centre_shift")}
+    stage = kdir / "ldm" / "unet" / "stage.json"
+    tr = json.loads(stage.read_text()).get("training", {}) if stage.is_file() else {}
+    out.update(ldm_steps=tr.get("steps_done", ldm.get("steps")), ldm_size=tr.get("size"),
+               ldm_seconds=tr.get("train_seconds"))
+    labels = kdir / "gen" / "labels.tif"
+    if labels.is_file():
+        with tifffile.TiffFile(labels) as t:
+            shape = t.series[0].shape
+        out["pairs"] = int(shape[0]) if len(shape) == 3 else 1
+    return out
 
 
 def _seeds(kr: dict, arm: str) -> dict:
@@ -295,10 +321,21 @@ def write_markdown(result: dict, path: Path) -> None:
                 lines.append(f"| {k} | mixed - real (paired by seed) | {f1.get('n', 0)} | {_ms(iou)} "
                              f"({iou['positive']}/{iou.get('n', 0)} > 0) | | {_ms(f1)} ({f1['positive']}/{f1.get('n', 0)} > 0) | |")
         lines.append("")
+    recipes = {k: kr["generator"] for k, kr in result["k"].items() if kr.get("generator", {}).get("vae_steps")}
+    if recipes:
+        lines += ["## The generators (trained on the K frames only)", "",
+                  "| K | frames | autoencoder steps | held-out PSNR / SSIM / mask Dice | latent UNet steps (size) "
+                  "| pairs |", "|---|---|---|---|---|---|"]
+        for k, g in recipes.items():
+            fig = " / ".join(f"{g[x]:.3f}" if isinstance(g.get(x), (int, float)) else "n/a"
+                             for x in ("vae_psnr", "vae_ssim", "vae_mask_dice"))
+            lines.append(f"| {k} | {result['k'][k].get('frames')} | {g['vae_steps']} | {fig} | "
+                         f"{g.get('ldm_steps')} ({g.get('ldm_size')}) | {g.get('pairs', 'n/a')} |")
+        lines.append("")
     gens = {k: kr["generated"] for k, kr in result["k"].items() if kr.get("generated")}
     if gens:
         lines += ["## The generated pairs", "",
-                  f"Judged by `{result['judge']}` (trained on HeLa frames 0-14).", "",
+                  f"Judged by `{result['judge']}` (its HeLa training frames are 0-14; frames 16-19 are the test).", "",
                   "| K | pairs | judge's objects the mask covers | mask objects the judge finds | objects per patch "
                   "(real, same area) | nearest real window, median RMS |", "|---|---|---|---|---|---|"]
         for k, g in gens.items():
