@@ -84,6 +84,36 @@ def test_a_low_overlap_is_not_linked():
     assert len(np.unique(stitch_planes(stack.copy(), iou=0.01))) == 2
 
 
+def test_small_3d_objects_go_and_the_rest_are_renumbered(tmp_path):
+    """After linking: pieces under a share of the typical object's voxels (a nucleus's out-of-focus
+    glow in one plane, fragments) are dropped, whatever the pixel size; nuclei cut by the volume's
+    edge (half a nucleus) stay; and the stack may be a memory map."""
+    from napari_zfdiffusion.core.masks import drop_small_volumes, typical_volume
+
+    assert typical_volume([100, 100, 100, 1000, 1000]) == 1000  # the object the median voxel belongs to
+    assert typical_volume([]) is None and typical_volume([0, 0]) is None
+    z = 8
+    stack = np.zeros((z, 80, 80), np.int32)
+    for k in range(z):
+        stack[k][discs((80, 80), [(20, 20)], 10) > 0] = 1  # a nucleus through every plane (~2500 voxels)
+        stack[k][discs((80, 80), [(55, 55)], 10) > 0] = 3
+        if k < 4:
+            stack[k][discs((80, 80), [(20, 60)], 10) > 0] = 5  # cut by the volume's top: half a nucleus
+    stack[7][discs((80, 80), [(60, 15)], 4) > 0] = 9  # glow: one plane, 49 voxels
+    stack[2][discs((80, 80), [(40, 40)], 2) > 0] = 7  # a fragment
+    mm = np.lib.format.open_memmap(tmp_path / "l.npy", mode="w+", dtype=np.int32, shape=stack.shape)
+    mm[:] = stack
+    assert drop_small_volumes(mm, 0.1) == 3
+    assert sorted(np.unique(mm).tolist()) == [0, 1, 2, 3]  # renumbered 1..K in the old labels' order
+    assert mm[0, 20, 20] == 1 and mm[0, 55, 55] == 2 and mm[0, 20, 60] == 3
+    assert mm[7, 60, 15] == 0 and mm[2, 40, 40] == 0
+    kept = stack.copy()
+    assert drop_small_volumes(kept, 0.0) == 5  # 0: every object stays (renumbered)
+    assert ((kept > 0) == (stack > 0)).all()
+    coarse = stack[:, ::2, ::2].copy()  # the same scene at half the pixel size: the same objects go
+    assert drop_small_volumes(coarse, 0.1) == 3
+
+
 # ----------------------------------------------------------------------------- the segmenter
 def blob_image(shape, radius, seed=0, n=6):
     rng = np.random.default_rng(seed)
@@ -130,6 +160,28 @@ def test_a_volume_links_planes_and_planes_do_not(tiny_segmenter):
     assert not set(np.unique(two.labels[:3])[1:]) & set(np.unique(two.labels[3:])[1:])
 
 
+def test_a_volume_drops_the_glow_of_a_nucleus_in_a_plane_of_its_own(tiny_segmenter):
+    """A blob seen in one plane only (as out-of-focus glow is) is a 3D object of a few hundred voxels
+    beside nuclei of thousands: the volume drops it by default, keeps it at 0, and says which."""
+    seg = Segmenter.load(tiny_segmenter, "cpu")
+    img, lab = blob_image((96, 96), radius=6, seed=1)
+    rng = np.random.default_rng(5)
+    empty = (rng.random(img.shape) * 0.3 * 255).astype(np.uint8)
+    free = next((y, x) for y in range(8, 88, 4) for x in range(8, 88, 4)
+                if not lab[max(0, y - 9):y + 10, max(0, x - 9):x + 10].any())  # where no nucleus lies
+    lone = empty.copy()
+    lone[discs(img.shape, [free], 6) > 0] = 200  # one blob in the last plane only
+    stack = np.stack([img] * 12 + [lone])  # nuclei through 12 planes, the glow in one
+    every = seg.segment(stack, tile=64, overlap=16, stack="volume", min_volume_fraction=0)
+    default = seg.segment(stack, tile=64, overlap=16, stack="volume")
+    assert default.provenance["min_volume_fraction"] == 0.1
+    assert every.n_objects == default.n_objects + 1 and default.labels[12][free] == 0 < every.labels[12][free]
+    assert np.array_equal(default.labels[:12] > 0, every.labels[:12] > 0)  # the nuclei are untouched
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(UserInputError, match="minimum volume fraction"):
+            seg.segment(stack, tile=64, overlap=16, stack="volume", min_volume_fraction=bad)
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"diameter": 0}, "must be a positive number"),
     ({"diameter": -5}, "must be a positive number"),
@@ -174,6 +226,10 @@ def test_cli_segments_a_zstack_as_a_volume_by_default(tiny_segmenter, tmp_path, 
     assert cli.main(["-q", "segment", "--model", str(tiny_segmenter), "--in", str(path), "--out", str(out),
                      "--tile", "64", "--overlap", "16", "--device", "cpu", "--stack", "planes"]) == 0
     assert tifffile.imread(out).max() == 4 * lab.max()
+    bad = tmp_path / "bad.tif"
+    assert cli.main(["-q", "segment", "--model", str(tiny_segmenter), "--in", str(path), "--out", str(bad),
+                     "--device", "cpu", "--min-volume-fraction", "1.5"]) == 2
+    assert "--min-volume-fraction must be at least 0 and below 1" in capsys.readouterr().err and not bad.exists()
 
 
 def test_cli_time_series_are_planes_and_diameters_in_micrometres(tiny_segmenter, tmp_path, capsys):

@@ -52,13 +52,15 @@ def _segment(a, out) -> int:
     import numpy as np
 
     from ..core.io import TiffMemmap
-    from ..core.masks import check_join_threshold, check_seed_threshold
+    from ..core.masks import check_join_threshold, check_min_volume_fraction, check_seed_threshold
     from ..core.reader import open_image
     from ..core.segment import Segmenter
     from ..core.segment.segmenter import as_planes
 
     check_seed_threshold(a.seed_threshold, "--seed-threshold")  # before the weights load
     check_join_threshold(a.join_threshold, a.seed_threshold or 1.0, "--join-threshold")
+    if a.min_volume_fraction is not None:
+        check_min_volume_fraction(a.min_volume_fraction, "--min-volume-fraction")
     seg = Segmenter.load(a.model, a.device)
     for key, fallback in (("tile", 256), ("overlap", 32), ("threshold", 0.5), ("min_size", 16)):
         if getattr(a, key) is None:  # as the widget does: the model's own defaults
@@ -89,7 +91,9 @@ def _segment(a, out) -> int:
         res = seg.segment(image, tile=a.tile, overlap=a.overlap, threshold=a.threshold, min_size=a.min_size,
                           batch=a.batch, use_interior=not a.no_interior, labels_out=labels, prob_out=prob,
                           probability=False, callback=bar, source=str(a.input), name=a.input.name,
-                          diameter=diameter, stack=mode, depth=depth, stitch_iou=a.stitch_iou, seed_threshold=seeds,
+                          diameter=diameter, stack=mode, depth=depth, stitch_iou=a.stitch_iou,
+                          **({} if a.min_volume_fraction is None else {"min_volume_fraction": a.min_volume_fraction}),
+                          seed_threshold=seeds,
                           join_threshold=seeds if joins is None else joins)  # the seed threshold: off
         # the full provenance is known only now: rewrite the description in place (same length or shorter)
     _write_description(out, {**prov, **res.provenance, "content": "instance labels"})
@@ -238,6 +242,10 @@ def add_commands(sub, train: argparse._SubParsersAction) -> None:
                          "series); auto: volume for a z-stack, planes otherwise")
     sg.add_argument("--stitch-iou", type=float, default=0.25,
                     help="with --stack volume: the overlap (IoU) at which objects of neighbouring planes are one")
+    sg.add_argument("--min-volume-fraction", type=float, default=None,
+                    help="with --stack volume: drop 3D objects with fewer voxels than this share of the typical "
+                         "object's (out-of-focus glow, fragments that linking leaves); default 0.1; 0 keeps every "
+                         "object")
     add_channel(sg)
     add_device(sg)
     sg.set_defaults(func=cmd_segment)

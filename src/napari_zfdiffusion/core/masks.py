@@ -217,6 +217,59 @@ def stitch_planes(labels: np.ndarray, iou: float = 0.25) -> np.ndarray:
     return labels
 
 
+def check_min_volume_fraction(value, what: str = "the minimum volume fraction") -> float:
+    """``value`` as a float in [0, 1), or a UserInputError that names ``what`` and says what it does."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{what} must be a number in [0, 1), got {value!r}.") from None
+    if not 0.0 <= v < 1.0:  # NaN fails this too
+        raise UserInputError(f"{what} must be at least 0 and below 1 (a share of the typical object's volume; 0 "
+                             f"keeps every object), got {value!r}.")
+    return v
+
+
+def typical_volume(sizes) -> float | None:
+    """The volume-weighted median of object ``sizes`` (voxels): the size of the object that the median
+    foreground voxel belongs to (None: none), as :func:`typical_diameter` is for diameters."""
+    v = np.sort(np.asarray(sizes, np.float64).ravel())
+    v = v[v > 0]
+    if v.size == 0:
+        return None
+    w = np.cumsum(v)
+    return float(v[np.searchsorted(w, 0.5 * w[-1])])
+
+
+def drop_small_volumes(labels: np.ndarray, fraction: float) -> int:
+    """Drop the 3D objects of a (Z, Y, X) label stack, in place, that have fewer voxels than
+    ``fraction`` of the typical object's (:func:`typical_volume`), and renumber the rest 1..K (in
+    the order of their old labels); the number K. Plane by plane, so ``labels`` may be a memory map.
+
+    Linking planes (:func:`stitch_planes`) leaves small pieces that are no nucleus: the out-of-focus
+    glow above or below a nucleus seen in a plane or two, and the fragments of a mitotic cell. Each
+    is a few hundred voxels where a nucleus has thousands, so a fraction of the stack's own typical
+    object removes them at any pixel size (0: keep everything)."""
+    if labels.ndim != 3:
+        raise ValueError("drop_small_volumes needs a (Z, Y, X) label stack")
+    top = 0
+    for z in range(labels.shape[0]):
+        top = max(top, int(np.asarray(labels[z]).max()))
+    if not top:
+        return 0
+    sizes = np.zeros(top + 1, np.int64)
+    for z in range(labels.shape[0]):
+        sizes += np.bincount(np.asarray(labels[z]).ravel(), minlength=top + 1)[:top + 1]
+    sizes[0] = 0
+    keep = sizes > 0
+    if fraction > 0:
+        keep &= sizes >= fraction * typical_volume(sizes[1:])
+    lut = np.zeros(top + 1, np.int64)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1)
+    for z in range(labels.shape[0]):
+        labels[z] = lut[np.asarray(labels[z])]
+    return int(keep.sum())
+
+
 def labels_from_mask(prob: np.ndarray, *, encoding: str = "binary", threshold: float = 0.5,
                      min_size: int = 0) -> np.ndarray:
     """Instance labels (int32) from a foreground probability map in [0, 1] (2D, or a (N, Y, X) batch).

@@ -519,7 +519,10 @@ def generalist_card(a: argparse.Namespace) -> int:
             own.append(f"| {s} | {r['iou']:.3f} | {r['dice']:.3f} | {r['f1']:.3f} | {r['precision']:.3f} | "
                        f"{r['recall']:.3f} | {r['boundary_offset_px']:+.2f} |")
             quality[s] = {k: r[k] for k in ("iou", "dice", "f1", "precision", "recall", "boundary_offset_px")}
-    three = [f"| {v} | {r['volume']['f1']:.3f} | {r['planes']['f1']:.3f} |" for v, r in ev.get("3d", {}).items()]
+    three = [f"| {v} | {r['volume']['f1']:.3f} | "
+             + (f"{r['volume, every object']['f1']:.3f}" if "volume, every object" in r else "n/a")
+             + f" | {r['planes']['f1']:.3f} |" for v, r in ev.get("3d", {}).items()]
+    fraction = next((r["volume"].get("min_volume_fraction") for r in ev.get("3d", {}).values()), None)
     # the seed threshold of the card (evaluation.generalist --tune-seed-threshold), with its figures when
     # RESULTS/seg_seed_threshold.json chose it
     st, fg, jt = card.get("seed_threshold"), float(card.get("threshold", 0.5)), card.get("join_threshold")
@@ -599,10 +602,12 @@ held-out source's training and test parts together, whole planes, as neither was
 
 {verdict}
 
-3D object F1 at IoU 0.5 against the 3D labels (planes linked as a volume / each plane on its own):
+3D object F1 at IoU 0.5 against the 3D labels (planes linked as a volume{
+f", 3D objects under {fraction:g} of the typical object's voxels dropped (`--min-volume-fraction`)"
+if fraction is not None else ""} / the same keeping every object / each plane on its own):
 
-| volume | as a volume | plane by plane |
-|---|---|---|
+| volume | as a volume | as a volume, every object | plane by plane |
+|---|---|---|---|
 {chr(10).join(three)}
 
 All figures: `python -m napari_zfdiffusion.evaluation.generalist --run RUN` (docs/evaluation.md).{seeds}
@@ -627,7 +632,10 @@ All figures: `python -m napari_zfdiffusion.evaluation.generalist --run RUN` (doc
 * Objects much smaller or larger than about 0.5-2x its training size without `--diameter`; dense
   clusters of nuclei that touch along most of their outline; very dim nuclei next to bright ones
   (percentile normalisation per plane).
-* 3D linking assumes a nucleus spans several planes: for widely spaced planes choose `planes`.
+* 3D linking assumes a nucleus spans several planes: for widely spaced planes choose `planes`. In a
+  volume, 3D objects under a tenth of the typical object's voxels are dropped (out-of-focus glow,
+  fragments): a real nucleus that small (under about half the typical diameter) goes too; keep it
+  with `--min-volume-fraction 0`.
 * Two of its sources have automatic (ERR_SEG), not manual, masks: it learned their misses too.
 * A few planes of your own, corrected and fine-tuned on ("Fine-tune on my corrections", or
   `zfdiffusion train unet --init-from`), adapt it to a new domain (docs/evaluation.md).
