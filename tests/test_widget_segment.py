@@ -188,9 +188,15 @@ def test_a_zstack_becomes_3d_objects_and_a_time_series_planes(widget, tmp_path, 
     lab = viewer.layers["zstack labels"].data
     assert np.array_equal(lab[0], lab[2]) and lab.max() == len(np.unique(lab[0])) - 1  # one label per 3D object
     assert any("set the z scale" in str(n) for n in notes)
+    assert w.min_volume_fraction.enabled and w.params()["min_volume_fraction"] == 0.1
+    assert viewer.layers["zstack labels"].metadata["zfdiffusion"]["min_volume_fraction"] == 0.1
+    assert "--min-volume-fraction" not in w.cli_command()  # the default: not spelled out
+    w.min_volume_fraction.value = 0.0
+    assert "--stack volume --min-volume-fraction 0" in w.cli_command()
     t = viewer.add_image(np.concatenate([img] * 2), name="movie", axis_labels=("t", "y", "x"))
     viewer.layers.selection.active = t
     assert w.layer.value is t and w.stack.value == "planes"  # from the layer's axis label
+    assert not w.min_volume_fraction.enabled and "min_volume_fraction" not in w.params()  # volumes only
     w.segment(t)
     assert w.wait(120)
     lab = viewer.layers["movie labels"].data

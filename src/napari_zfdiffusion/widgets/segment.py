@@ -50,7 +50,7 @@ from napari.viewer import Viewer
 from ..core.errors import UserInputError
 from ..core.segment import Segmenter, describe
 from ..core.segment.finetune import FINE_TUNE_STEPS, edited_planes, fine_tune, finetuned_folder, plane_checksums
-from ..core.segment.segmenter import KIND
+from ..core.segment.segmenter import KIND, MIN_VOLUME_FRACTION
 from ..core.store import model_kind, read_card, resolve_model
 from ._about import AboutPanel, layer_warnings
 from ._download import ModelDownload
@@ -151,6 +151,11 @@ class SegmentWidget(JobWidget):
                               tooltip="for a stack: 'volume' makes 3D objects (labels linked across "
                                       "neighbouring planes); 'planes' segments each plane on its own (time "
                                       "series). Chosen from the layer's axis labels and scale")
+        self.min_volume_fraction = FloatSpinBox(
+            label="drop 3D pieces under", value=MIN_VOLUME_FRACTION, min=0.0, max=0.95, step=0.05,
+            tooltip="for a volume: 3D objects with fewer voxels than this share of the typical nucleus's are "
+                    "dropped after linking (the out-of-focus glow of a nucleus in planes above or below it, "
+                    "fragments). 0: keep every object")
         self.add_probability = CheckBox(text="add probability map (hidden)", value=False,
                                         tooltip="also add the foreground probability as a hidden image layer, to "
                                                 "compare with the labels when choosing a threshold")
@@ -175,7 +180,8 @@ class SegmentWidget(JobWidget):
         self._lay_out([self.layer, self.model, self.download.button, self.diameter, self.auto_diameter,
                        self.stack, self.threshold, self.min_size, self.use_interior, self.add_probability,
                        self.replace],
-                      [self.tile, self.overlap, self.seed_threshold, self.join_threshold, self.device, self.device_info,
+                      [self.tile, self.overlap, self.seed_threshold, self.join_threshold, self.min_volume_fraction,
+                       self.device, self.device_info,
                        self.model_folder, self.ft_steps, self.ft_extra],
                       [buttons, self.finetune_button])
         # what the model is (the 'about' line first), and a warning for a layer unlike its training data
@@ -183,6 +189,7 @@ class SegmentWidget(JobWidget):
         self.about.install(self.sections)
         self.auto_diameter.changed.connect(lambda v: setattr(self.diameter, "enabled", not v))
         self.layer.changed.connect(self._default_stack)
+        self.stack.changed.connect(self._volume_controls)
         for w in (self.layer, self.diameter, self.auto_diameter):
             w.changed.connect(self.check_domain)
 
@@ -258,6 +265,11 @@ class SegmentWidget(JobWidget):
         self.stack.enabled = _is_stack(layer)
         if self.stack.enabled:
             self.stack.value = _default_stack(layer)
+        self._volume_controls()
+
+    def _volume_controls(self, *_) -> None:
+        """"drop 3D pieces under" applies to a volume only."""
+        self.min_volume_fraction.enabled = self.stack_for(self.layer.value) == "volume"
 
     def stack_for(self, layer: Image) -> str:
         """How ``layer`` is segmented: the choice shown when it is the chosen layer, else its default."""
@@ -291,6 +303,8 @@ class SegmentWidget(JobWidget):
                 "threshold": float(self.threshold.value), "min_size": int(self.min_size.value),
                 "use_interior": bool(self.use_interior.value), "diameter": diameter,
                 "stack": self.stack_for(self.layer.value),
+                **({"min_volume_fraction": float(self.min_volume_fraction.value)}
+                   if self.stack_for(self.layer.value) == "volume" else {}),
                 **({"seed_threshold": seeds} if seeds is not None else {}),
                 **({"join_threshold": joins} if joins is not None else {})}
 
@@ -325,7 +339,8 @@ class SegmentWidget(JobWidget):
         model (its name, or its folder), the device (unless auto), tile, overlap, threshold, min size,
         ``--seed-threshold`` and ``--join-threshold`` when they differ from the model's defaults, ``--no-interior`` when "split
         touching objects" is unticked, the diameter (``auto``, or in pixels; none for 0), ``--stack
-        planes|volume`` for a stack, ``--out <name>_labels.tif`` and, with "add probability map" ticked,
+        planes|volume`` for a stack (and ``--min-volume-fraction`` for a volume when not the default),
+        ``--out <name>_labels.tif`` and, with "add probability map" ticked,
         ``--prob-out <name>_probability.tif``.
 
         Left out: "replace previous result" (files are written, not layers), the layer's scale (the
@@ -349,7 +364,15 @@ class SegmentWidget(JobWidget):
             ("--join-threshold", self._join_value()),
             ("--min-size", int(self.min_size.value)), ("--no-interior", not self.use_interior.value),
             ("--diameter", diameter),
-            ("--stack", self.stack_for(layer) if _is_stack(layer) else None)])
+            ("--stack", self.stack_for(layer) if _is_stack(layer) else None),
+            ("--min-volume-fraction", self._volume_fraction_option(layer))])
+
+    def _volume_fraction_option(self, layer) -> float | None:
+        """``--min-volume-fraction`` for a volume whose control differs from the default (else None)."""
+        if not _is_stack(layer) or self.stack_for(layer) != "volume":
+            return None
+        v = float(self.min_volume_fraction.value)
+        return None if abs(v - MIN_VOLUME_FRACTION) < 1e-6 else v
 
     # ------------------------------------------------------------ jobs
     def _set_running(self, running: bool) -> None:
