@@ -619,12 +619,17 @@ All figures: `python -m napari_zfdiffusion.evaluation.generalist --run RUN` (doc
 * Large nuclei with textured interiors, as CHO's (about 68 px across, 2.4x its training size): the
   join threshold keeps most of them whole, but some still come out in pieces, and the faint nuclei
   that CHO's automatic masks leave out count as false objects (precision on CHO above). A diameter
-  near the real one helps (held out: `--diameter 68` 0.59 in a spot check, `auto` 0.58 with the
-  tuned seeds, against 0.47 without), but the outlines then sit 1.7-2.2 px outside; fine-tuning on a
-  few corrected planes is the other route (docs/evaluation.md).
+  near the real one helps (held out, 20 whole planes: `auto` 0.603 with the tuned seeds, against
+  0.517 without), but the outlines then sit 2-2.6 px outside; fine-tuning on a few corrected planes
+  is the other route (docs/evaluation.md).
 * Small, crowded nuclei (DSB's, about 23 px): joining merges some touching pairs there; `--diameter
-  auto` (held out: 0.903 with seeds at 0.5) or a join threshold at the seed threshold (no joining)
-  do better.
+  auto` (held out, the whole image: 0.858 with seeds at 0.5, against 0.760 with the tuned joins) or
+  a join threshold at the seed threshold (no joining: 0.819) do better.
+* The out-of-focus planes at the ends of a z-stack, segmented as planes: the blurred glow of the
+  nuclei above or below is outlined as objects (held out on cells3d, 97 of 221 false objects were in
+  the outer 7 of 20 planes), and cells3d's large touching nuclei merge with the joins tuned on the
+  other sources: there it loses to Otsu + watershed (0.579 against 0.732). Segment such a stack as a
+  volume (small 3D pieces are dropped) and try `--join-threshold` at the seed threshold.
 * Outlines: with the cores joined, the mean boundary offset is +1.1-1.2 px on cells3d and held-out
   CHO (the split lines inside nuclei, which pulled the average in, are gone). A foreground
   `--threshold` of 0.7 drew them in on cells3d's test planes (+1.20 -> +0.94 px, object F1 0.728 ->
