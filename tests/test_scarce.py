@@ -97,12 +97,13 @@ def test_scoring_reports_arms_paired_differences_and_the_generated_pairs(data, t
     assert k1["otsu"]["sigma"] in (1.0, 2.0, 3.0) and "f1" in k1["otsu"]["dsb_unseen"]
     g = k1["generated"]
     assert g["pairs"] == 3 and 0 <= g["judge_recall_by_mask"] <= 1 and g["nearest_real_rms_median"] > 0
+    assert abs(g["edge_minus_centre"]) < 1 and abs(g["real_edge_minus_centre"]) < 1
     assert k1["generator"] == {"vae_steps": 7, "vae_psnr": 21.5, "vae_ssim": 0.5, "vae_mask_dice": 0.9,
                                "vae_edge_minus_centre": -0.01, "ldm_steps": 9, "ldm_size": "compact",
                                "ldm_seconds": 3.0, "pairs": 3}
     assert k2["generator"]["vae_steps"] is None  # no generator trained for K=2: nothing made up
     md = (out / "results" / "scarce_data.md").read_text()
-    assert "| 1 | [0] | 7 | 21.500 / 0.500 / 0.900 | 9 (compact) | 3 |" in md and "| 2 | [0, 8] |" not in md
+    assert "| 1 | [0] | 7 | 21.500 / 0.500 / 0.900 | -0.010 | 9 (compact) | 3 |" in md and "| 2 | [0, 8] |" not in md
     assert "| 1 | real | 2 |" in md and "| 1 | mixed - real (paired by seed) | 2 |" in md and "## The generated pairs" in md
     assert (out / "images" / "scarce_data.png").stat().st_size > 10_000
 

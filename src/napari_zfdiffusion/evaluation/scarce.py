@@ -154,7 +154,22 @@ def generated_quality(gen_dir: Path, real_pairs, judge, *, n_max: int = 64) -> d
             "judge_recall_by_mask": recall["recall"], "mask_precision_by_judge": precision["recall"],
             "object_f1_mask_vs_judge": float(np.mean(f1)) if f1 else None,
             "objects_per_patch": float(np.mean(gen_counts)), "real_objects_per_patch_area": float(np.mean(real_density)),
-            "nearest_real_rms_median": nearest_real(images, [im for im, _ in real_pairs])}
+            "nearest_real_rms_median": nearest_real(images, [im for im, _ in real_pairs]),
+            **border_band(images, [im for im, _ in real_pairs])}
+
+
+def border_band(images: np.ndarray, real: list[np.ndarray], stride: int = 64) -> dict:
+    """Mean edge-minus-centre intensity ([0, 1] scale, 16 px frame against the central half; see
+    :func:`..core.metrics.edge_profile`) of the generated images and of same-size windows of the real
+    frames: a dark or bright frame along the patch border shows as a gap between the two."""
+    from ..core.metrics import edge_profile
+
+    side = images.shape[-1]
+    windows = [_unit(fr)[y:y + side, x:x + side] for fr in real
+               for y in range(0, fr.shape[0] - side + 1, stride) for x in range(0, fr.shape[1] - side + 1, stride)]
+    gen = float(np.mean([edge_profile(_unit(g))["edge_minus_centre"] for g in images]))
+    ref = float(np.mean([edge_profile(w)["edge_minus_centre"] for w in windows])) if windows else None
+    return {"edge_minus_centre": gen, "real_edge_minus_centre": ref}
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -324,24 +339,29 @@ def write_markdown(result: dict, path: Path) -> None:
     recipes = {k: kr["generator"] for k, kr in result["k"].items() if kr.get("generator", {}).get("vae_steps")}
     if recipes:
         lines += ["## The generators (trained on the K frames only)", "",
-                  "| K | frames | autoencoder steps | held-out PSNR / SSIM / mask Dice | latent UNet steps (size) "
-                  "| pairs |", "|---|---|---|---|---|---|"]
+                  "| K | frames | autoencoder steps | held-out PSNR / SSIM / mask Dice | edge - centre (reconstructed) "
+                  "| latent UNet steps (size) | pairs |", "|---|---|---|---|---|---|---|"]
         for k, g in recipes.items():
             fig = " / ".join(f"{g[x]:.3f}" if isinstance(g.get(x), (int, float)) else "n/a"
                              for x in ("vae_psnr", "vae_ssim", "vae_mask_dice"))
+            edge = g.get("vae_edge_minus_centre")
             lines.append(f"| {k} | {result['k'][k].get('frames')} | {g['vae_steps']} | {fig} | "
-                         f"{g.get('ldm_steps')} ({g.get('ldm_size')}) | {g.get('pairs', 'n/a')} |")
+                         f"{'n/a' if edge is None else f'{edge:+.3f}'} | {g.get('ldm_steps')} ({g.get('ldm_size')}) | "
+                         f"{g.get('pairs', 'n/a')} |")
         lines.append("")
     gens = {k: kr["generated"] for k, kr in result["k"].items() if kr.get("generated")}
     if gens:
         lines += ["## The generated pairs", "",
                   f"Judged by `{result['judge']}` (its HeLa training frames are 0-14; frames 16-19 are the test).", "",
                   "| K | pairs | judge's objects the mask covers | mask objects the judge finds | objects per patch "
-                  "(real, same area) | nearest real window, median RMS |", "|---|---|---|---|---|---|"]
+                  "(real, same area) | nearest real window, median RMS | edge - centre (real windows) |",
+                  "|---|---|---|---|---|---|---|"]
         for k, g in gens.items():
             lines.append(f"| {k} | {g['pairs']} | {g['judge_recall_by_mask'] or 0:.3f} | "
                          f"{g['mask_precision_by_judge'] or 0:.3f} | {g['objects_per_patch']:.1f} "
-                         f"({g['real_objects_per_patch_area']:.1f}) | {g['nearest_real_rms_median']:.3f} |")
+                         f"({g['real_objects_per_patch_area']:.1f}) | {g['nearest_real_rms_median']:.3f} | "
+                         + (f"{g['edge_minus_centre']:+.3f} ({g['real_edge_minus_centre']:+.3f})"
+                            if g.get("real_edge_minus_centre") is not None else "n/a") + " |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
