@@ -94,6 +94,10 @@ def test_scoring_reports_arms_paired_differences_and_the_generated_pairs(data, t
     diff = k1["mixed_minus_real"]["hela_heldout"]["f1"]
     assert diff["differences"] == [0, 0] and diff["positive"] == 0
     assert "mixed_minus_real" not in k2  # one arm only: nothing to pair
+    st, jt = k1["arms"]["real"]["seeds_joins_tuned_on_k_frames"]["0"]  # tuned on the K frames, as a lab would
+    assert 0 < st <= 1 and (jt is None or jt < st) and r["tune_seeds"]
+    assert set(k1["arms"]["real"]["f1_seeds_at_threshold"]["0"]) == {"hela_heldout", "dsb_unseen"}
+    assert (run / "eval_cache.json").is_file()  # a rerun scores only the U-Nets it has not seen
     assert k1["otsu"]["sigma"] in (1.0, 2.0, 3.0) and "f1" in k1["otsu"]["dsb_unseen"]
     g = k1["generated"]
     assert g["pairs"] == 3 and 0 <= g["judge_recall_by_mask"] <= 1 and g["nearest_real_rms_median"] > 0

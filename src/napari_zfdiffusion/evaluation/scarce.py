@@ -48,7 +48,7 @@ import numpy as np
 
 from ..core.errors import UserInputError
 from ._common import PROG, begin, git_commit, log, plt, rounded, run, save_figure, shown_path
-from .generalist import score
+from .generalist import COMBOS, Cache, choose_combo, combo_name, model_key, score, seed_scores
 from .seg import DSB_IMAGE, DSB_MASK, HELA_IMAGES, HELA_MASKS, MIN_SIZE
 
 TRAIN_FRAMES = 16  # HeLa frames 0-15 may train; 16-19 are the held-out test
@@ -229,7 +229,9 @@ def evaluate(a) -> dict:
     if not models:
         raise UserInputError(f"no U-Nets in '{a.run}' (kK/real_sS, kK/mixed_sS): run scripts/scarce_data.sh first.")
     judge = Segmenter.load(a.judge, "cpu") if a.judge != "none" else None
+    cache = Cache(Path(a.run) / "eval_cache.json")  # figures of the U-Nets already scored (by weights hash)
     result: dict = {"commit": git_commit(), "run": str(a.run), "judge": a.judge, "min_size": MIN_SIZE,
+                    "tune_seeds": bool(a.tune_seeds),
                     "tests": {n: {"images": len(p), "objects": int(sum(len(np.unique(m)) - 1 for _, m in p))}
                               for n, p in tests.items()}, "k": {}}
     for k in sorted(models):
@@ -244,12 +246,26 @@ def evaluate(a) -> dict:
                       **{t: score(p, lambda im: otsu_watershed(im, sigma=sigma, min_distance=md, min_size=MIN_SIZE))
                          for t, p in tests.items()}}
         for arm, seeds in models[k].items():
-            per_seed = {}
+            per_seed, untuned, chosen = {}, {}, {}
             for s, folder in seeds.items():
                 t0 = time.perf_counter()
                 seg = Segmenter.load(folder, "cpu")
-                per_seed[s] = {t: score(p, lambda im, g=seg: g.segment(im, min_size=MIN_SIZE, probability=False).labels)
-                               for t, p in tests.items()}
+                key = model_key(folder)
+
+                def scores(g=seg, **kw):
+                    return {t: score(p, lambda im: g.segment(im, min_size=MIN_SIZE, probability=False, **kw).labels)
+                            for t, p in tests.items()}
+
+                untuned[s] = cache.get(f"{key}|tests", scores)
+                if a.tune_seeds and seg.has_interior:  # the seed and join thresholds a lab would tune on its K frames
+                    f1 = cache.get(f"{key}|tune on K frames", lambda g=seg: {combo_name(c): v["f1"] for c, v in seed_scores(
+                        g, real_pairs, COMBOS, threshold=float(g.card.get("threshold", 0.5))).items()})
+                    st, jt = choose_combo({c: f1[combo_name(c)] for c in COMBOS}, float(seg.card.get("threshold", 0.5)))
+                    chosen[s] = [st, jt]
+                    per_seed[s] = cache.get(f"{key}|tests {combo_name((st, jt))}", lambda: scores(
+                        seed_threshold=st, join_threshold=st if jt is None else jt))
+                else:
+                    per_seed[s] = untuned[s]
                 tr = json.loads((folder / "unet" / "stage.json").read_text())["training"]
                 kr["models"][folder.name] = {"steps": tr.get("steps_done"), "train_seconds": tr.get("train_seconds"),
                                              "extra_fraction": tr.get("extra_fraction")}
@@ -257,6 +273,8 @@ def evaluate(a) -> dict:
                     f"{t} IoU {r['iou']:.3f} F1 {r['f1']:.3f}" for t, r in per_seed[s].items())
                     + f" ({time.perf_counter() - t0:.0f} s)")
             kr["arms"][arm] = {"per_seed": {str(s): v for s, v in per_seed.items()},
+                               "seeds_joins_tuned_on_k_frames": {str(s): v for s, v in chosen.items()},
+                               "f1_seeds_at_threshold": {str(s): {t: v[t]["f1"] for t in v} for s, v in untuned.items()},
                                **{t: {m: summary([per_seed[s][t][m] for s in per_seed]) for m in METRICS}
                                   for t in tests}}
         if all(arm in models[k] for arm in ARMS):
@@ -314,7 +332,9 @@ def _ms(d: dict, nd: int = 3) -> str:
 def write_markdown(result: dict, path: Path) -> None:
     lines = ["# The scarce-data experiment", "",
              f"U-Nets trained on K real HeLa frames (real) and on the same with generated pairs as half of every "
-             f"batch (mixed); mean ± standard deviation over the seeds. Commit {result.get('commit')}.", ""]
+             f"batch (mixed); mean ± standard deviation over the seeds"
+             + ("; each U-Net's seed and join thresholds tuned on its own K frames" if result.get("tune_seeds") else "")
+             + f". Commit {result.get('commit')}.", ""]
     for test in result["tests"]:
         t = result["tests"][test]
         lines += [f"## {test} ({t['images']} image(s), {t['objects']} objects)", "",
@@ -406,6 +426,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="segmentation model that judges the generated pairs ('none': skip)")
     ap.add_argument("--data", type=Path, default=None, help=f"folder with {HELA_IMAGES}, {HELA_MASKS}, {DSB_IMAGE}, "
                                                             f"{DSB_MASK} (default: the fetched data)")
+    ap.add_argument("--no-tune-seeds", dest="tune_seeds", action="store_false",
+                    help="score each U-Net with its seeds at the foreground threshold, instead of with the seed and "
+                         "join thresholds tuned on its own K frames")
     ap.add_argument("--threads", type=int, default=None)
     return ap.parse_args(argv)
 
