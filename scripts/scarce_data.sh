@@ -9,7 +9,9 @@
 #        JOBS=2 (jobs at once, one thread each on a CPU) PY=.venv/bin/python OUT=docs
 # The defaults are the recipe of the bundled nuclei generator (scripts/train_demo_em.sh) and U-Net sizes
 # of the demo: on one CPU core about 1 h per generator and 50 min per U-Net, so about 10 h on a 2-core
-# CPU (JOBS=2); on a GPU (DEVICE=cuda) well under an hour. Every step resumes: run the same command again after a kill.
+# CPU (JOBS=2); on a GPU (DEVICE=cuda) well under an hour. The run in docs/evaluation.md was cut down to
+# about 2 h on a 2-core CPU: AE_STEPS=600 LDM_STEPS=2000 UNET_STEPS=1000 UNET_SIZE=tiny N_GEN=128.
+# Every step resumes: run the same command again after a kill.
 set -euo pipefail
 RUN=${1:-runs/scarce}
 PY=${PY:-.venv/bin/python}
