@@ -7,6 +7,7 @@
 # Usage: scripts/scarce_data.sh [RUN_DIR]
 #   env: KS="1 2 4" SEEDS="0 1 2" AE_STEPS=1200 LDM_STEPS=4000 UNET_STEPS=2000 UNET_SIZE=small N_GEN=256 DEVICE=auto
 #        JOBS=2 (jobs at once, one thread each on a CPU) PY=.venv/bin/python OUT=docs
+#        RELABEL=1: also a third arm, "relabelled": the generated images with masks made by the K-frame U-Net
 # The defaults are the recipe of the bundled nuclei generator (scripts/train_demo_em.sh) and U-Net sizes
 # of the demo: on one CPU core about 1 h per generator and 50 min per U-Net, so about 10 h on a 2-core
 # CPU (JOBS=2); on a GPU (DEVICE=cuda) well under an hour. The run in docs/evaluation.md was cut down to
@@ -51,6 +52,8 @@ unet() {  # K ARM SEED
   local k=$1 arm=$2 seed=$3 d="$RUN/k$1"
   local extra=()
   [ "$arm" = mixed ] && extra=(--extra-images "$d/gen/images.tif" --extra-masks "$d/gen/labels.tif" --extra-fraction 0.5)
+  [ "$arm" = relabelled ] && extra=(--extra-images "$d/gen/images.tif" --extra-masks "$d/gen/labels_relabelled.tif"
+                                    --extra-fraction 0.5)
   "${CLI[@]}" train unet --images "$d/real/images" --masks "$d/real/masks" --val-fraction 0 "${extra[@]}" \
       --out "$d/${arm}_s$seed" --size "$UNET_SIZE" --crop 128 --batch-size 8 --steps "$UNET_STEPS" --seed "$seed" \
       --checkpoint-every 500 --device "$DEVICE" --resume --credit "$CREDIT" --licence "BSD-3-Clause" \
@@ -81,4 +84,11 @@ for k in $KS; do rm -f "$RUN/k$k/gen.ok" "$RUN/k$k/gen.failed"; done
   for arm in real mixed; do for k in $KS; do for seed in $SEEDS; do echo "unet $k $arm $seed"; done; done; done
 } | xargs -P "$JOBS" -L 1 bash -c 'CLI=($PY -m napari_zfdiffusion.cli); task "$@"' task \
   || { echo "some jobs failed (above); the others are in $RUN: run the same command again to resume" >&2; exit 1; }
+if [ "${RELABEL:-0}" = 1 ]; then  # a third arm: the generated images labelled by the K-frame U-Net (seed 0)
+  # shellcheck disable=SC2086  # $KS is a list
+  $PY -m napari_zfdiffusion.evaluation.scarce --relabel --run "$RUN" --ks $KS
+  { for k in $KS; do for seed in $SEEDS; do echo "unet $k relabelled $seed"; done; done; } |
+    xargs -P "$JOBS" -L 1 bash -c 'CLI=($PY -m napari_zfdiffusion.cli); task "$@"' task \
+    || { echo "some relabelled U-Nets failed (above): run the same command again to resume" >&2; exit 1; }
+fi
 $PY -m napari_zfdiffusion.evaluation.scarce --run "$RUN" --out "$OUT"

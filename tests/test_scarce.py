@@ -112,6 +112,30 @@ def test_scoring_reports_arms_paired_differences_and_the_generated_pairs(data, t
     assert (out / "images" / "scarce_data.png").stat().st_size > 10_000
 
 
+def test_relabelled_masks_come_from_the_k_frame_unet_and_make_an_arm(data, tmp_path, tiny_segmenter):
+    """--relabel: the generated images segmented by the K-frame U-Net (seed 0), one label image per
+    generated image numbered from 1; U-Nets in kK/relabelled_sS are scored as a third arm, paired
+    with the real one by seed."""
+    run = tmp_path / "run"
+    scarce.prepare(run, [1], data)
+    for name in ("k1/real_s0", "k1/relabelled_s0"):
+        shutil.copytree(tiny_segmenter, run / name)
+    gen_imgs, _ = make_blobs(tmp_path / "gen", n=2, shape=(64, 64), dtype=np.uint16)
+    (run / "k1" / "gen").mkdir()
+    images = np.stack([tifffile.imread(p) for p in sorted(gen_imgs.glob("*.tif"))])
+    tifffile.imwrite(run / "k1" / "gen" / "images.tif", images)
+    assert scarce.main(["--relabel", "--run", str(run), "--ks", "1"]) == 0
+    lab = tifffile.imread(run / "k1" / "gen" / "labels_relabelled.tif")
+    assert lab.shape == images.shape and lab.dtype == np.uint16
+    for one in lab:
+        assert np.array_equal(np.unique(one), np.arange(one.max() + 1)) and one.max() > 0  # 1..n in each image
+    out = tmp_path / "out"
+    assert scarce.main(["--run", str(run), "--out", str(out), "--judge", "none", "--data", str(data)]) == 0
+    r = json.loads((out / "results" / "scarce_data.json").read_text())["k"]["1"]
+    assert set(r["arms"]) == {"real", "relabelled"} and r["relabelled_minus_real"]["hela_heldout"]["f1"]["differences"] == [0]
+    assert "| 1 | relabelled - real (paired by seed) | 1 |" in (out / "results" / "scarce_data.md").read_text()
+
+
 def test_scoring_an_empty_run_says_what_to_do(tmp_path, data):
     with pytest.raises(UserInputError, match="scripts/scarce_data.sh"):
         scarce.main(["--run", str(tmp_path), "--out", str(tmp_path / "o"), "--data", str(data)])

@@ -13,7 +13,9 @@ The script then trains, for each K, on those frames only: a paired autoencoder a
 UNet (``RUN/kK/vae``, ``RUN/kK/ldm``), and generates N image + mask pairs (``RUN/kK/gen/images.tif``,
 ``labels.tif``); and for each seed S, two U-Nets that differ only in their data: **real**
 (``RUN/kK/real_sS``: the K frames) and **mixed** (``RUN/kK/mixed_sS``: the same, with the generated
-pairs as half of every batch).
+pairs as half of every batch); with ``RELABEL=1``, a third, **relabelled** (``RUN/kK/relabelled_sS``):
+as mixed, but with the generated images' masks remade by the K-frame U-Net of seed 0 (``--relabel``, its
+thresholds tuned on the K frames), for when the generator's own masks miss nuclei.
 
 **Score** (``--run RUN --out OUT``): every U-Net on
 
@@ -54,7 +56,7 @@ from .seg import DSB_IMAGE, DSB_MASK, HELA_IMAGES, HELA_MASKS, MIN_SIZE
 TRAIN_FRAMES = 16  # HeLa frames 0-15 may train; 16-19 are the held-out test
 TEST_FRAMES = slice(16, 20)
 METRICS = ("iou", "dice", "f1", "boundary_offset_px")
-ARMS = ("real", "mixed")
+ARMS = ("real", "mixed", "relabelled")  # relabelled: mixed, with the generated masks remade by the K-frame U-Net
 
 
 def frames_for(k: int, n: int = TRAIN_FRAMES) -> list[int]:
@@ -72,6 +74,41 @@ def _data(data: Path | None) -> Path:
         fetch("nuclei2d", quiet=True)
         return data_dir()
     return Path(data)
+
+
+def relabel(run_dir: Path, ks, seed: int = 0) -> dict:
+    """For each K: segment the generated images (``kK/gen/images.tif``) with the K-frame U-Net
+    ``kK/real_s{seed}``, its seed and join thresholds tuned on its K frames, and write the labels as
+    ``kK/gen/labels_relabelled.tif`` (the masks a lab would get by labelling the generated images with
+    what it has). Returns {K: (objects per image, chosen thresholds)}."""
+    import tifffile
+
+    from ..core.io import atomic_write
+    from ..core.segment import Segmenter
+
+    done = {}
+    for k in ks:
+        kdir = Path(run_dir) / f"k{k}"
+        seg = Segmenter.load(kdir / f"real_s{seed}", "cpu")
+        real_pairs = [(tifffile.imread(p), tifffile.imread(kdir / "real" / "masks" / p.name))
+                      for p in sorted((kdir / "real" / "images").glob("*.tif"))]
+        thr = float(seg.card.get("threshold", 0.5))
+        st, jt = choose_combo({c: v["f1"] for c, v in seed_scores(seg, real_pairs, COMBOS, threshold=thr).items()}, thr)
+        images = tifffile.imread(kdir / "gen" / "images.tif")
+        labels = seg.segment(images, min_size=MIN_SIZE, probability=False, stack="planes", seed_threshold=st,
+                             join_threshold=st if jt is None else jt).labels
+        # one label image per generated image, numbered from 1 in each
+        out = np.zeros(labels.shape, np.uint16)
+        for i, lab in enumerate(labels):
+            ids = np.unique(lab[lab > 0])
+            lut = np.zeros(int(lab.max()) + 1, np.uint16)
+            lut[ids] = np.arange(1, len(ids) + 1)
+            out[i] = lut[lab]
+        atomic_write(kdir / "gen" / "labels_relabelled.tif", lambda tmp: tifffile.imwrite(tmp, out))
+        done[int(k)] = (float(np.mean([len(np.unique(o)) - 1 for o in out])), [st, jt])
+        log(f"K={k}: generated images relabelled by real_s{seed} (seeds {st:g}, joins {jt}): "
+            f"{done[int(k)][0]:.1f} objects per image -> {shown_path(kdir / 'gen' / 'labels_relabelled.tif')}")
+    return done
 
 
 def prepare(run_dir: Path, ks, data: Path | None = None) -> dict:
@@ -277,10 +314,11 @@ def evaluate(a) -> dict:
                                "f1_seeds_at_threshold": {str(s): {t: v[t]["f1"] for t in v} for s, v in untuned.items()},
                                **{t: {m: summary([per_seed[s][t][m] for s in per_seed]) for m in METRICS}
                                   for t in tests}}
-        if all(arm in models[k] for arm in ARMS):
-            kr["mixed_minus_real"] = {t: {m: paired_difference({s: v[t] for s, v in _seeds(kr, "real").items()},
-                                                               {s: v[t] for s, v in _seeds(kr, "mixed").items()}, m)
-                                          for m in METRICS} for t in tests}
+        for other in ARMS[1:]:
+            if "real" in models[k] and other in models[k]:
+                kr[f"{other}_minus_real"] = {t: {m: paired_difference(
+                    {s: v[t] for s, v in _seeds(kr, "real").items()}, {s: v[t] for s, v in _seeds(kr, other).items()}, m)
+                    for m in METRICS} for t in tests}
         gen = kdir / "gen"
         if judge is not None and (gen / "labels.tif").is_file():
             kr["generated"] = generated_quality(gen, real_pairs, judge)
@@ -350,11 +388,13 @@ def write_markdown(result: dict, path: Path) -> None:
                 r = kr["arms"][arm][test]
                 lines.append(f"| {k} | {arm} | {r['f1'].get('n', 0)} | {_ms(r['iou'])} | {_ms(r['dice'])} | "
                              f"{_ms(r['f1'])} | {_ms(r['boundary_offset_px'], 2)} |")
-            diff = (kr.get("mixed_minus_real") or {}).get(test)
-            if diff:
-                f1, iou = diff["f1"], diff["iou"]
-                lines.append(f"| {k} | mixed - real (paired by seed) | {f1.get('n', 0)} | {_ms(iou)} "
-                             f"({iou['positive']}/{iou.get('n', 0)} > 0) | | {_ms(f1)} ({f1['positive']}/{f1.get('n', 0)} > 0) | |")
+            for other in ARMS[1:]:
+                diff = (kr.get(f"{other}_minus_real") or {}).get(test)
+                if diff:
+                    f1, iou = diff["f1"], diff["iou"]
+                    lines.append(f"| {k} | {other} - real (paired by seed) | {f1.get('n', 0)} | {_ms(iou)} "
+                                 f"({iou['positive']}/{iou.get('n', 0)} > 0) | | {_ms(f1)} "
+                                 f"({f1['positive']}/{f1.get('n', 0)} > 0) | |")
         lines.append("")
     recipes = {k: kr["generator"] for k, kr in result["k"].items() if kr.get("generator", {}).get("vae_steps")}
     if recipes:
@@ -392,7 +432,8 @@ def figure(result: dict, path: Path) -> None:
     fig, axes = p.subplots(1, len(tests), figsize=(5.2 * len(tests), 3.8), squeeze=False)
     ks = sorted(int(k) for k in result["k"])
     for ax, test in zip(axes[0], tests):
-        for arm, colour, dx in (("real", "tab:blue", -0.06), ("mixed", "tab:orange", 0.06)):
+        for arm, colour, dx in (("real", "tab:blue", -0.06), ("mixed", "tab:orange", 0.06),
+                                ("relabelled", "tab:green", 0.12)):
             for k in ks:
                 ps = (result["k"][str(k)]["arms"].get(arm) or {}).get("per_seed") or {}
                 ys = [v[test]["f1"] for v in ps.values()]
@@ -419,7 +460,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG + "scarce", description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="the experiment's folder (see scripts/scarce_data.sh)")
     ap.add_argument("--prepare", action="store_true", help="write the K real frames of each K into --run, and stop")
-    ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4], help="numbers of real frames (with --prepare)")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4], help="numbers of real frames (with --prepare "
+                                                                         "or --relabel)")
+    ap.add_argument("--relabel", action="store_true",
+                    help="segment each K's generated images with its real_s0 U-Net (thresholds tuned on the K frames) "
+                         "into kK/gen/labels_relabelled.tif, and stop (for the 'relabelled' arm)")
     ap.add_argument("--out", type=Path, default=None, help="writes OUT/results/scarce_data.{json,md} and "
                                                            "OUT/images/scarce_data.png")
     ap.add_argument("--judge", default="nuclei-unet-demo",
@@ -437,6 +482,9 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.prepare:
         prepare(a.run, a.ks, a.data)
+        return 0
+    if a.relabel:
+        relabel(a.run, a.ks)
         return 0
     if a.out is None:
         raise UserInputError("give --out (where the results go), or --prepare.")
