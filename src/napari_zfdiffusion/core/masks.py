@@ -148,11 +148,17 @@ def typical_diameter(diameters) -> float | None:
     foreground pixel belongs to (None: none). Unlike the plain median, a crowd of small fragments or
     faint specks (CHO's out-of-focus nuclei, debris) does not pull it below the nuclei that make up
     most of the foreground."""
-    d = np.sort(np.asarray(diameters, np.float64).ravel())
-    if d.size == 0:
+    d = np.asarray(diameters, np.float64).ravel()
+    return _weighted_median(d, d ** 2)
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float | None:
+    """The value at which the cumulative ``weights`` (in the values' order) reach half their sum (None: no values)."""
+    if values.size == 0:
         return None
-    w = np.cumsum(d ** 2)
-    return float(d[np.searchsorted(w, 0.5 * w[-1])])
+    order = np.argsort(values, kind="stable")
+    w = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(w, 0.5 * w[-1])])
 
 
 def median_diameter(label_images, min_size: int = 16) -> float | None:
@@ -232,12 +238,9 @@ def check_min_volume_fraction(value, what: str = "the minimum volume fraction") 
 def typical_volume(sizes) -> float | None:
     """The volume-weighted median of object ``sizes`` (voxels): the size of the object that the median
     foreground voxel belongs to (None: none), as :func:`typical_diameter` is for diameters."""
-    v = np.sort(np.asarray(sizes, np.float64).ravel())
+    v = np.asarray(sizes, np.float64).ravel()
     v = v[v > 0]
-    if v.size == 0:
-        return None
-    w = np.cumsum(v)
-    return float(v[np.searchsorted(w, 0.5 * w[-1])])
+    return _weighted_median(v, v)
 
 
 def drop_small_volumes(labels: np.ndarray, fraction: float) -> int:

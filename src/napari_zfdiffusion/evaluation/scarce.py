@@ -84,31 +84,41 @@ def relabel(run_dir: Path, ks, seed: int = 0) -> dict:
     import tifffile
 
     from ..core.io import atomic_write
+    from ..core.masks import drop_small
     from ..core.segment import Segmenter
 
     done = {}
     for k in ks:
         kdir = Path(run_dir) / f"k{k}"
         seg = Segmenter.load(kdir / f"real_s{seed}", "cpu")
-        real_pairs = [(tifffile.imread(p), tifffile.imread(kdir / "real" / "masks" / p.name))
-                      for p in sorted((kdir / "real" / "images").glob("*.tif"))]
-        thr = float(seg.card.get("threshold", 0.5))
-        st, jt = choose_combo({c: v["f1"] for c, v in seed_scores(seg, real_pairs, COMBOS, threshold=thr).items()}, thr)
+        st, jt = tuned_on_k_frames(seg, k_frames(kdir))
         images = tifffile.imread(kdir / "gen" / "images.tif")
         labels = seg.segment(images, min_size=MIN_SIZE, probability=False, stack="planes", seed_threshold=st,
                              join_threshold=st if jt is None else jt).labels
         # one label image per generated image, numbered from 1 in each
-        out = np.zeros(labels.shape, np.uint16)
-        for i, lab in enumerate(labels):
-            ids = np.unique(lab[lab > 0])
-            lut = np.zeros(int(lab.max()) + 1, np.uint16)
-            lut[ids] = np.arange(1, len(ids) + 1)
-            out[i] = lut[lab]
+        out = np.stack([drop_small(lab, 0) for lab in labels]).astype(np.uint16)
         atomic_write(kdir / "gen" / "labels_relabelled.tif", lambda tmp: tifffile.imwrite(tmp, out))
         done[int(k)] = (float(np.mean([len(np.unique(o)) - 1 for o in out])), [st, jt])
         log(f"K={k}: generated images relabelled by real_s{seed} (seeds {st:g}, joins {jt}): "
             f"{done[int(k)][0]:.1f} objects per image -> {shown_path(kdir / 'gen' / 'labels_relabelled.tif')}")
     return done
+
+
+def k_frames(kdir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The K real frames of ``kdir`` with their masks (as :func:`prepare` wrote them)."""
+    import tifffile
+
+    return [(tifffile.imread(p), tifffile.imread(kdir / "real" / "masks" / p.name))
+            for p in sorted((kdir / "real" / "images").glob("*.tif"))]
+
+
+def tuned_on_k_frames(seg, pairs, f1: dict | None = None) -> tuple[float, float | None]:
+    """The (seed, join) thresholds of best object F1 on ``pairs`` (the K frames) over :data:`COMBOS`;
+    ``f1``: those figures by :func:`combo_name` if already measured."""
+    threshold = float(seg.card.get("threshold", 0.5))
+    if f1 is None:
+        f1 = {combo_name(c): v["f1"] for c, v in seed_scores(seg, pairs, COMBOS, threshold=threshold).items()}
+    return choose_combo({c: f1[combo_name(c)] for c in COMBOS}, threshold)
 
 
 def prepare(run_dir: Path, ks, data: Path | None = None) -> dict:
@@ -274,8 +284,7 @@ def evaluate(a) -> dict:
     for k in sorted(models):
         kdir = Path(a.run) / f"k{k}"
         info = json.loads((kdir / "frames.json").read_text()) if (kdir / "frames.json").is_file() else {"k": k}
-        real_pairs = [(tifffile.imread(p), tifffile.imread(kdir / "real" / "masks" / p.name))
-                      for p in sorted((kdir / "real" / "images").glob("*.tif"))]
+        real_pairs = k_frames(kdir)
         kr: dict = {"frames": info.get("frames"), "objects": info.get("objects"), "arms": {}, "models": {},
                     "generator": generator_recipe(kdir)}
         sigma, md = tune_otsu(real_pairs)
@@ -297,7 +306,7 @@ def evaluate(a) -> dict:
                 if a.tune_seeds and seg.has_interior:  # the seed and join thresholds a lab would tune on its K frames
                     f1 = cache.get(f"{key}|tune on K frames", lambda g=seg: {combo_name(c): v["f1"] for c, v in seed_scores(
                         g, real_pairs, COMBOS, threshold=float(g.card.get("threshold", 0.5))).items()})
-                    st, jt = choose_combo({c: f1[combo_name(c)] for c in COMBOS}, float(seg.card.get("threshold", 0.5)))
+                    st, jt = tuned_on_k_frames(seg, real_pairs, f1)
                     chosen[s] = [st, jt]
                     per_seed[s] = cache.get(f"{key}|tests {combo_name((st, jt))}", lambda: scores(
                         seed_threshold=st, join_threshold=st if jt is None else jt))
